@@ -1,0 +1,1 @@
+"""Kernels and their bindings (torch custom ops with CPU references; TensorRT plugins)."""

@@ -1,0 +1,1 @@
+"""Sampler, unit executors and step policies. Import as ``qc_compile.runtime``."""
