@@ -1,0 +1,178 @@
+"""Train `qc-ref` (small STDiT3 + caption encoder) on the procedural shapes videos.
+
+Rectified-flow loss as Open-Sora trains it: x_t = (1 - τ)·x0 + τ·ε with τ logit-normal (loc 0, scale 1),
+target v = x0 - ε; the caption is replaced by the null caption ``y_embedding`` with probability
+``class_dropout_prob`` so classifier-free guidance works. An EMA of the weights is what ships.
+
+Runs on a GPU (bf16 autocast); resumable from a state folder so that training can span several runs:
+
+    python tools/train_reference.py --out OUT --minutes 8.5 [--resume STATE_DIR]
+
+Writes OUT/qc_ref.safetensors (EMA, bf16), OUT/state_*.safetensors (resume state, fp32), OUT/train_log.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from qc_compile.data.shapes import sample_batch
+from qc_compile.models import build_text_encoder
+from qc_compile.models.caption_encoder import CaptionTokenizer
+from qc_compile.models.checkpoint import save_checkpoint
+from qc_compile.models.config import QC_REF
+from qc_compile.models.stdit3 import STDiT3, Geometry
+
+
+class Trainee(torch.nn.Module):
+    """Model + caption encoder as one module so the optimizer, EMA and resume state see one parameter set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = STDiT3(QC_REF)
+        self.model.initialize_weights()
+        self.text_encoder = build_text_encoder(QC_REF)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", default=None, help="folder with state_*.safetensors from an earlier run")
+    ap.add_argument("--minutes", type=float, default=8.5, help="wall-clock training budget of this run")
+    ap.add_argument("--plan-minutes", type=float, default=0.0,
+                    help="wall-clock length of the whole schedule over all runs (default: --minutes)")
+    ap.add_argument("--total-steps", type=int, default=0, help="schedule length; 0: estimate from --plan-minutes")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    net = Trainee().to(device)
+    ema = Trainee().to(device)
+    ema.load_state_dict(net.state_dict())
+    ema.requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    tok = CaptionTokenizer()
+    cfg = QC_REF
+    g = Geometry.for_model(cfg, cfg.default_frames, cfg.default_height, cfg.default_width)
+    log: dict = {"losses": [], "runs": []}
+    step, total = 0, args.total_steps
+    if args.resume:
+        rd = Path(args.resume)
+        net.load_state_dict(load_file(rd / "state_model.safetensors"))
+        ema.load_state_dict(load_file(rd / "state_ema.safetensors"))
+        m1, m2 = load_file(rd / "state_opt_m.safetensors"), load_file(rd / "state_opt_v.safetensors")
+        meta = json.loads((rd / "state_meta.json").read_text())
+        step, total = meta["step"], meta["total_steps"]
+        opt.step = opt.step  # noqa: B018 (state filled below)
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        for n, p in zip(names, params):
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m1[n].to(device),
+                            "exp_avg_sq": m2[n].to(device)}
+        log = json.loads((rd / "train_log.json").read_text())
+        print(f"resumed at step {step}/{total}", flush=True)
+    gen = torch.Generator().manual_seed(args.seed + step)
+    fps = torch.full((args.batch,), float(cfg.default_fps), device=device)
+    null = lambda: net.model.y_embedder.y_embedding  # noqa: E731
+
+    def loss_fn(x0: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        ids, mask = tok.encode(texts, max_length=cfg.model_max_length)
+        ids, mask = ids.to(device), mask.to(device).bool()
+        y = net.text_encoder(ids, mask)  # (B, 1, L, Cy)
+        drop = torch.rand(x0.shape[0], device=device) < cfg.class_dropout_prob
+        y = torch.where(drop[:, None, None, None], null()[None, None].to(y.dtype), y)
+        tau = torch.sigmoid(torch.randn(x0.shape[0], device=device))
+        eps = torch.randn_like(x0)
+        xt = (1 - tau)[:, None, None, None, None] * x0 + tau[:, None, None, None, None] * eps
+        v = net.model.forward_units(xt, tau * 1000, y, mask, fps, g)
+        return F.mse_loss(v.float(), (x0 - eps).float())
+
+    step_fn = torch.compile(loss_fn) if args.compile else loss_fn
+    t_start = time.time()
+    budget = args.minutes * 60
+    run_losses: list[float] = []
+    last_print = t_start
+    while True:
+        x0, texts = sample_batch(args.batch, generator=gen, device=device, frames=cfg.default_frames,
+                                 height=cfg.default_height, width=cfg.default_width)
+        if total == 0 and step == 50:  # size the schedule from the measured speed
+            per_step = (time.time() - t50) / 40
+            total = int((args.plan_minutes * 60 or budget) / per_step * 0.97)
+            print(f"{per_step * 1000:.1f} ms/step -> total_steps {total}", flush=True)
+        if step == 10:
+            t50 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, max(total, args.warmup + 1), args.lr, args.warmup)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = step_fn(x0, texts)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(args.ema, (1 + step) / (10 + step))
+            for pe, pn in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(pn, 1 - d)
+        run_losses.append(loss.item() if step % 25 == 0 else float("nan"))
+        if step % 25 == 0:
+            log["losses"].append([step, run_losses[-1]])
+        step += 1
+        now = time.time()
+        if now - last_print > 30:
+            print(f"step {step}/{total} loss {log['losses'][-1][1]:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{now - t_start:.0f}s", flush=True)
+            last_print = now
+        if (total and step >= total) or now - t_start > budget:
+            break
+    wall = time.time() - t_start
+    log["runs"].append({"steps_end": step, "wall_s": wall, "device": torch.cuda.get_device_name() if device == "cuda"
+                        else "cpu", "torch": torch.__version__, "commit": git_commit(), "batch": args.batch,
+                        "lr": args.lr, "total_steps": total})
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "state_model.safetensors")
+    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, out / "state_ema.safetensors")
+    save_file({n: opt.state[p]["exp_avg"].contiguous() for n, p in zip(names, params)}, out / "state_opt_m.safetensors")
+    save_file({n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in zip(names, params)},
+              out / "state_opt_v.safetensors")
+    (out / "state_meta.json").write_text(json.dumps({"step": step, "total_steps": total}))
+    (out / "train_log.json").write_text(json.dumps(log))
+    meta = {"train_steps": str(step), "train_batch": str(args.batch), "train_commit": git_commit()}
+    sha = save_checkpoint(out / "qc_ref.safetensors", ema.model, cfg, ema.text_encoder, dtype=torch.bfloat16,
+                          extra_metadata=meta)
+    print(f"done: step {step}/{total}, {wall:.0f}s this run, checkpoint sha256 {sha[:12]}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
