@@ -45,6 +45,8 @@ class Trainee(torch.nn.Module):
 
 
 def git_commit() -> str:
+    if os.environ.get("QC_COMMIT"):
+        return os.environ["QC_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except Exception:
@@ -107,9 +109,7 @@ def main() -> None:
     fps = torch.full((args.batch,), float(cfg.default_fps), device=device)
     null = lambda: net.model.y_embedder.y_embedding  # noqa: E731
 
-    def loss_fn(x0: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        ids, mask = tok.encode(texts, max_length=cfg.model_max_length)
-        ids, mask = ids.to(device), mask.to(device).bool()
+    def core(x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         y = net.text_encoder(ids, mask)  # (B, 1, L, Cy)
         drop = torch.rand(x0.shape[0], device=device) < cfg.class_dropout_prob
         y = torch.where(drop[:, None, None, None], null()[None, None].to(y.dtype), y)
@@ -119,8 +119,43 @@ def main() -> None:
         v = net.model.forward_units(xt, tau * 1000, y, mask, fps, g)
         return F.mse_loss(v.float(), (x0 - eps).float())
 
-    step_fn = torch.compile(loss_fn) if args.compile else loss_fn
+    compiled = torch.compile(core) if args.compile else core
+
+    def step_fn(x0: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        nonlocal compiled
+        ids, mask = tok.encode(texts, max_length=cfg.model_max_length)  # strings stay outside the compiled graph
+        ids, mask = ids.to(device), mask.to(device).bool()
+        try:
+            return compiled(x0, ids, mask)
+        except Exception as e:  # a compiler failure must not cost the run: fall back to eager
+            if compiled is core:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {e}); continuing eagerly", flush=True)
+            compiled = core
+            return core(x0, ids, mask)
+
+    def save_all(step: int, total: int, wall: float, final: bool = False) -> None:
+        """Resume state + the shipped EMA checkpoint; written periodically so a killed run loses little."""
+        run = {"steps_end": step, "wall_s": wall, "device": torch.cuda.get_device_name() if device == "cuda"
+               else "cpu", "torch": torch.__version__, "commit": git_commit(), "batch": args.batch,
+               "lr": args.lr, "total_steps": total}
+        names = [n for n, p in net.named_parameters() if p.requires_grad]
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "state_model.safetensors")
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, out / "state_ema.safetensors")
+        save_file({n: opt.state[p]["exp_avg"].contiguous() for n, p in zip(names, params)},
+                  out / "state_opt_m.safetensors")
+        save_file({n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in zip(names, params)},
+                  out / "state_opt_v.safetensors")
+        (out / "state_meta.json").write_text(json.dumps({"step": step, "total_steps": total}))
+        (out / "train_log.json").write_text(json.dumps({**log, "runs": log["runs"] + [run]}))
+        meta = {"train_steps": str(step), "train_batch": str(args.batch), "train_commit": git_commit()}
+        sha = save_checkpoint(out / "qc_ref.safetensors", ema.model, cfg, ema.text_encoder, dtype=torch.bfloat16,
+                              extra_metadata=meta)
+        print(f"{'done' if final else 'saved'}: step {step}/{total}, {wall:.0f}s this run, "
+              f"checkpoint sha256 {sha[:12]}", flush=True)
+
     t_start = time.time()
+    last_save = t_start
     budget = args.minutes * 60
     run_losses: list[float] = []
     last_print = t_start
@@ -129,7 +164,7 @@ def main() -> None:
                                  height=cfg.default_height, width=cfg.default_width)
         if total == 0 and step == 50:  # size the schedule from the measured speed
             per_step = (time.time() - t50) / 40
-            total = int((args.plan_minutes * 60 or budget) / per_step * 0.97)
+            total = step + int(((args.plan_minutes * 60 or budget) - (time.time() - t_start)) / per_step * 0.97)
             print(f"{per_step * 1000:.1f} ms/step -> total_steps {total}", flush=True)
         if step == 10:
             t50 = time.time()
@@ -156,22 +191,10 @@ def main() -> None:
             last_print = now
         if (total and step >= total) or now - t_start > budget:
             break
-    wall = time.time() - t_start
-    log["runs"].append({"steps_end": step, "wall_s": wall, "device": torch.cuda.get_device_name() if device == "cuda"
-                        else "cpu", "torch": torch.__version__, "commit": git_commit(), "batch": args.batch,
-                        "lr": args.lr, "total_steps": total})
-    names = [n for n, p in net.named_parameters() if p.requires_grad]
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "state_model.safetensors")
-    save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, out / "state_ema.safetensors")
-    save_file({n: opt.state[p]["exp_avg"].contiguous() for n, p in zip(names, params)}, out / "state_opt_m.safetensors")
-    save_file({n: opt.state[p]["exp_avg_sq"].contiguous() for n, p in zip(names, params)},
-              out / "state_opt_v.safetensors")
-    (out / "state_meta.json").write_text(json.dumps({"step": step, "total_steps": total}))
-    (out / "train_log.json").write_text(json.dumps(log))
-    meta = {"train_steps": str(step), "train_batch": str(args.batch), "train_commit": git_commit()}
-    sha = save_checkpoint(out / "qc_ref.safetensors", ema.model, cfg, ema.text_encoder, dtype=torch.bfloat16,
-                          extra_metadata=meta)
-    print(f"done: step {step}/{total}, {wall:.0f}s this run, checkpoint sha256 {sha[:12]}", flush=True)
+        if now - last_save > 120:
+            save_all(step, total, time.time() - t_start)
+            last_save = now
+    save_all(step, total, time.time() - t_start, final=True)
 
 
 if __name__ == "__main__":
