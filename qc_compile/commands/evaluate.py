@@ -54,7 +54,7 @@ def evaluate(video: Path, reference: Path | None, caption: str | None, json_out:
         from qc_compile.data.shapes import parse_caption
         parse_caption(caption)
     frames = read_video(video)
-    report: dict = {"schema_version": SCHEMA_VERSION, "video": str(video), "shape": list(frames.shape)}
+    report: dict = {"schema_version": SCHEMA_VERSION, "video": str(video), "video_shape": list(frames.shape)}
     parts = []
     if reference is not None:
         report["reference"] = str(reference)
