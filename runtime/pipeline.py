@@ -23,12 +23,13 @@ class GenerationSettings:
     height: int
     width: int
     fps: int
+    shift: float | None = None
 
     @classmethod
     def defaults(cls, loaded: LoadedModel, **overrides) -> "GenerationSettings":
         c = loaded.config
         base = dict(steps=c.default_steps, cfg=c.default_cfg, seed=0, frames=c.default_frames,
-                    height=c.default_height, width=c.default_width, fps=c.default_fps)
+                    height=c.default_height, width=c.default_width, fps=c.default_fps, shift=c.timestep_shift)
         base.update({k: v for k, v in overrides.items() if v is not None})
         if base["steps"] < 1:
             raise UserError(f"--steps must be at least 1, got {base['steps']}.")
@@ -70,7 +71,7 @@ def generate(loaded: LoadedModel, prompts: list[str], settings: GenerationSettin
     y, mask = loaded.encode_prompts(prompts)
     z = initial_noise(loaded, settings, len(prompts)).to(device)
     sampler = RFlowSampler(SamplerConfig(num_steps=settings.steps, cfg_scale=settings.cfg,
-                                         use_timestep_transform=c.use_timestep_transform))
+                                         use_timestep_transform=c.use_timestep_transform, shift=settings.shift))
     executor = executor or TorchExecutor(loaded.model, g)
     result = sampler.sample(executor, z, y, mask, loaded.null_captions(len(prompts)).to(device), settings.fps,
                             video_size=(settings.frames, settings.height, settings.width), policy=policy,

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from qc_compile.runtime.executor import Conditioning, TorchExecutor
 from qc_compile.runtime.policy import STAT_NAMES, ComputeAll, StepInfo, StepPolicy, StepStats, UnitDecision
-from qc_compile.runtime.schedule import sampling_timesteps, step_sizes
+from qc_compile.runtime.schedule import base_timesteps, sampling_timesteps, step_sizes, timestep_transform
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class SamplerConfig:
     use_timestep_transform: bool = True
     num_timesteps: int = 1000
     transform_scale: float = 1.0
+    shift: float | None = None  # fixed transform ratio instead of the resolution formula (pixel-space models)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class RFlowSampler:
 
     def timesteps(self, *, height: int, width: int, num_frames: int) -> list[float]:
         c = self.config
+        if c.shift is not None:
+            return [timestep_transform(t, c.shift, c.num_timesteps) for t in base_timesteps(c.num_steps,
+                                                                                             c.num_timesteps)]
         return sampling_timesteps(c.num_steps, height=height, width=width, num_frames=num_frames,
                                   use_transform=c.use_timestep_transform, num_timesteps=c.num_timesteps,
                                   scale=c.transform_scale)

@@ -32,6 +32,8 @@ class STDiT3Config:
     default_steps: int = 30
     default_cfg: float = 7.0
     use_timestep_transform: bool = True
+    # A fixed transform ratio (SD3-style shift) used instead of Open-Sora's resolution formula; None: the formula.
+    timestep_shift: float | None = None
     text_encoder: dict = field(default_factory=dict)  # qc-ref: CaptionEncoder kwargs; opensora: {} (external T5)
 
     @property
