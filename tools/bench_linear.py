@@ -213,6 +213,38 @@ def bench_shape(m: int, k: int, n: int, block: int, sets: int, backends: list[st
     return res
 
 
+def rotation_forms(block: int) -> list[dict]:
+    """Time each lowering of the producer's Hadamard at M=47700 and keep the fastest for the rest of the run."""
+    from qc_compile.plugins import formats as F
+    from qc_compile.plugins.kernels import producers as P
+
+    forms = [("batched+split", 1, True), ("batched", 1, False), ("transposed+split", 2, True),
+             ("transposed", 2, False), ("dense", 3, True)]
+    out = []
+    for name, sb, split in forms:
+        P.ROTATION_FORM.update(stage_b=sb, split_b=split)
+        n_fb = len(P.FALLBACKS)
+        rec: dict = {"name": name, "stage_b": sb, "split_b": split, "ms": {}}
+        try:
+            for k in (1152, 4608):
+                xs = [(torch.randn(47700, k, device="cuda") * 1.5).to(torch.bfloat16) for _ in range(3)]
+                rec["ms"][str(k)] = statistics.median(time_graph(lambda i: torch.ops.qc.rotate_quant_fp8(xs[i], block)))
+                if k == 1152:
+                    x0 = xs[0][:4096]
+                    q, s = torch.ops.qc.rotate_quant_fp8(x0, block)
+                    rec["err"] = _rel(q.float() * s, F.blocked_hadamard(x0.double(), block).float())
+            rec["ok"] = len(P.FALLBACKS) == n_fb
+        except Exception as e:  # noqa: BLE001 - a form that does not build is reported, not fatal
+            rec["ok"], rec["error"] = False, str(e).splitlines()[0][:200]
+        print(f"  form {name:18s} {rec}", flush=True)
+        out.append(rec)
+    ok = [r for r in out if r.get("ok") and len(r["ms"]) == 2]
+    best = min(ok, key=lambda r: r["ms"]["1152"] + r["ms"]["4608"]) if ok else {"stage_b": 2, "split_b": True}
+    P.ROTATION_FORM.update(stage_b=best["stage_b"], split_b=best["split_b"])
+    P.FALLBACKS.clear()
+    return out
+
+
 def _slug(name: str) -> str:
     for key in ("H200", "H100", "A100", "L40", "B200"):
         if key in name:
@@ -266,10 +298,17 @@ def render(data: dict, out_dir: Path, stem: str) -> None:
     for name in fnames:
         cells = [f"{s['fidelity_rel_l2'][name]:.4f}" if name in s["fidelity_rel_l2"] else "" for s in data["shapes"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if "producer_stage_b_mode" in data:
+    if data.get("rotation_forms"):
+        lines += ["", "## Hadamard forms in the producer (rotate_quant_fp8, B=128, M=47700; fastest used above)", "",
+                  "| form | K=1152 ms | K=4608 ms | rel. err. vs fp64 math (K=1152) |", "|---|---|---|---|"]
+        for f in data["rotation_forms"]:
+            lines.append(f"| {f['name']} | {f['ms'].get('1152', float('nan')):.4f} | "
+                         f"{f['ms'].get('4608', float('nan')):.4f} | {f.get('err', float('nan')):.4f} |")
+    if "producer_rotation_form" in data:
         data.setdefault("notes", []).append(
-            f"producer kernel: Hadamard stage-B form {data['producer_stage_b_mode']} (1 batched, 2 transposed); "
-            f"autotuned tiles {sorted(set(data.get('producer_autotune', {}).values()))}")
+            f"producer rotation form used: {data['producer_rotation_form']} (stage_b 1 batched, 2 transposed, "
+            f"3 dense); compile fallbacks: {data.get('producer_form_fallbacks')}; autotuned tiles "
+            f"{sorted(set(data.get('producer_autotune', {}).values()))}")
     if data.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
@@ -374,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": ceilings(), "shapes": [],
     }
     print(json.dumps(data["ceilings"]), flush=True)
+    data["rotation_forms"] = rotation_forms(args.block)
     kns = SHAPES_KN[:1] if args.quick else SHAPES_KN
     for m in [int(v) for v in args.ms.split(",")]:
         for k, n in kns:
@@ -382,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     from qc_compile.plugins.kernels import producers as P
 
-    data["producer_stage_b_mode"] = P.STAGE_B_MODE[0]
+    data["producer_rotation_form"] = dict(P.ROTATION_FORM)
+    data["producer_form_fallbacks"] = list(P.FALLBACKS)
     data["producer_autotune"] = {str(key): str(cfg) for key, cfg in P._producer_kernel.cache.items()}
     data["fp8_fast_accum_default"] = os.environ.get("QC_FP8_FAST_ACCUM", "1") == "1"
     stem = f"linear_{_slug(name)}"

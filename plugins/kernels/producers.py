@@ -34,8 +34,12 @@ _QDTYPE = {OUT_FP8: torch.float8_e4m3fn, OUT_INT8: torch.int8}
 MAX_BLOCK = 256
 MAX_TILE = 16384
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-STAGE_B_MODE = [1]
-"""1: batched 3-D product; 2: transpose + 2-D product. Switched to 2 if 1 fails to compile on this Triton."""
+FALLBACKS: list[int] = []
+ROTATION_FORM = {"stage_b": 1, "split_b": True}
+"""How the second Hadamard factor is applied: stage_b 1 = batched 3-D product, 2 = transpose + 2-D product,
+3 = one dense ``H_b`` product (b <= 128, no factorisation); split_b = keep ~16 bits through stage B (else the
+stage-A result is rounded to bf16 first, a 2^-9 relative error, far below FP8's). tools/bench_linear.py times the
+forms and reports the fastest; a form that fails to compile on this Triton falls back to 2."""
 
 
 @triton.jit
@@ -76,15 +80,16 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["ROWS"])]
 
 
-@triton.autotune(configs=_configs(), key=["K", "NCH", "CH", "PROLOGUE", "ROTATE", "STAGE_B", "OUT_MODE", "SPLIT_A"],
+@triton.autotune(configs=_configs(), key=["K", "NCH", "CH", "PROLOGUE", "ROTATE", "STAGE_B", "OUT_MODE", "SPLIT_A", "SPLIT_B"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _producer_kernel(
-    x_ptr, shift_ptr, scale_ptr, ha_ptr, hb_ptr, q_ptr, s_ptr,
+    x_ptr, shift_ptr, scale_ptr, ha_ptr, hb_ptr, hd_ptr, q_ptr, s_ptr,
     M, K, T, S_MOD, stride_mb, stride_ms,
     inv_sqrt_block, eps, qmax, amax_floor,
     NCH: tl.constexpr, NCHP: tl.constexpr, CH: tl.constexpr,
     PROLOGUE: tl.constexpr, ROTATE: tl.constexpr, STAGE_B: tl.constexpr, SPLIT_A: tl.constexpr,
+    SPLIT_B: tl.constexpr,
     OUT_MODE: tl.constexpr, FAST_MATH: tl.constexpr, EMULATE: tl.constexpr, ROWS: tl.constexpr,
 ):
     NE: tl.constexpr = ROWS * NCHP * CH
@@ -110,7 +115,15 @@ def _producer_kernel(
     if PROLOGUE != 0:
         # materialise in the activation dtype, exactly like the unfused graph
         x = x.to(x_ptr.dtype.element_ty).to(tl.float32)
-    if ROTATE:
+    if ROTATE and STAGE_B == 3:  # one dense product with H_CH (loaded once per program)
+        ich = tl.arange(0, CH)
+        hd = tl.load(hd_ptr + ich[:, None] * CH + ich[None, :])
+        x2 = tl.reshape(x, (ROWS * NCHP, CH))
+        hi = x2.to(tl.bfloat16)
+        y2 = _dot(hi, hd, None, EMULATE)
+        if SPLIT_A:
+            y2 = _dot((x2 - hi.to(tl.float32)).to(tl.bfloat16), hd, y2, EMULATE)
+    elif ROTATE:
         i16 = tl.arange(0, 16)
         ha = tl.load(ha_ptr + i16[:, None] * 16 + i16[None, :])
         x2 = tl.reshape(x, (NE // 16, 16))
@@ -123,18 +136,20 @@ def _producer_kernel(
             hb3 = tl.broadcast_to(hb[None, :, :], (NE // 256, 16, 16))
             y3 = tl.reshape(y2, (NE // 256, 16, 16))
             h3 = y3.to(tl.bfloat16)
-            l3 = (y3 - h3.to(tl.float32)).to(tl.bfloat16)
-            y3 = _dot(hb3, h3, None, EMULATE)
-            y3 = _dot(hb3, l3, y3, EMULATE)
-            y2 = tl.reshape(y3, (NE // 16, 16))
+            y3b = _dot(hb3, h3, None, EMULATE)
+            if SPLIT_B:
+                y3b = _dot(hb3, (y3 - h3.to(tl.float32)).to(tl.bfloat16), y3b, EMULATE)
+            y2 = tl.reshape(y3b, (NE // 16, 16))
         elif STAGE_B == 2:  # same product through a transpose and a 2-D right product
             B1: tl.constexpr = CH // 16
             hb = tl.load(hb_ptr + i16[:, None] * 16 + i16[None, :])
             yf = tl.reshape(tl.permute(tl.reshape(y2, (NE // CH, B1, 16)), (0, 2, 1)), (NE // 16, 16))
             h2 = yf.to(tl.bfloat16)
             yt = _dot(h2, hb, None, EMULATE)
-            yt = _dot((yf - h2.to(tl.float32)).to(tl.bfloat16), hb, yt, EMULATE)
+            if SPLIT_B:
+                yt = _dot((yf - h2.to(tl.float32)).to(tl.bfloat16), hb, yt, EMULATE)
             y2 = tl.reshape(tl.permute(tl.reshape(yt, (NE // CH, 16, B1)), (0, 2, 1)), (NE // 16, 16))
+    if ROTATE:
         x = tl.reshape(y2, (ROWS, NCHP, CH)) * inv_sqrt_block
     if OUT_MODE == 2:
         tl.store(q_ptr + offs, x.to(q_ptr.dtype.element_ty), mask=mask)
@@ -146,6 +161,12 @@ def _producer_kernel(
             y = _round_half_even(y)
         tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
         tl.store(s_ptr + rows, amax / qmax, mask=rows < M)
+
+
+@functools.lru_cache(maxsize=16)
+def hadamard_dense(block: int, device: str) -> torch.Tensor:
+    """Unnormalised ``H_block`` in bf16 (+-1, exact) for the dense form."""
+    return F.hadamard_matrix(block, torch.float64, normalized=False).to(device=device, dtype=torch.bfloat16)
 
 
 @functools.lru_cache(maxsize=64)
@@ -197,27 +218,35 @@ def launch(
         shift = scale = x
         t, s_mod, smb, sms = 1, 1, 0, 0
     ha, hb = hadamard_factors(block if rotate else 16, str(x.device))
+    form = dict(ROTATION_FORM)
+    if not (rotate and ch > 16):
+        form["stage_b"] = 0
+    elif form["stage_b"] == 3 and ch > 128:
+        form["stage_b"] = 1
+    if form["stage_b"] == 3:
+        nchp = max(nchp, 16)  # the dense product needs >= 16 rows per tile
+    hd = hadamard_dense(ch, str(x.device)) if form["stage_b"] == 3 else ha
     if m:
         def grid(meta):
             return (triton.cdiv(m, meta["ROWS"]),)
 
         def run(stage_b: int) -> None:
             _producer_kernel[grid](
-                x, shift, scale, ha, hb, q, s if s is not None else q,
+                x, shift, scale, ha, hb, hd, q, s if s is not None else q,
                 m, k, t, s_mod, smb, sms,
                 1.0 / (block ** 0.5) if rotate else 1.0, eps, _QMAX[out_mode], F.AMAX_FLOOR,
                 NCH=nch, NCHP=nchp, CH=ch, PROLOGUE=prologue, ROTATE=rotate, STAGE_B=stage_b,
-                SPLIT_A=x.dtype != torch.bfloat16, OUT_MODE=out_mode, FAST_MATH=not _INTERPRET, EMULATE=_INTERPRET,
+                SPLIT_A=x.dtype != torch.bfloat16, SPLIT_B=form["split_b"], OUT_MODE=out_mode,
+                FAST_MATH=not _INTERPRET, EMULATE=_INTERPRET,
             )
 
-        if not (rotate and ch > 16):
-            run(0)
-        elif STAGE_B_MODE[0] == 1:
+        if form["stage_b"] in (1, 3):
             try:
-                run(1)
+                run(form["stage_b"])
             except Exception:  # noqa: BLE001 - a Triton lowering gap, not a user error: take the other form
-                STAGE_B_MODE[0] = 2
+                ROTATION_FORM["stage_b"] = 2
+                FALLBACKS.append(form["stage_b"])
                 run(2)
         else:
-            run(2)
+            run(form["stage_b"])
     return q, s
