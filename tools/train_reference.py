@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--init-from", default=None, help="start from a qc-ref checkpoint's weights (fresh optimizer); "
+                    "parameters the file lacks keep their init (e.g. a newly added table)")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,6 +86,16 @@ def main() -> None:
     ema = Trainee().to(device)
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
+    if args.init_from:
+        from qc_compile.models.checkpoint import TEXT_PREFIX, read_safetensors
+
+        tensors, _ = read_safetensors(args.init_from)
+        sd = {("text_encoder." + k[len(TEXT_PREFIX):] if k.startswith(TEXT_PREFIX) else "model." + k): v.float()
+              for k, v in tensors.items()}
+        missing, unexpected = net.load_state_dict(sd, strict=False)
+        assert not unexpected, unexpected
+        print(f"initialised from {args.init_from}; kept init for {missing}", flush=True)
+        ema.load_state_dict(net.state_dict())
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     tok = CaptionTokenizer()

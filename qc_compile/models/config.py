@@ -32,6 +32,12 @@ class STDiT3Config:
     default_steps: int = 30
     default_cfg: float = 7.0
     use_timestep_transform: bool = True
+    # Learned absolute frame embedding (rows = max latent frames); 0 = none, as in the released STDiT3. Open-Sora
+    # needs none because its causal VAE makes latent frame 0 look unlike the others (an absolute-time cue); a
+    # pixel-space model has no such cue and, with relative RoPE only, cannot tell "moving left" from "moving right"
+    # when it starts from pure noise (measured on qc-ref: direction accuracy at chance, the model time-reversal
+    # equivariant to 1%). qc-ref therefore adds this one table; everything else is the released code.
+    temporal_pos_max: int = 0
     # A fixed transform ratio (SD3-style shift) used instead of Open-Sora's resolution formula; None: the formula.
     timestep_shift: float | None = None
     text_encoder: dict = field(default_factory=dict)  # qc-ref: CaptionEncoder kwargs; opensora: {} (external T5)
@@ -89,6 +95,7 @@ QC_REF = STDiT3Config(
     # The Open-Sora transform's frame factor floor(F/17)*5 is 0 below 17 frames; qc-ref trains and samples
     # without the transform (plain linear schedule), which is what its logit-normal training matches.
     use_timestep_transform=False,
+    temporal_pos_max=16,
     text_encoder={"dim": 64, "layers": 2, "heads": 4, "max_length": 12},
 )
 

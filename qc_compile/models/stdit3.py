@@ -184,6 +184,8 @@ class STDiT3(nn.Module):
         self.fps_embedder = SizeEmbedder(C)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C, bias=True))
         self.y_embedder = CaptionEmbedder(c.caption_channels, C, c.model_max_length)
+        if c.temporal_pos_max:
+            self.temporal_pos_embed = nn.Parameter(torch.zeros(c.temporal_pos_max, C))
         self.spatial_blocks = nn.ModuleList(
             STDiT3Block(C, c.num_heads, c.mlp_ratio, c.qk_norm, temporal=False, rope=None) for _ in range(c.depth))
         self.temporal_blocks = nn.ModuleList(
@@ -233,6 +235,17 @@ class STDiT3(nn.Module):
         scale = (g.height_px * g.width_px) ** 0.5 / self.config.input_sq_size
         return self.pos_embed(H, W, scale=scale, base_size=round(S ** 0.5), device=device, dtype=self.dtype)
 
+    def add_positions(self, x: torch.Tensor, g: Geometry) -> torch.Tensor:
+        """Add the 2-D spatial embedding (and qc-ref's absolute frame embedding) to patch tokens (B, N, C)."""
+        B, N, C = x.shape
+        x = x.view(B, g.T, g.S, C) + self.pos_embedding(g, x.device)[:, None]
+        if self.config.temporal_pos_max:
+            if g.T > self.config.temporal_pos_max:
+                raise UserError(f"{self.config.name} supports at most {self.config.temporal_pos_max} latent frames, "
+                                f"got {g.T}.")
+            x = x + self.temporal_pos_embed[: g.T].to(x.dtype)[None, :, None, :]
+        return x.reshape(B, N, C)
+
     def embed_time(self, timestep: torch.Tensor, fps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B = timestep.shape[0]
         t = self.t_embedder(timestep.to(self.dtype)) + self.fps_embedder(fps.to(self.dtype), B)
@@ -254,9 +267,7 @@ class STDiT3(nn.Module):
     # ----------------------------------------------------------------------------------------------- units
     def embed(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor,
               fps: torch.Tensor, g: Geometry) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.x_embedder(x.to(self.dtype))
-        B, N, C = x.shape
-        x = (x.view(B, g.T, g.S, C) + self.pos_embedding(g, x.device)[:, None]).view(B, N, C)
+        x = self.add_positions(self.x_embedder(x.to(self.dtype)), g)
         t, t_mlp = self.embed_time(timestep, fps)
         y = self.y_embedder(y.to(self.dtype)).squeeze(1)  # (B, L, C)
         return x, t, t_mlp, y
@@ -313,9 +324,8 @@ class STDiT3(nn.Module):
         mask = mask.bool()
         y_lens = mask.sum(dim=1).tolist()
         y_packed = yp.squeeze(1)[mask][None]  # (1, ΣL, C)
-        h = self.x_embedder(x)
-        N, C = h.shape[1:]
-        h = (h.view(B, g.T, g.S, C) + self.pos_embedding(g, x.device)[:, None]).view(B, N, C)
+        h = self.add_positions(self.x_embedder(x), g)
+        N = h.shape[1]
         for sb, tb in zip(self.spatial_blocks, self.temporal_blocks):
             h = sb(h, y_packed, t_mlp, g.T, g.S, y_lens=y_lens, x_mask=x_mask, t0_mlp=t0_mlp)
             h = tb(h, y_packed, t_mlp, g.T, g.S, y_lens=y_lens, x_mask=x_mask, t0_mlp=t0_mlp)
