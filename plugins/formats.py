@@ -95,7 +95,7 @@ def blocked_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
 # Per-token activation quantizers and per-channel weight quantizers
 # --------------------------------------------------------------------------------------------------------------
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric FP8 E4M3 per row: ``scale = absmax / 448``; returns ``(q float8_e4m3fn, scale fp32[...,1])``."""
+    """Dynamic symmetric FP8 E4M3 per row: ``scale = absmax / 448``; returns ``(q e4m3fn, scale fp32[..., 1])``."""
     amax = _amax_last(x)
     q = (x.float() * (FP8_E4M3_MAX / amax)).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, amax / FP8_E4M3_MAX

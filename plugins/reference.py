@@ -23,7 +23,8 @@ _QUANTIZERS = {"fp8": F.quantize_fp8_per_token, "int8": F.quantize_int8_per_toke
 def check_activation(x: torch.Tensor, name: str = "x") -> None:
     """Activations are floating point with at least one dimension."""
     if x.dim() < 1 or not x.dtype.is_floating_point or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise ValueError(f"{name} must be a float32/float16/bfloat16 tensor with >= 1 dim, got {x.dtype} {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be a float32/float16/bfloat16 tensor with >= 1 dim, got {x.dtype} {tuple(x.shape)}")
 
 
 def check_modulation(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
@@ -78,7 +79,8 @@ def check_linear(xq: torch.Tensor, x_scale: torch.Tensor, n: int, k: int, bias: 
     if xq.dim() < 1 or xq.shape[-1] != k:
         raise ValueError(f"activation last dim {tuple(xq.shape)} does not match weight K={k}")
     if tuple(x_scale.shape) != (*xq.shape[:-1], 1) or x_scale.dtype != torch.float32:
-        raise ValueError(f"x_scale must be float32 of shape {(*xq.shape[:-1], 1)}, got {x_scale.dtype} {tuple(x_scale.shape)}")
+        raise ValueError(
+            f"x_scale must be float32 of shape {(*xq.shape[:-1], 1)}, got {x_scale.dtype} {tuple(x_scale.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
 

@@ -35,6 +35,19 @@ def _x(shape, dtype=torch.bfloat16, outlier=True):
     return x.to(dtype)
 
 
+def _tols(block: int) -> dict:
+    """Agreement with the reference for FP8 outputs under the default rotation form.
+
+    The default form rounds the first Hadamard factor's result to bf16 (2^-9) when block > 16, so scales move by
+    ~1e-3 and a few FP8 codes by one step; the error against exact math stays at the FP8 level (checked too).
+    """
+    from qc_compile.plugins.kernels import producers as P
+
+    if block > 16 and not P.ROTATION_FORM["split_b"] and P.ROTATION_FORM["stage_b"] != 3:
+        return {"q_tol": 3e-2, "s_tol": 5e-3}
+    return {}
+
+
 def _check_quant(q, s, qr, sr, math, err, q_tol=2e-3, s_tol=1e-5):
     assert q.dtype == qr.dtype and q.shape == qr.shape and s.shape == sr.shape
     assert torch.isfinite(s).all()
@@ -50,7 +63,7 @@ def test_rotate_quant_fp8(k, block, dtype):
     x = _x((3, 37, k), dtype)
     q, s = qc.rotate_quant_fp8(x, block)
     qr, sr = R.rotate_quant(x.cpu(), block, "fp8")
-    _check_quant(q, s, qr, sr, F.blocked_hadamard(x.cpu().double(), block), FP8_ERR)
+    _check_quant(q, s, qr, sr, F.blocked_hadamard(x.cpu().double(), block), FP8_ERR, **_tols(block))
 
 
 @pytest.mark.parametrize("stage_b,split_b", [(1, True), (1, False), (2, True), (2, False), (3, True)])
@@ -98,7 +111,7 @@ def test_modulate_quant_fp8(k, block, per_token):
     xd = x.cpu().double()
     ln = (xd - xd.mean(-1, keepdim=True)) / (xd.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
     math = F.blocked_hadamard(ln * (1 + scale.cpu().double()) + shift.cpu().double(), block)
-    _check_quant(q, s, qr, sr, math, FP8_ERR)
+    _check_quant(q, s, qr, sr, math, FP8_ERR, **_tols(block))
 
 
 @pytest.mark.parametrize("k,block", [(4608, 128), (4608, 0), (1152, 32)])
@@ -107,7 +120,7 @@ def test_gelu_rotate_quant_fp8(k, block):
     q, s = qc.gelu_rotate_quant_fp8(h, block)
     qr, sr = R.gelu_rotate_quant_fp8(h.cpu(), block)
     math = F.blocked_hadamard(torch.nn.functional.gelu(h.cpu().double(), approximate="tanh"), block)
-    _check_quant(q, s, qr, sr, math, FP8_ERR)
+    _check_quant(q, s, qr, sr, math, FP8_ERR, **_tols(block))
 
 
 def _fp8_operands(m, k, n):

@@ -110,7 +110,8 @@ def test_run_torch_matches_ops_on_cpu():
     (y,) = T.run_torch("FP8Linear", {"has_bias": 1, "out_dtype": 0}, [q, s, wq, ws, bias])
     assert y.dtype == torch.float32 and torch.equal(y, qc.fp8_linear(q, s, wq, ws, bias, torch.float32))
     c = torch.randn_like(x)
-    for mode, ins, ref in ((0, [x, c], (x, c, None)), (1, [x, c, x * 2], (x, c, x * 2)), (2, [x, x * 2], (x, None, x * 2))):
+    cases = ((0, [x, c], (x, c, None)), (1, [x, c, x * 2], (x, c, x * 2)), (2, [x, x * 2], (x, None, x * 2)))
+    for mode, ins, ref in cases:
         y, st = T.run_torch("CacheStatsApply", {"mode": mode}, ins)
         y2, st2 = qc.cache_stats_apply(*ref)
         assert torch.equal(y, y2) and torch.equal(st, st2)

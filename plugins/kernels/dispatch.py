@@ -3,9 +3,9 @@
 The FP8 GEMM backend is a measured choice (``bench/results/linear_*.md``): ``scaled_mm`` is
 ``torch._scaled_mm`` with row-wise scales (cuBLASLt/CUTLASS), ``triton`` the TMA kernel in :mod:`gemm`,
 ``triton_ptr`` its pointer-based variant. ``QC_FP8_GEMM`` overrides it. ``_scaled_mm`` runs with fast
-accumulation (no periodic fp32 promotion of the FP8 accumulator): on an H200 it was 1.05-1.3x faster with the
-same end-to-end error (quantization dominates); ``QC_FP8_FAST_ACCUM=0`` turns it off. Shapes a kernel cannot take run the
-reference on the device instead, so every op works on every shape.
+accumulation (no periodic fp32 promotion of the FP8 accumulator): on an H200 it was 1.03-1.25x faster with the
+same end-to-end error (quantization dominates); ``QC_FP8_FAST_ACCUM=0`` turns it off. Shapes a kernel cannot
+take run the reference on the device instead, so every op works on every shape.
 """
 
 from __future__ import annotations

@@ -35,11 +35,13 @@ MAX_BLOCK = 256
 MAX_TILE = 16384
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FALLBACKS: list[int] = []
-ROTATION_FORM = {"stage_b": 1, "split_b": True}
+ROTATION_FORM = {"stage_b": 1, "split_b": False}
 """How the second Hadamard factor is applied: stage_b 1 = batched 3-D product, 2 = transpose + 2-D product,
-3 = one dense ``H_b`` product (b <= 128, no factorisation); split_b = keep ~16 bits through stage B (else the
-stage-A result is rounded to bf16 first, a 2^-9 relative error, far below FP8's). tools/bench_linear.py times the
-forms and reports the fastest; a form that fails to compile on this Triton falls back to 2."""
+3 = one dense ``H_b`` product (b <= 128, no factorisation); split_b = keep ~16 bits through stage B for FP8
+outputs too (INT8 outputs always split). Without it the stage-A result is rounded to bf16 first, a 2^-9 relative
+error on the rotated values, far below FP8's 2^-4. The default is the fastest form measured by
+tools/bench_linear.py on an H200 (bench/results/linear_h200.md: batched, unsplit, same error vs exact math); a
+form that fails to compile on this Triton falls back to 2."""
 
 
 @triton.jit
@@ -80,7 +82,8 @@ def _prune(configs, named_args, **kwargs):
     return keep or [min(configs, key=lambda c: c.kwargs["ROWS"])]
 
 
-@triton.autotune(configs=_configs(), key=["K", "NCH", "CH", "PROLOGUE", "ROTATE", "STAGE_B", "OUT_MODE", "SPLIT_A", "SPLIT_B"],
+@triton.autotune(configs=_configs(),
+                 key=["K", "NCH", "CH", "PROLOGUE", "ROTATE", "STAGE_B", "OUT_MODE", "SPLIT_A", "SPLIT_B"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _producer_kernel(
@@ -236,7 +239,8 @@ def launch(
                 m, k, t, s_mod, smb, sms,
                 1.0 / (block ** 0.5) if rotate else 1.0, eps, _QMAX[out_mode], F.AMAX_FLOOR,
                 NCH=nch, NCHP=nchp, CH=ch, PROLOGUE=prologue, ROTATE=rotate, STAGE_B=stage_b,
-                SPLIT_A=x.dtype != torch.bfloat16, SPLIT_B=form["split_b"], OUT_MODE=out_mode,
+                SPLIT_A=x.dtype != torch.bfloat16, SPLIT_B=form["split_b"] or out_mode == OUT_INT8,
+                OUT_MODE=out_mode,
                 FAST_MATH=not _INTERPRET, EMULATE=_INTERPRET,
             )
 
