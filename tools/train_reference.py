@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--train-shift", type=float, default=1.0,
+                    help="apply the timestep transform τ' = sτ/(1+(s-1)τ) to the logit-normal τ (Open-Sora trains "
+                         "with its transform); s > 1 trains more at high noise, where motion direction is decided")
     ap.add_argument("--init-from", default=None, help="start from a qc-ref checkpoint's weights (fresh optimizer); "
                     "parameters the file lacks keep their init (e.g. a newly added table)")
     args = ap.parse_args()
@@ -126,6 +129,7 @@ def main() -> None:
         drop = torch.rand(x0.shape[0], device=device) < cfg.class_dropout_prob
         y = torch.where(drop[:, None, None, None], null()[None, None].to(y.dtype), y)
         tau = torch.sigmoid(torch.randn(x0.shape[0], device=device))
+        tau = args.train_shift * tau / (1 + (args.train_shift - 1) * tau)
         eps = torch.randn_like(x0)
         xt = (1 - tau)[:, None, None, None, None] * x0 + tau[:, None, None, None, None] * eps
         v = net.model.forward_units(xt, tau * 1000, y, mask, fps, g)

@@ -34,12 +34,15 @@ def main() -> int:
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--cfgs", default="2,4,7")
+    ap.add_argument("--shifts", default="none,2,3")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model("qc-ref", args.checkpoint, device=device)
     tune = [c.text() for c in sample_captions(args.n, seed=TUNE_SEED)]
     rows = []
-    for cfg, shift in itertools.product((2.0, 4.0, 7.0), (None, 2.0, 3.0)):
+    for cfg, shift in itertools.product([float(c) for c in args.cfgs.split(",")],
+                                         [None if x == "none" else float(x) for x in args.shifts.split(",")]):
         t = time.perf_counter()
         r = score(loaded, tune, cfg=cfg, shift=shift, seed=100)
         rows.append({"cfg": cfg, "shift": shift, **r, "seconds": time.perf_counter() - t})
