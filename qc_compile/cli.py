@@ -17,6 +17,10 @@ from qc_compile.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("qc_compile.commands.generate", "generate", "Plain FP sampling of a model (the baseline and the demo)."),
     "eval": ("qc_compile.commands.evaluate", "evaluate", "Fidelity between two videos and the shapes caption checker."),
+    "export": ("qc_compile.commands.export", "export", "Export a model to one ONNX graph per unit (checked against torch)."),
+    "calibrate": ("qc_compile.commands.calibrate", "calibrate", "Calibrate activation ranges and write plan.json."),
+    "build": ("qc_compile.commands.build", "build", "Apply the plan's passes and build engines for a target."),
+    "compare": ("qc_compile.commands.compare", "compare", "Accuracy of the compiled graphs (polygraphy, per unit and end to end)."),
 }
 
 

@@ -1,0 +1,116 @@
+"""`qc-compile calibrate WORK --uniform FORMAT`: activation ranges over a few prompts and all steps -> plan.json."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from pathlib import Path
+
+import click
+
+from qc_compile.errors import UserError
+
+
+def _write_report(work, plan, ranges: dict, kept: list[str], settings: dict) -> Path:
+    from qc_compile.artifacts import atomic_write
+
+    lines = [f"# Calibration report: {plan.model['name']}", "",
+             f"- prompts: {len(settings['prompts'])}, steps: {settings['steps']}, cfg {settings['cfg']}, "
+             f"seed {settings['seed']}, method: {settings['method']}"
+             + (f" (p{settings['percentile']})" if settings["percentile"] is not None else ""),
+             f"- uniform format: `{settings['format']}`; kept at bf16: {len(kept)}", "",
+             "| linear | unit | W | A | range used | max |", "|---|---|---|---|---|---|"]
+    for name, e in plan.linears.items():
+        r = ranges[name]
+        lines.append(f"| `{name}` | {e.unit} | {e.weight} | {e.activation} | {r['amax']:.4g} | {r['max']:.4g} |")
+    path = work.report_dir / "calibration.md"
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@click.command("calibrate")
+@click.argument("work_dir", metavar="WORK", type=click.Path(path_type=Path))
+@click.option("--uniform", "fmt", required=True,
+              help="Format for every linear: fp8_e4m3 (alias fp8) | int8 | int4_b64 | int4_b128 (weight-only) | "
+                   "nvfp4 | int6_sim (simulated) | bf16.")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
+              help="Text file, one prompt per line (default: 4 qc-ref captions).")
+@click.option("--percentile", type=float, default=None,
+              help="Use this percentile of |x| (per step, then the max over steps) instead of the max.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
+@click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--exclude", multiple=True, help="fnmatch pattern of linears to keep at bf16 (repeatable), e.g. "
+                                               "'t_embedder.*'.")
+@click.option("--target", default="any", show_default=True, help="Target the plan is made for (recorded).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate(work_dir: Path, fmt: str, prompts_file: Path | None, percentile: float | None, steps: int | None,
+              cfg: float | None, seed: int, exclude: tuple[str, ...], target: str, quiet: bool) -> None:
+    """Calibrate activation ranges of the model in WORK and write WORK/plan.json with one format everywhere."""
+    import torch
+    from safetensors.torch import save
+
+    from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
+    from qc_compile.calib.ranges import RangeCollector, default_prompts, read_prompts
+    from qc_compile.export import tool_versions
+    from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan
+    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+
+    fmt = {"fp8": "fp8_e4m3", "int4": "int4_b128", "fp4": "nvfp4"}.get(fmt, fmt)
+    if fmt not in WEIGHT_FORMATS:
+        raise UserError(f"--uniform {fmt!r}: unknown format; known: {', '.join(WEIGHT_FORMATS)} (alias fp8).")
+    if percentile is not None and not (0.0 < percentile <= 100.0):
+        raise UserError(f"--percentile must be in (0, 100], got {percentile}.")
+    from qc_compile.trt_compat import parse_target
+
+    parse_target(target, allow_any=True)
+    work = WorkDir(work_dir)
+    info = read_model_info(work)
+    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name)
+    if not prompts:
+        raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
+    start = time.perf_counter()
+    loaded = load_model_for(info)
+    if loaded.text_encoder is None:
+        raise UserError(f"model {info.name} takes T5 caption features, which qc-compile does not ship, so it cannot "
+                        "be calibrated from text prompts here; calibrate qc-ref, or supply a plan written elsewhere.")
+    if loaded.text_encoder is not None:  # validate every prompt before sampling
+        from qc_compile.models.caption_encoder import CaptionTokenizer
+
+        try:
+            CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
+        except UserError as e:
+            raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
+    frames, height, width = info.video_size
+    settings = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
+                                           width=width)
+    torch.set_grad_enabled(False)
+    with RangeCollector(loaded.model, percentile=percentile) as rc:
+        generate(loaded, prompts, settings, progress=not quiet)
+    ranges = rc.reduce()
+    work.calib_dir.mkdir(parents=True, exist_ok=True)
+    ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
+    calib = {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
+             "video": [frames, height, width], "method": "percentile" if percentile is not None else "max",
+             "percentile": percentile, "ranges_sha256": ranges_sha}
+    write_json_atomic(work.calib_dir / "ranges.json", {"schema_version": 1, "calibration": calib, "ranges": ranges})
+    provenance = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "command": f"qc-compile calibrate --uniform {fmt}", "tool_versions": tool_versions(),
+                  "calibration": calib}
+    plan, kept = uniform_plan(info, fmt, ranges, target=target, exclude=list(exclude), provenance=provenance)
+    from qc_compile.plan import validate
+
+    lins = {li["name"]: li for li in info.linears()}
+    validate(plan, linears=lins, model_name=info.name, config_sha256=info.config_sha256, where="calibrated plan")
+    save_plan(plan, work.plan_json)
+    report = _write_report(work, plan, ranges, kept,
+                           {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
+                            "method": calib["method"], "percentile": percentile, "format": fmt})
+    sim = " (simulated format: not runnable on TensorRT targets)" if WEIGHT_FORMATS[fmt].simulated else ""
+    click.echo(f"calibrated {len(ranges)} linears over {len(prompts)} prompt(s) x {settings.steps} steps "
+               f"({calib['method']}); wrote {work.plan_json} with {len(plan.linears) - len(kept)} linear(s) in "
+               f"{fmt}{sim}, {len(kept)} kept at bf16; report {report}; {time.perf_counter() - start:.1f} s")
+    if kept:
+        click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))

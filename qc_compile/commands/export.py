@@ -1,0 +1,79 @@
+"""`qc-compile export`: one ONNX graph per unit plus model.json, each unit checked against torch."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+
+from qc_compile.errors import UserError
+
+
+def _prepare_workdir(work, model_name: str, force: bool) -> None:
+    """Refuse to mix models in one work dir; --force clears what the old export produced."""
+    from qc_compile.artifacts import read_json
+
+    if not work.model_json.is_file():
+        return
+    try:
+        old = read_json(work.model_json, kind="model.json").get("model", {}).get("name")
+    except UserError:
+        old = "<unreadable>"
+    if not force:
+        raise UserError(f"{work.root} already holds an export of {old!r} (model.json). Re-exporting would leave its "
+                        "plan, graphs and engines out of step; choose an empty work dir or pass --force, which deletes "
+                        "onnx/, engines/, torch/, calib/, plan.json and manifest.json there first.")
+    for d in ("onnx", "engines", "torch", "calib"):
+        shutil.rmtree(work.root / d, ignore_errors=True)
+    for f in ("plan.json", "plan.safetensors", "manifest.json", "model.json", ".build-in-progress.json"):
+        (work.root / f).unlink(missing_ok=True)
+
+
+@click.command("export")
+@click.argument("model_name", metavar="MODEL")
+@click.option("-o", "--output", "work_dir", type=click.Path(path_type=Path), required=True,
+              help="Work dir to create (or re-use with --force).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Weights (.safetensors). Default: qc-ref's shipped checkpoint; random weights for others.")
+@click.option("--random-weights", is_flag=True, help="Use random weights (seeded) even where a checkpoint exists.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--frames", type=int, default=None, help="Video frames (model default).")
+@click.option("--height", type=int, default=None, help="Video height in pixels (model default).")
+@click.option("--width", type=int, default=None, help="Video width in pixels (model default).")
+@click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset of the FP graphs (17-21).")
+@click.option("--force", is_flag=True, help="Replace an existing export in the work dir.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weights: bool, seed: int,
+           frames: int | None, height: int | None, width: int | None, opset: int, force: bool, quiet: bool) -> None:
+    """Export MODEL (qc-ref | opensora-v1.2) to one ONNX graph per unit in WORK."""
+    import time
+
+    import torch
+
+    from qc_compile.export import export_model, weights_record
+    from qc_compile.models import get_config, load_model
+    from qc_compile.workdir import WorkDir
+
+    cfg = get_config(model_name)
+    if checkpoint is not None and random_weights:
+        raise UserError("--checkpoint and --random-weights exclude each other.")
+    if checkpoint is None and model_name != "qc-ref":
+        random_weights = True  # no shipped weights for the full-size models
+    work = WorkDir(work_dir)
+    if work.root.exists() and not work.root.is_dir():
+        raise UserError(f"--output {work.root} exists and is not a directory.")
+    _prepare_workdir(work, model_name, force)
+    frames, height, width = frames or cfg.default_frames, height or cfg.default_height, width or cfg.default_width
+    start = time.perf_counter()
+    loaded = load_model(model_name, checkpoint, device="cpu", dtype=torch.float32, random_weights=random_weights,
+                        seed=seed)
+    weights = weights_record(loaded, checkpoint, random_weights, seed)
+    work.root.mkdir(parents=True, exist_ok=True)
+    result = export_model(loaded, work, frames=frames, height=height, width=width, opset=opset, weights=weights,
+                          progress=not quiet)
+    worst = max(u["verify_rel_err"] for u in result.units)
+    size = sum(f["bytes"] for u in result.units for f in u["onnx"])
+    click.echo(f"exported {len(result.units)} units of {model_name} ({frames}x{height}x{width}, opset {opset}) to "
+               f"{work.root}/onnx/fp: {size / 1e6:.1f} MB; onnxruntime vs torch max relative error {worst:.2e}; "
+               f"{time.perf_counter() - start:.1f} s")

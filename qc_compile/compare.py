@@ -1,0 +1,286 @@
+"""Accuracy of the compiled graphs with polygraphy (per unit) and end to end (PSNR of the final video).
+
+Per unit, on inputs captured from a real FP sampling run (a few steps: first, middle, last), polygraphy's
+``Comparator`` runs:
+
+* ``torch-fp``  — :class:`TorchUnitRunner`, our polygraphy ``BaseRunner`` around ``model.unit_module``;
+* ``onnxrt-fp`` — ``OnnxrtRunner(SessionFromOnnx(WORK/onnx/fp/<unit>.onnx))``;
+* ``onnxrt-q``  — ``OnnxrtRunner(SessionFromOnnx(<q graph>))`` on the build's Q/DQ graph (after the onnxruntime twin
+  pass when it holds TensorRT-only NVFP4 ops);
+* ``trt``       — polygraphy's ``TrtRunner`` on the built engine, only when the target's TensorRT imports *and* can
+  run on a GPU here; otherwise the report says ``not run: <reason>``.
+
+``torch-fp`` vs ``onnxrt-fp`` is checked with ``CompareFunc.simple(atol, rtol)`` (the export is exact up to fp32
+rounding); ``onnxrt-fp`` vs ``onnxrt-q`` (and vs ``trt``) is a quantization error, reported as SNR in dB and
+relative L2, and checked against ``min_unit_snr``. End to end: the FP video (torch executor) against the video of
+the Q/DQ graphs (:class:`~qc_compile.runtime.ort_executor.OrtExecutor`), same seed and prompts: PSNR/SSIM, checked
+against ``min_psnr``; the FP ONNX graphs are run end to end as well (a sanity line, expected ~100 dB).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qc_compile.models.stdit3 import UNIT_INPUTS, UNIT_OUTPUTS, unit_kind
+
+
+def _quiet_polygraphy():
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+
+
+def make_torch_runner(module: torch.nn.Module, io: dict, name: str):
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchUnitRunner(BaseRunner):
+        """polygraphy runner for one unit of the torch model (feeds/returns the ONNX tensor names)."""
+
+        def __init__(self):
+            super().__init__(name=name, prefix="torch-runner")
+            self.module, self.io = module, io
+
+        def activate_impl(self):
+            pass
+
+        def deactivate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for r in self.io["inputs"]:
+                meta.add(r["onnx_name"], np.dtype(r["dtype"]), [-1 if isinstance(d, str) else d for d in r["shape"]])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            by_name = {r["name"]: torch.from_numpy(np.asarray(feed_dict[r["onnx_name"]]))
+                       for r in self.io["inputs"] if r["onnx_name"] in feed_dict}
+            kind = self.module.kind
+            args = []
+            for n in UNIT_INPUTS[kind]:  # inputs the graph dropped (embed's unused mask) still go to torch
+                args.append(by_name[n] if n in by_name else self._filler(n, by_name))
+            with torch.no_grad():
+                out = self.module(*args)
+            out = out if isinstance(out, tuple) else (out,)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((r["onnx_name"], np.ascontiguousarray(o.float().numpy()))
+                               for r, o in zip(self.io["outputs"], out))
+
+        @staticmethod
+        def _filler(n, by_name):
+            if n == "mask":
+                b = next(iter(by_name.values())).shape[0]
+                return torch.ones(b, 1, dtype=torch.bool)
+            raise KeyError(n)
+
+    return TorchUnitRunner()
+
+
+def capture_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int, pick: list[int]) -> dict:
+    """Unit inputs (ONNX names -> numpy) at the steps in ``pick``, from an FP sampling run; also returns the video."""
+    from qc_compile.runtime.executor import TorchExecutor
+    from qc_compile.runtime.pipeline import GenerationSettings, generate
+
+    frames, height, width = info.video_size
+    settings = GenerationSettings.defaults(loaded, steps=steps, seed=seed, frames=frames, height=height, width=width)
+    g = info.geometry()
+    ex = TorchExecutor(loaded.model, g)
+    captured: dict[str, list[dict]] = {u: [] for u in info.unit_names}
+    io = {u["name"]: u for u in info.units}
+    state = {"step": -1}
+    orig = loaded.model.run_unit
+
+    def run_unit(name, inputs, geom):
+        if name == "embed":
+            state["step"] += 1
+        if state["step"] in pick:
+            names = {r["name"]: r for r in io[name]["inputs"]}
+            captured[name].append({names[k]["onnx_name"]: v.detach().cpu().numpy().astype(
+                np.bool_ if names[k]["dtype"] == "bool" else np.float32) for k, v in inputs.items() if k in names})
+        return orig(name, inputs, geom)
+
+    loaded.model.run_unit = run_unit
+    try:
+        video, _ = generate(loaded, prompts, settings, executor=ex, progress=False)
+    finally:
+        del loaded.model.run_unit
+    return captured, video, settings
+
+
+def _simple_compare(atol: float, rtol: float):
+    """polygraphy's elementwise compare function (SimpleCompareFunc from 0.49.x, CompareFunc.simple before)."""
+    try:
+        from polygraphy.comparator import SimpleCompareFunc
+
+        return SimpleCompareFunc(atol=atol, rtol=rtol)
+    except ImportError:  # pragma: no cover - older polygraphy
+        from polygraphy.comparator import CompareFunc
+
+        return CompareFunc.simple(atol=atol, rtol=rtol)
+
+
+def _snr(ref: np.ndarray, out: np.ndarray) -> tuple[float, float]:
+    err = float(np.linalg.norm((out - ref).astype(np.float64)))
+    nrm = float(np.linalg.norm(ref.astype(np.float64)))
+    if err == 0:
+        return math.inf, 0.0
+    return 20 * math.log10(max(nrm, 1e-30) / err), err / max(nrm, 1e-30)
+
+
+@dataclass
+class CompareOptions:
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_unit_snr: float = 15.0
+    min_psnr: float = 20.0
+    steps: int | None = None
+    seed: int = 0
+    prompts: list[str] = field(default_factory=list)
+    target: str | None = None
+    e2e: bool = True
+    units: list[str] | None = None
+
+
+def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
+    """Run every comparison; returns the report dict (``report["passed"]`` overall)."""
+    _quiet_polygraphy()
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+
+    from qc_compile.build import verify_manifest
+    from qc_compile.errors import UserError
+    from qc_compile.metrics.fidelity import compare_videos
+    from qc_compile.onnx_utils import load_onnx, ort_opt_level
+    from qc_compile.passes.ort_twin import needs_twin, pass_ort_twin
+    from qc_compile.runtime.ort_executor import OrtExecutor
+    from qc_compile.trt_compat import parse_target, runnable_reason
+    from qc_compile.workdir import load_model_for, read_model_info
+
+    start = time.perf_counter()
+    info = read_model_info(work)
+    manifest = verify_manifest(work, opts.target, info=info)
+    tnames = [t for t, r in manifest["targets"].items() if "package" not in r["units"]]
+    if opts.target:
+        tname = opts.target
+        if tname not in tnames:
+            raise UserError(f"target {tname} has no Q/DQ graphs (a torch package?); compare needs an ONNX build.")
+    elif tnames:
+        tname = tnames[0]
+    else:
+        raise UserError(f"{work.root}: no Q/DQ build in manifest.json; run qc-compile build first.")
+    trec = manifest["targets"][tname]
+    target = parse_target(tname)
+    trt_reason = "no engines in this build (--onnx-only)" if not trec.get("engines") else runnable_reason(target)
+    loaded = load_model_for(info)
+    if loaded.text_encoder is None:
+        raise UserError(f"compare feeds the FP model real prompts; model {info.name} has no text encoder here.")
+    prompts = opts.prompts or _default_prompts(info.name)
+    steps = opts.steps or loaded.config.default_steps
+    pick = sorted({0, steps // 2, steps - 1})
+    torch.set_grad_enabled(False)
+    captured, fp_video, settings = capture_unit_inputs(loaded, info, prompts, steps, opts.seed, pick)
+    g = info.geometry()
+    report: dict = {"schema_version": 1, "model": info.name, "target": tname, "steps": steps, "prompts": prompts,
+                    "seed": opts.seed, "tolerances": {"atol": opts.atol, "rtol": opts.rtol,
+                                                      "min_unit_snr_db": opts.min_unit_snr,
+                                                      "min_psnr_db": opts.min_psnr},
+                    "trt": {"run": trt_reason is None, "reason": trt_reason}, "units": {}, "e2e": {}}
+    passed = True
+    fp_cmp = _simple_compare(opts.atol, opts.rtol)
+    units = opts.units or info.unit_names
+    for unit in units:
+        io = info.unit(unit)
+        urec = trec["units"][unit]["variants"]["default"]
+        urec = trec["units"][unit]["variants"][urec["same_as"]] if "same_as" in urec else urec
+        fp_bytes = load_onnx(work.fp_onnx(unit)).SerializeToString()
+        qproto = load_onnx(work.root / urec["onnx"][0]["path"])
+        qgraph = gs.import_onnx(qproto)
+        twin = needs_twin(qgraph)
+        if twin:
+            qproto = gs.export_onnx(pass_ort_twin(qgraph))
+        basic = ort_opt_level()
+        runners = [make_torch_runner(loaded.model.unit_module(unit, g), io, "torch-fp"),
+                   OnnxrtRunner(SessionFromOnnx(fp_bytes, graph_optimization_level=basic), name="onnxrt-fp"),
+                   OnnxrtRunner(SessionFromOnnx(qproto.SerializeToString(), graph_optimization_level=basic),
+                                name="onnxrt-q")]
+        if trt_reason is None and urec.get("engine"):  # pragma: no cover - needs a GPU this target runs on
+            import os
+
+            from qc_compile.trt_compat import polygraphy_env
+
+            os.environ.update(polygraphy_env(target))
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+            runners.append(TrtRunner(EngineFromBytes((work.root / urec["engine"]["path"]).read_bytes()), name="trt"))
+        results = Comparator.run(runners, data_loader=captured[unit])
+        acc = Comparator.compare_accuracy(results, comparisons=[(0, 1)], compare_func=fp_cmp)
+        fp_ok = bool(acc)
+        outs = {r: results[i][1] for i, r in enumerate(["torch-fp", "onnxrt-fp", "onnxrt-q", "trt"][:len(runners)])}
+        fp_err, q_snr, q_rel, trt_snr = 0.0, math.inf, 0.0, None
+        for k in range(len(captured[unit])):
+            for r in io["outputs"]:
+                n = r["onnx_name"]
+                a, b, q = outs["torch-fp"][k][n], outs["onnxrt-fp"][k][n], outs["onnxrt-q"][k][n]
+                fp_err = max(fp_err, float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12)))
+                s, rel = _snr(b, q)
+                q_snr, q_rel = min(q_snr, s), max(q_rel, rel)
+                if "trt" in outs:  # pragma: no cover
+                    s2, _ = _snr(b, outs["trt"][k][n])
+                    trt_snr = s2 if trt_snr is None else min(trt_snr, s2)
+        q_ok = q_snr >= opts.min_unit_snr
+        passed &= fp_ok and q_ok
+        report["units"][unit] = {"fp_torch_vs_onnx": {"max_rel_err": fp_err, "passed": fp_ok},
+                                 "fp_vs_q": {"snr_db": q_snr, "rel_l2": q_rel, "passed": q_ok,
+                                             "onnxruntime_twin": twin},
+                                 "trt": ({"snr_db": trt_snr} if trt_snr is not None else
+                                         {"not_run": trt_reason or "no engine"}),
+                                 "samples": len(captured[unit])}
+    if opts.e2e:
+        frames, height, width = info.video_size
+        from qc_compile.runtime.pipeline import GenerationSettings, generate
+
+        settings = GenerationSettings.defaults(loaded, steps=steps, seed=opts.seed, frames=frames, height=height,
+                                               width=width)
+        for label, ex in (("onnx_fp", OrtExecutor.from_workdir(work, "fp")),
+                          ("onnx_q", OrtExecutor.from_workdir(work, "q", tname))):
+            video, _ = generate(loaded, prompts, settings, executor=ex, progress=False)
+            res = compare_videos(video, fp_video)
+            ok = res["psnr_db"] >= opts.min_psnr if label == "onnx_q" else res["psnr_db"] >= 60.0
+            passed &= ok
+            report["e2e"][label] = {"psnr_db": res["psnr_db"], "ssim": res["ssim"], "passed": ok}
+    report["passed"] = bool(passed)
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    return report
+
+
+def _default_prompts(model: str) -> list[str]:
+    from qc_compile.calib.ranges import default_prompts
+
+    return default_prompts(model, n=2, seed=4321)
+
+
+def format_table(report: dict) -> str:
+    rows = [f"{'unit':<12} {'torch vs onnx fp':>18} {'fp vs q SNR dB':>15} {'rel L2':>8} {'trt':>10}"]
+    for u, r in report["units"].items():
+        trt = r["trt"]
+        trt_s = f"{trt['snr_db']:.1f} dB" if "snr_db" in trt else "not run"
+        flag = "" if r["fp_torch_vs_onnx"]["passed"] and r["fp_vs_q"]["passed"] else "  FAIL"
+        rows.append(f"{u:<12} {r['fp_torch_vs_onnx']['max_rel_err']:>18.2e} {r['fp_vs_q']['snr_db']:>15.1f} "
+                    f"{r['fp_vs_q']['rel_l2']:>8.4f} {trt_s:>10}{flag}")
+    if report["trt"]["reason"]:
+        rows.append(f"trt: not run: {report['trt']['reason']}")
+    for label, r in report["e2e"].items():
+        rows.append(f"end to end {label:<8} vs torch FP video: PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}"
+                    f"{'' if r['passed'] else '  FAIL'}")
+    rows.append(f"{'PASSED' if report['passed'] else 'FAILED'} ({report['seconds']:.1f} s, {report['steps']} steps, "
+                f"{len(report['prompts'])} prompt(s), target {report['target']})")
+    return "\n".join(rows)

@@ -1,0 +1,9 @@
+"""Graph passes over onnx-graphsurgeon graphs (one job each, graph -> graph).
+
+* :func:`~qc_compile.passes.fold_smoothing.pass_fold_smoothing` — per-channel smoothing folded exactly;
+* :func:`~qc_compile.passes.rotate.pass_rotate` — blocked Hadamard rotation (offline on weights, online on x);
+* :func:`~qc_compile.passes.insert_qdq.pass_insert_qdq` — weight / activation Q/DQ from the plan;
+* :func:`~qc_compile.passes.plugin_nodes.pass_plugin_nodes` — opt-in ``qc::`` plugin nodes;
+* :func:`~qc_compile.passes.ort_twin.pass_ort_twin` — replaces TensorRT-only ops by standard ONNX that
+  onnxruntime runs, for numerical checks.
+"""

@@ -1,0 +1,183 @@
+"""`build --target torch`: a package the torch executor loads (``WORK/torch/``).
+
+Files: ``weights.safetensors`` (per quantized linear, in the kernels' conventions of
+:mod:`qc_compile.plugins.formats`, torch weight layout ``[N, K]``: FP8 codes + per-channel scale ``[N]``; INT8
+codes + scale; INT4 packed ``[N, K/2]`` + block scales ``[N, K/block]``; NVFP4 E2M1 values (stored as FP8 E4M3,
+which holds them exactly) + FP8 block scales + fp32 tensor scale; plus smoothing vectors), ``plan.json`` (a copy of
+the plan it was made from) and ``package.json`` (format per linear, sha256 of the others).
+
+:func:`load_package` returns the model with each quantized linear's weight replaced by its dequantized value (after
+smoothing ``diag(s) W`` and rotation ``R W``) and a forward pre-hook applying ``x / s``, ``x R`` and the activation
+fake quantization (static per-tensor scale for fp8/int8/int6_sim, NVFP4 per-16 blocks with the static tensor
+scale). That is the same computation as the Q/DQ graphs onnxruntime runs: a CPU reference, not a fast path (the
+fast fused kernels are in :mod:`qc_compile.plugins`).
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save
+
+from qc_compile.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
+from qc_compile.errors import ArtifactError
+from qc_compile.plan import ACTIVATION_FORMATS, WEIGHT_FORMATS, LinearPlan, Plan, load_plan
+
+PACKAGE_SCHEMA = 1
+
+
+def _hadamard_rows(w: torch.Tensor, b: int) -> torch.Tensor:
+    """``w [N, K]`` -> ``w R`` along K (= (R W_onnx)^T)."""
+    from qc_compile.plugins.formats import blocked_hadamard
+
+    return blocked_hadamard(w.double(), b).float()
+
+
+def transformed_weight(w: torch.Tensor, e: LinearPlan, s: torch.Tensor | None) -> torch.Tensor:
+    """Weight ``[N, K]`` after smoothing and rotation, before quantization."""
+    w = w.detach().float()
+    if s is not None:
+        w = w * s[None, :]
+    if e.rotation:
+        w = _hadamard_rows(w, e.rotation)
+    return w
+
+
+def quantize(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    from qc_compile.plugins import formats as F
+
+    if fmt == "fp8_e4m3":
+        q, s = F.quantize_fp8_per_channel(w)
+        return {"q": q, "scale": s}
+    if fmt in ("int8", "int6_sim"):
+        qmax = WEIGHT_FORMATS[fmt].qmax
+        amax = w.float().abs().amax(dim=1).clamp_min(F.AMAX_FLOOR)
+        s = amax / qmax
+        return {"q": torch.round(w / s[:, None]).clamp(-qmax, qmax).to(torch.int8), "scale": s}
+    if fmt in ("int4_b64", "int4_b128"):
+        packed, s = F.quantize_int4_blockwise(w, WEIGHT_FORMATS[fmt].block)
+        return {"q": packed, "scale": s}
+    if fmt == "nvfp4":
+        vals, bscale, gscale = F.quantize_nvfp4(w)
+        return {"q": vals.to(torch.float8_e4m3fn), "block_scale": bscale, "scale": gscale.reshape(1)}
+    raise ValueError(fmt)
+
+
+def dequantize(t: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
+    from qc_compile.plugins import formats as F
+
+    if fmt in ("fp8_e4m3", "int8", "int6_sim"):
+        return t["q"].float() * t["scale"][:, None]
+    if fmt in ("int4_b64", "int4_b128"):
+        return F.dequantize_int4_blockwise(t["q"], t["scale"])
+    if fmt == "nvfp4":
+        return F.dequantize_nvfp4(t["q"].float(), t["block_scale"], t["scale"].reshape(()))
+    raise ValueError(fmt)
+
+
+def fake_quant_activation(x: torch.Tensor, e: LinearPlan) -> torch.Tensor:
+    """The activation Q/DQ of the graphs, in torch (float32)."""
+    fmt = e.activation
+    if fmt == "bf16":
+        return x
+    xf = x.float()
+    if fmt == "nvfp4":
+        from qc_compile.plugins import formats as F
+
+        g = torch.tensor(e.global_scale, dtype=torch.float32)
+        k = xf.shape[-1]
+        xb = xf.reshape(-1, k // 16, 16)
+        bamax = xb.abs().amax(-1, keepdim=True)
+        bscale = (bamax / 6.0 / g).clamp(max=448.0).to(torch.float8_e4m3fn).float()
+        denom = bscale * g
+        vals = F.round_to_e2m1(torch.where(denom > 0, xb / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0))
+        return (vals * denom).reshape(x.shape).to(x.dtype)
+    s = float(e.act_scale)
+    qmax = ACTIVATION_FORMATS[fmt].qmax
+    if fmt == "fp8_e4m3":
+        q = (xf / s).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
+    elif fmt == "int8":  # QuantizeLinear saturates INT8 to [-128, 127]
+        q = torch.round(xf / s).clamp(-qmax - 1, qmax)
+    else:  # int6_sim: the graph clips the INT8 codes to +-31
+        q = torch.round(xf / s).clamp(-qmax, qmax)
+    return (q * s).to(x.dtype)
+
+
+def write_package(work, info, plan: Plan) -> dict:
+    """Quantize the model's weights per the plan into ``WORK/torch``; returns the manifest record."""
+    from qc_compile.workdir import load_model_for
+
+    loaded = load_model_for(info)
+    modules = dict(loaded.model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    formats = {}
+    for name, e in plan.linears.items():
+        s = plan.smoothing_vector(name)
+        st = None if s is None else torch.from_numpy(s)
+        if st is not None:
+            tensors[f"{name}.smoothing"] = st
+        formats[name] = {"weight": e.weight, "activation": e.activation, "rotation": e.rotation,
+                         "smoothing": s is not None}
+        if e.weight == "bf16":
+            continue
+        w = transformed_weight(modules[name].weight, e, st)
+        for k, v in quantize(w, e.weight).items():
+            tensors[f"{name}.weight_{k}"] = v.contiguous()
+    d = work.torch_dir
+    w_sha = write_bytes_atomic(d / "weights.safetensors", save(tensors))
+    p_sha = write_json_atomic(d / "plan.json", plan.to_dict())
+    files = [{"path": work.rel(d / "weights.safetensors"), "sha256": w_sha},
+             {"path": work.rel(d / "plan.json"), "sha256": p_sha}]
+    if plan.sidecar:
+        src = work.plan_json.with_name(plan.sidecar["file"])
+        dst = d / plan.sidecar["file"]
+        sha = write_bytes_atomic(dst, src.read_bytes())
+        files.append({"path": work.rel(dst), "sha256": sha})
+    pkg = {"schema_version": PACKAGE_SCHEMA, "model": info.name, "formats": formats, "files": files,
+           "simulated": sorted(n for n, e in plan.linears.items() if e.simulated)}
+    sha = write_json_atomic(d / "package.json", pkg)
+    files.append({"path": work.rel(d / "package.json"), "sha256": sha})
+    return {"files": files}
+
+
+def load_package(work, *, device: str = "cpu", variant: str = "default"):
+    """The LoadedModel with quantized linears (dequantized weights + activation hooks), for TorchExecutor."""
+    from qc_compile.workdir import load_model_for, read_model_info
+
+    info = read_model_info(work)
+    d = work.torch_dir
+    pkg = read_json(d / "package.json", kind="torch package", schema_version=PACKAGE_SCHEMA)
+    for f in pkg["files"]:
+        p = work.root / f["path"]
+        if not p.is_file() or sha256_file(p) != f["sha256"]:
+            raise ArtifactError(f"{p}: missing or changed since `build --target torch`; re-run it.")
+    plan = load_plan(d / "plan.json", model_info=info)
+    entries = plan.resolve(variant)
+    tensors = load_file(str(d / "weights.safetensors"))
+    loaded = load_model_for(info, device=device)
+    modules = dict(loaded.model.named_modules())
+    for name, e in entries.items():
+        mod = modules[name]
+        base = plan.linears[name]
+        s = tensors.get(f"{name}.smoothing")
+        if base.weight != "bf16":
+            t = {k.split(".weight_")[1]: v for k, v in tensors.items() if k.startswith(f"{name}.weight_")}
+            w = dequantize(t, base.weight)
+        elif s is not None or base.rotation:
+            w = transformed_weight(mod.weight, base, s)
+        else:
+            w = None
+        if w is not None:
+            mod.weight.data = w.to(device=device, dtype=mod.weight.dtype)
+        if s is None and not base.rotation and e.activation == "bf16":
+            continue
+
+        def pre_hook(module, args, e=e, s=s, rot=base.rotation):
+            x = args[0]
+            if s is not None:
+                x = x / s.to(x.device, x.dtype)
+            if rot:
+                x = _hadamard_rows(x.reshape(-1, x.shape[-1]), rot).reshape(x.shape).to(args[0].dtype)
+            return (fake_quant_activation(x, e),) + tuple(args[1:])
+
+        mod.register_forward_pre_hook(pre_hook)
+    return loaded

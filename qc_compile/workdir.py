@@ -1,0 +1,165 @@
+"""The work dir: the contract between stages (DESIGN.md §1).
+
+::
+
+    WORK/model.json                 export: model, config hash, weights, geometry, units and their I/O
+    WORK/onnx/fp/<unit>.onnx        export: FP32 graph per unit (canonical linears, qc.* metadata)
+    WORK/calib/ranges.safetensors   calibrate: per-linear activation statistics
+    WORK/plan.json (+ sidecar)      calibrate: the plan (qc_compile.plan)
+    WORK/onnx/q/<unit>[.<v>].onnx   build: graphs after the passes
+    WORK/engines/<T>/<unit>[.<v>].engine   build
+    WORK/torch/                     build --target torch
+    WORK/manifest.json              build: sha256 of every artifact, written last
+    WORK/.build-in-progress.json    present only while (or after an interrupted) build
+
+:class:`ModelInfo` reads and checks ``model.json``; :func:`load_model_for` rebuilds the torch model it describes and
+checks that its weights are the ones that were exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qc_compile.artifacts import read_json, sha256_file
+from qc_compile.errors import ArtifactError, UserError
+
+MODEL_JSON_SCHEMA = 1
+MANIFEST_SCHEMA = 1
+
+
+class WorkDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    model_json = property(lambda self: self.root / "model.json")
+    plan_json = property(lambda self: self.root / "plan.json")
+    manifest_json = property(lambda self: self.root / "manifest.json")
+    build_marker = property(lambda self: self.root / ".build-in-progress.json")
+    calib_dir = property(lambda self: self.root / "calib")
+    report_dir = property(lambda self: self.root / "report")
+    torch_dir = property(lambda self: self.root / "torch")
+
+    def fp_onnx(self, unit: str) -> Path:
+        return self.root / "onnx" / "fp" / f"{unit}.onnx"
+
+    def q_onnx(self, unit: str, variant: str = "default", plugins: bool = False) -> Path:
+        suffix = ("" if variant == "default" else f".{variant}") + (".plugins" if plugins else "")
+        return self.root / "onnx" / "q" / f"{unit}{suffix}.onnx"
+
+    def engine(self, target_dir: str, unit: str, variant: str = "default") -> Path:
+        suffix = "" if variant == "default" else f".{variant}"
+        return self.root / "engines" / target_dir / f"{unit}{suffix}.engine"
+
+    def rel(self, p: Path) -> str:
+        return str(Path(p).relative_to(self.root))
+
+    def require(self) -> None:
+        if not self.root.is_dir():
+            raise UserError(f"work dir {self.root} does not exist; create it with `qc-compile export MODEL -o "
+                            f"{self.root}`.")
+        if not self.model_json.is_file():
+            raise UserError(f"{self.root} is not a qc-compile work dir (no model.json); run `qc-compile export "
+                            f"MODEL -o {self.root}` first.")
+
+
+@dataclass
+class ModelInfo:
+    """The parsed ``model.json``."""
+
+    data: dict
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.data["model"]["name"]
+
+    @property
+    def config_sha256(self) -> str:
+        return self.data["model"]["config_sha256"]
+
+    @property
+    def units(self) -> list[dict]:
+        return self.data["units"]
+
+    def unit(self, name: str) -> dict:
+        for u in self.units:
+            if u["name"] == name:
+                return u
+        raise UserError(f"{self.path}: no unit {name!r}; units are {', '.join(u['name'] for u in self.units)}.")
+
+    @property
+    def unit_names(self) -> list[str]:
+        return [u["name"] for u in self.units]
+
+    def config(self):
+        from qc_compile.models.config import STDiT3Config
+
+        return STDiT3Config.from_dict(self.data["model"]["config"])
+
+    def geometry(self):
+        from qc_compile.models.stdit3 import Geometry
+
+        g = dict(self.data["geometry"]["model"])
+        g["patch_size"] = tuple(g["patch_size"])
+        return Geometry(**g)
+
+    @property
+    def video_size(self) -> tuple[int, int, int]:
+        v = self.data["geometry"]["video"]
+        return v["frames"], v["height"], v["width"]
+
+    def linears(self) -> list[dict]:
+        return [dict(li, unit=u["name"]) for u in self.units for li in u["linears"]]
+
+
+def read_model_info(work: WorkDir) -> ModelInfo:
+    work.require()
+    data = read_json(work.model_json, kind="model.json", schema_version=MODEL_JSON_SCHEMA)
+    for key in ("model", "weights", "geometry", "units"):
+        if key not in data:
+            raise ArtifactError(f"{work.model_json}: missing field {key!r}; the file is damaged or from another "
+                                "tool. Re-run qc-compile export.")
+    info = ModelInfo(data, work.model_json)
+    from qc_compile.linears import config_sha256
+
+    if config_sha256(info.config()) != info.config_sha256:
+        raise ArtifactError(f"{work.model_json}: model.config does not hash to model.config_sha256; the file was "
+                            "edited. Re-run qc-compile export.")
+    return info
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the exported weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_model_for(info: ModelInfo, *, device: str = "cpu", check_digest: bool = True):
+    """The LoadedModel that ``model.json`` describes (same weights, verified by digest)."""
+    from qc_compile.models import load_model
+
+    w = info.data["weights"]
+    if w["source"] == "checkpoint":
+        path = Path(w["path"])
+        if not path.is_file():
+            raise UserError(f"{info.path}: the checkpoint it was exported from, {path}, is gone; restore it or "
+                            "re-export.")
+        if sha256_file(path) != w["sha256"]:
+            raise ArtifactError(f"{info.path}: checkpoint {path} changed since export (sha256 differs); re-export.")
+        loaded = load_model(info.name, path, device=device)
+    elif w["source"] == "shipped":
+        loaded = load_model(info.name, device=device)
+    else:
+        loaded = load_model(info.name, device=device, random_weights=True, seed=int(w.get("seed", 0)))
+    if check_digest and state_digest(loaded.model) != w["state_sha256"]:
+        raise ArtifactError(f"{info.path}: the weights loaded now ({w['source']}) are not the ones exported "
+                            "(state digest differs); re-run qc-compile export.")
+    return loaded
