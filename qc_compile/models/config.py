@@ -92,9 +92,10 @@ QC_REF = STDiT3Config(
     default_fps=8,
     default_steps=30,
     default_cfg=4.0,
-    # The Open-Sora transform's frame factor floor(F/17)*5 is 0 below 17 frames; qc-ref trains and samples
-    # without the transform (plain linear schedule), which is what its logit-normal training matches.
+    # The Open-Sora transform's frame factor floor(F/17)*5 is 0 below 17 frames, so qc-ref uses a fixed ratio
+    # instead (trained and sampled with shift 4: motion direction is decided at high noise, see MODEL_CARD.md).
     use_timestep_transform=False,
+    timestep_shift=4.0,
     temporal_pos_max=16,
     text_encoder={"dim": 64, "layers": 2, "heads": 4, "max_length": 12},
 )
