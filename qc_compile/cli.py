@@ -17,6 +17,8 @@ from qc_compile.errors import UserError
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("qc_compile.commands.generate", "generate", "Plain FP sampling of a model (the baseline and the demo)."),
     "eval": ("qc_compile.commands.evaluate", "evaluate", "Fidelity between two videos and the shapes caption checker."),
+    "run": ("qc_compile.commands.run", "run", "Generate under a step policy: video, decision trace, metrics, picture."),
+    "sweep": ("qc_compile.commands.sweep", "sweep", "Policies x thresholds x prompts x seeds: one table and a Pareto plot."),
     "export": ("qc_compile.commands.export", "export", "Export a model to one ONNX graph per unit (checked against torch)."),
     "calibrate": ("qc_compile.commands.calibrate", "calibrate", "Calibrate activation ranges and write plan.json."),
     "build": ("qc_compile.commands.build", "build", "Apply the plan's passes and build engines for a target."),

@@ -47,6 +47,21 @@ class SampleResult:
         return done / total if total else 1.0
 
 
+_TAKEN = {0.0: "compute", 1.0: "reuse", 2.0: "prune", 3.0: "compute"}
+
+
+def _record(d: UnitDecision, taken: float) -> dict:
+    """A decision as recorded in the trace, with the action the executor actually took (its ``action`` statistic):
+    a GATED decision shows what its gate chose (and ``gated: true``); a computation whose sub-blocks all came from
+    the cache (FORA) shows as ``reuse``; ``parts`` lists the sub-blocks taken from the cache."""
+    rec = {"action": _TAKEN.get(taken, d.action.value), "variant": d.variant}
+    if d.action.value == "gated":
+        rec["gated"] = True
+    if d.parts:
+        rec["parts"] = list(d.parts)
+    return rec
+
+
 def noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Initial noise drawn on the CPU from the seed, so CPU and GPU runs start from the same tensor."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
@@ -101,12 +116,15 @@ class RFlowSampler:
             v = v[:, : z.shape[1]].float()  # pred_sigma models: channels past C_in are ignored
             v_c, v_u = v.chunk(2)
             z = z + (v_u + c.cfg_scale * (v_c - v_u)) * dt
+            post_step = getattr(policy, "post_step", None)
+            if post_step is not None:  # e.g. variance compensation of the latent after each step
+                z = post_step(z, info)
             stats_host = stats_dev.cpu()  # the one device-to-host copy per step
             stats = StepStats(units, {u: {s: float(stats_host[j, k]) for k, s in enumerate(STAT_NAMES)
                                           if not math.isnan(float(stats_host[j, k]))}
                                       for j, u in enumerate(units)})
             policy.observe(info, stats)
-            rec = StepRecord(i, t, {u: {"action": d.action.value, "variant": d.variant} for u, d in decisions.items()},
+            rec = StepRecord(i, t, {u: _record(d, stats.get(u, "action")) for u, d in decisions.items()},
                              stats.values, time.perf_counter() - start)
             result.steps.append(rec)
             if on_step:

@@ -1,0 +1,121 @@
+"""`qc-compile run`: generate under a step policy and write the video, the decision trace, metrics and the picture."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import click
+
+from qc_compile.errors import UserError
+
+
+def parse_sets(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``--set key=value`` items -> dict (values stay strings; the policies convert and range-check them)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set teacache.rel_l1_thresh=0.2.")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise UserError(f"--set {item!r}: empty key.")
+        out[k] = v.strip()
+    return out
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"--prompts {path}: file not found.")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts (one per line; '#' starts a comment).")
+    return prompts
+
+
+def new_run_dir(root: Path, policy: str, seed: int) -> Path:
+    slug = re.sub(r"[^a-z0-9]+", "-", policy.lower()).strip("-") or "policy"
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-s{seed}"
+    d, k = root / base, 1
+    while d.exists():
+        k += 1
+        d = root / f"{base}-{k}"
+    return d
+
+
+def _policy_help() -> str:
+    from qc_compile.runtime.policies import policy_names
+
+    return ", ".join(policy_names())
+
+
+@click.command("run")
+@click.argument("work", required=False, type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", "prompts", multiple=True, help="Caption; repeat for a batch.")
+@click.option("--prompts", "prompt_file", type=click.Path(path_type=Path), default=None,
+              help="File with one prompt per line (batch mode: one run, one video per prompt).")
+@click.option("--policy", default=None,
+              help="Step policy: quantcache, hlc+srap, tdc, 6bit, teacache, fora, fbcache, dbcache, pab, none, ... "
+                   "or any single policy and '+' combinations (default: the plan's policy, else none).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a policy parameter, e.g. --set hlc.delta1=0.03 (repeatable).")
+@click.option("--reference", is_flag=True, help="Also run the FP model (same seed) for PSNR/SSIM and the checker drop.")
+@click.option("--model", default=None, help="Without WORK: the model to run on the torch executor (qc-ref).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Without WORK: weights file.")
+@click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (prompt k uses seed + k); SRAP's "
+              "random draws use it too.")
+@click.option("--steps", type=int, default=None, help="Sampling steps (model default: 30).")
+@click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
+@click.option("--frames", type=int, default=None, help="Frames (model default; a work dir fixes its own).")
+@click.option("--height", type=int, default=None, help="Height in pixels (model default).")
+@click.option("--width", type=int, default=None, help="Width in pixels (model default).")
+@click.option("--executor", default="torch", show_default=True, help="torch | onnxruntime | tensorrt")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default: WORK/runs/<id>, or ./runs/<id> without WORK).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, policy: str | None,
+        sets: tuple[str, ...], reference: bool, model: str | None, checkpoint: Path | None, random_weights: bool,
+        device: str, seed: int,
+        steps: int | None, cfg: float | None, frames: int | None, height: int | None, width: int | None,
+        executor: str, output: Path | None, quiet: bool) -> None:
+    """Generate videos under a caching / pruning / precision policy.
+
+    Writes RUN/video.mp4 (+ video.png frame strip; video_<k>.* for several prompts), RUN/trace.json (every decision
+    per unit and step, statistics, timings), RUN/metrics.json (compute fraction; with --reference PSNR/SSIM against
+    the FP video and the caption-checker drop) and RUN/decisions.png (units x steps).
+
+    Without WORK it runs the FP model (--model, default qc-ref) on the torch executor.
+    """
+    from qc_compile.runtime.api import Pipeline
+
+    all_prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file else [])
+    if not all_prompts:
+        raise UserError("give a prompt with --prompt TEXT or a file with --prompts FILE.")
+    if work is not None and checkpoint is not None:
+        raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
+    overrides = parse_sets(sets)
+    if policy is not None and work is None:  # check the policy and its parameters before loading the model
+        from qc_compile.runtime.policies import get_policy
+
+        get_policy(policy, overrides, None, seed=seed)
+    pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, executor=executor,
+                    random_weights=random_weights)
+    res = pipe(all_prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg, reference=reference,
+               frames=frames, height=height, width=width, progress=not quiet)
+    root = (work / "runs") if work is not None else Path("runs")
+    run_dir = output or new_run_dir(root, res.policy, seed)
+    paths = res.save(run_dir)
+    m = res.metrics()
+    line = (f"{res.policy}: {100 * m['compute_fraction']:.1f}% of unit evaluations computed "
+            f"({100 * m['flop_fraction']:.1f}% of block FLOPs), {m['seconds']:.1f} s")
+    if "reference" in m:
+        r = m["reference"]
+        line += f"; vs FP: PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}"
+        if r.get("checker_drop_points") is not None:
+            line += f", checker {100 * m['checker']['all']:.0f}% (FP {100 * r['checker_fp']['all']:.0f}%)"
+    click.echo(line)
+    click.echo(f"wrote {run_dir}/ ({', '.join(sorted(p.name for p in paths.values()))})")

@@ -1,0 +1,94 @@
+"""`qc-compile sweep`: several policies (published defaults, optional threshold grids) over prompts and seeds, one
+table and one quality-vs-compute plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qc_compile.errors import UserError
+
+EVAL_CAPTION_SEED = 20261122  # the held-out captions (tools/eval_reference.py); tune on another seed
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1.") from None
+    if not vals:
+        raise UserError(f"{what}: give at least one value.")
+    return vals
+
+
+@click.command("sweep")
+@click.argument("work", required=False, type=click.Path(path_type=Path))
+@click.option("--policies", required=True, help="Comma-separated policy specs, e.g. none,quantcache,teacache,fora.")
+@click.option("--prompts", "n_prompts", type=int, default=8, show_default=True,
+              help="Number of shapes captions drawn with --caption-seed.")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
+              help="Use these prompts (one per line) instead of drawn captions.")
+@click.option("--caption-seed", type=int, default=EVAL_CAPTION_SEED, show_default=True,
+              help="Seed of the caption draw (the default is the held-out evaluation set; tune on another).")
+@click.option("--seeds", default="0", show_default=True, help="Noise seeds, comma-separated (prompt k: seed + k).")
+@click.option("--grid", multiple=True, metavar="POLICY.PARAM=V1,V2",
+              help="Threshold grid for one policy, e.g. --grid teacache.rel_l1_thresh=0.1,0.2 (repeatable; several "
+                   "keys of one policy form a product).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override applied to every config of the "
+              "policies that have it (policy.param=value).")
+@click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
+@click.option("--frames", type=int, default=None, help="Frames (model default).")
+@click.option("--height", type=int, default=None, help="Height in pixels (model default).")
+@click.option("--width", type=int, default=None, help="Width in pixels (model default).")
+@click.option("--batch", is_flag=True, help="Run all prompts of a seed as one batch (faster on CPU; the adaptive "
+              "policies then decide once for the batch).")
+@click.option("--model", default=None, help="Without WORK: model for the torch executor (default qc-ref).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
+def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, sets, steps, frames, height, width,
+          batch, model, checkpoint, random_weights, device, output) -> None:
+    """Compare step policies on the same model, prompts and seeds.
+
+    Writes OUTPUT/sweep.{json,md} (compute fraction, block-FLOP fraction, PSNR/SSIM vs FP, caption-checker accuracy
+    per config), OUTPUT/pareto.png, and OUTPUT/runs/<config>/{trace.json,metrics.json,decisions.png} for the first
+    prompt and seed of each config.
+    """
+    from qc_compile.artifacts import atomic_write, write_json_atomic
+    from qc_compile.commands.run import parse_sets, read_prompt_file
+    from qc_compile.runtime.api import Pipeline
+    from qc_compile.runtime.sweep import expand_configs, parse_grid, plot_pareto, run_sweep, to_markdown
+
+    specs = [s.strip() for s in policies.split(",") if s.strip()]
+    if not specs:
+        raise UserError("--policies: give at least one policy.")
+    seed_list = _ints(seeds, "--seeds")
+    configs = expand_configs(specs, parse_grid(grid), parse_sets(sets))
+    from qc_compile.runtime.policies import get_policy
+
+    for c in configs:  # every config's parameters are checked before any generation
+        get_policy(c.policy, c.overrides, None)
+    if prompt_file is not None:
+        prompts = read_prompt_file(prompt_file)
+    else:
+        if n_prompts < 1:
+            raise UserError(f"--prompts must be at least 1, got {n_prompts}.")
+        from qc_compile.data.shapes import sample_captions
+
+        prompts = [c.text() for c in sample_captions(n_prompts, seed=caption_seed)]
+    pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
+    result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=output,
+                       size={"frames": frames, "height": height, "width": width}, log=click.echo)
+    result["caption_seed"] = None if prompt_file else caption_seed
+    result["model"] = pipe.loaded.config.name
+    result["checkpoint"] = pipe.loaded.checkpoint
+    result["device"] = pipe.device
+    output.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output / "sweep.json", result)
+    md = to_markdown(result, title=f"Policy sweep on {result['model']} ({pipe.device})")
+    with atomic_write(output / "sweep.md", "w") as f:
+        f.write(md)
+    plot_pareto(result, output / "pareto.png", title=f"{result['model']}: quality vs compute")
+    click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")

@@ -1,0 +1,126 @@
+"""HLC — QuantCache's hierarchical latent caching (Eq. 5–6): per-unit divergence score and refresh interval.
+
+At every step where block unit *l* is computed, the score
+
+    D^(l) = ‖p_t − p_{t−k}‖₁ / k · M^(l)                                                        (Eq. 5)
+
+is measured and sets the number of steps until its next computation:
+
+    τ = τ_max if D < δ1;  τ_mid if δ1 ≤ D < δ2;  τ_min if D ≥ δ2                                 (Eq. 6)
+
+In between, the unit is REUSEd: its residual cached at the last computation is added to the *current* input
+(Δ-DiT style), not a stale output replayed. Readings we chose where the paper is silent or garbled:
+
+* **p is the unit's residual** (output − input), the quantity that is cached, and ‖·‖₁ is relative to the cached
+  residual (the executor's ``res_rel_l1``), so δ1/δ2 do not depend on the activation scale. k is the number of steps
+  since that residual was computed (the interval just finished).
+* **Motion term** ``M`` (``motion``): ``moreg`` (default) = m_t + |m_t − m_{t−k}| / k with m_t the relative
+  inter-frame change of the residual (executor stat ``motion``) — "the inter-frame gradient of the feature map,
+  capturing the rate of change in motion across timesteps", in the AdaCache MoReg form (motion score + motion
+  gradient) that Eq. 5 follows; ``score`` = m_t; ``none`` = 1.
+* Eq. 6 prints τ_min twice; the text ("adapting caching frequency") and the AdaCache lineage give the three
+  levels τ_max ≥ τ_mid ≥ τ_min used here.
+* **Refresh-interval rule**: a unit is computed as soon as τ steps have passed since its last computation, whatever
+  else happens; it is also computed when it has no score yet (first computations), in the first ``warmup`` steps
+  and in the last ``tail`` steps (the paper does not say; the defaults are ours and documented in ``PARAMS``).
+* Units that another policy pruned instead of computing stay due and are computed at the next step.
+
+Thresholds are per model: they come from the plan (``plan["policy"]["hlc"]``, optionally per unit under
+``units: {unit: {delta1, delta2}}``) or ``--set hlc.delta1=...``; the defaults were tuned on qc-ref.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from qc_compile.errors import UserError
+from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
+from qc_compile.runtime.policies.base import BasePolicy, Param, computed, require_order
+
+
+class HLC(BasePolicy):
+    name = "hlc"
+    PARAMS = {
+        "delta1": Param(0.02, float, 0.0, None, doc="D below this -> tau_max"),
+        "delta2": Param(0.06, float, 0.0, None, doc="D from this up -> tau_min"),
+        "tau_max": Param(4, int, 1, 100, doc="steps until recomputation for low divergence"),
+        "tau_mid": Param(2, int, 1, 100),
+        "tau_min": Param(1, int, 1, 100),
+        "motion": Param("moreg", str, choices=("moreg", "score", "none")),
+        "warmup": Param(2, int, 1, 1000, doc="first steps always computed (>= 1: the cache must be filled)"),
+        "tail": Param(1, int, 0, 1000, doc="last steps always computed"),
+        "units": Param({}, dict, doc="per-unit {delta1, delta2} overrides from calibration"),
+    }
+
+    def validate(self) -> None:
+        require_order(self.name, self.params, "delta1", "delta2")
+        require_order(self.name, self.params, "tau_min", "tau_mid", "tau_max")
+        for unit, d in self.params["units"].items():
+            if not isinstance(d, Mapping) or not set(d) <= {"delta1", "delta2"}:
+                raise UserError(f"hlc.units.{unit}: expected a mapping with keys delta1 and/or delta2, got {d!r}.")
+            for k, v in d.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                    raise UserError(f"hlc.units.{unit}.{k} = {v!r}: expected a number in [0, inf).")
+            lo, hi = d.get("delta1", self.delta1), d.get("delta2", self.delta2)
+            if lo > hi:
+                raise UserError(f"hlc.units.{unit}: delta1 = {lo:g} must not exceed delta2 = {hi:g}.")
+
+    def reset(self, unit_names, num_steps) -> None:
+        super().reset(unit_names, num_steps)
+        unknown = set(self.params["units"]) - set(self.blocks)
+        if unknown:
+            raise UserError(f"hlc.units names unit(s) {sorted(unknown)} that this model does not have; block units "
+                            f"are {', '.join(self.blocks)}.")
+        self.tau: dict[str, int] = {}
+        self.score: dict[str, float] = {}
+        self.motion_prev: dict[str, float] = {}
+
+    def thresholds(self, unit: str) -> tuple[float, float]:
+        d = self.params["units"].get(unit, {})
+        return d.get("delta1", self.delta1), d.get("delta2", self.delta2)
+
+    def interval(self, unit: str, score: float) -> int:
+        d1, d2 = self.thresholds(unit)
+        if score < d1:
+            return self.tau_max
+        if score < d2:
+            return self.tau_mid
+        return self.tau_min
+
+    def divergence(self, unit: str, rel_l1: float, k: int, motion: float) -> float:
+        """Eq. 5 with the readings in the module docstring (NaN motion counts as 1)."""
+        d = rel_l1 / max(k, 1)
+        if self.motion == "none" or math.isnan(motion):
+            return d
+        if self.motion == "score":
+            return d * motion
+        prev = self.motion_prev.get(unit, motion)
+        return d * (motion + abs(motion - prev) / max(k, 1))
+
+    def decide(self, step: StepInfo) -> Mapping[str, UnitDecision]:
+        if self.in_edges(step, self.warmup, self.tail):
+            return {}
+        out = {}
+        for u in self.blocks:
+            last = self.last_computed.get(u)
+            tau = self.tau.get(u)
+            if last is None or tau is None or step.index - last >= tau:
+                continue  # computed (default decision)
+            out[u] = UnitDecision(Action.REUSE)
+        return out
+
+    def observe(self, step: StepInfo, stats: StepStats) -> None:
+        for u in self.blocks:
+            if not computed(stats, u):
+                continue
+            last = self.last_computed.get(u)
+            rel = stats.get(u, "res_rel_l1")
+            motion = stats.get(u, "motion")
+            if last is not None and not math.isnan(rel):
+                score = self.divergence(u, rel, step.index - last, motion)
+                self.score[u] = score
+                self.tau[u] = self.interval(u, score)
+            if not math.isnan(motion):
+                self.motion_prev[u] = motion
+            self.last_computed[u] = step.index

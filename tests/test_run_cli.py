@@ -1,0 +1,122 @@
+"""`qc-compile run` / `sweep` and the Pipeline API: artifacts written, reproducibility, and user errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qc_compile.cli import main
+
+PROMPT = "a red circle moving left on a black background"
+SIZE = ["--frames", "4", "--height", "16", "--width", "16"]
+SMALL = ["--random-weights", "--steps", "4", *SIZE, "--quiet"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _run(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code)
+    return 0
+
+
+def test_run_writes_video_trace_metrics_and_picture(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    rc = _run(["run", "--prompt", PROMPT, "--policy", "quantcache", "--set", "hlc.delta1=0.5", "--set",
+               "hlc.delta2=1", "--reference", "-o", str(out), *SMALL])
+    assert rc == 0, capsys.readouterr().err
+    for name in ("video.mp4", "video.png", "trace.json", "metrics.json", "decisions.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["policy"]["name"] == "quantcache" and len(trace["steps"]) == 4
+    assert [c["name"] for c in trace["policy"]["components"]] == ["hlc", "aigq", "srap"]
+    blocks = [u for u in trace["units"] if u.startswith(("spatial", "temporal"))]
+    assert all(set(s["decisions"]) == set(blocks) for s in trace["steps"])
+    assert trace["steps"][2]["decisions"]["spatial_0"]["action"] == "reuse"  # delta1 = 0.5: tau_max after warmup
+    assert "res_rel_l1" in trace["steps"][1]["stats"]["spatial_0"] and trace["timings"]["total_seconds"] > 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 < m["compute_fraction"] < 1 and m["compute_fraction"] == trace["compute_fraction"]
+    ref = m["reference"]
+    assert ref["psnr_db"] > 0 and 0 < ref["ssim"] <= 1 and "checker_drop_points" in ref
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_batch_prompt_file_and_default_run_dir(tmp_path: Path, monkeypatch) -> None:
+    pf = tmp_path / "prompts.txt"
+    pf.write_text(f"# two captions\n{PROMPT}\na blue square moving up on a gray background\n")
+    monkeypatch.chdir(tmp_path)
+    assert _run(["run", "--prompts", str(pf), "--policy", "fora", *SMALL]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.endswith("-fora-s0")
+    assert {p.name for p in run_dir.iterdir()} >= {"video_0.mp4", "video_1.png", "trace.json", "metrics.json",
+                                                     "decisions.png"}
+    assert len(json.loads((run_dir / "trace.json").read_text())["prompts"]) == 2
+
+
+def test_pipeline_api_is_reproducible() -> None:
+    from qc_compile.runtime import Pipeline
+
+    pipe = Pipeline.from_pretrained("qc-ref", random_weights=True)
+    kw = dict(policy="hlc+srap", overrides={"srap.tau_low": -1, "srap.p_base": 0.5}, steps=6, frames=4, height=8,
+              width=8)
+    a, b, c = pipe(PROMPT, seed=1, **kw), pipe(PROMPT, seed=1, **kw), pipe(PROMPT, seed=2, **kw)
+    acts = lambda r: [{u: d["action"] for u, d in s.decisions.items()} for s in r.steps]  # noqa: E731
+    assert torch.equal(a.videos, b.videos) and acts(a) == acts(b)
+    assert acts(a) != acts(c)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--policy", "teacache", "--set", "teacache.rel_l1_thresh=-0.5"], r"teacache.rel_l1_thresh = '-0.5' is out of range"),
+    (["--policy", "hlc", "--set", "hlc.delta1=0.3", "--set", "hlc.delta2=0.1"], "hlc.delta1 = 0.3 must not exceed"),
+    (["--policy", "srap", "--set", "srap.p_base=2"], r"srap.p_base = '2' is out of range: expected a number in \[0, 1\]"),
+    (["--policy", "warpdrive"], "unknown policy 'warpdrive'"),
+    (["--policy", "hlc", "--set", "delta1"], "expected key=value"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--executor", "tensorrt"], "tensorrt"),
+    (["--executor", "onnxruntime"], "runs the graphs of a work dir"),
+])
+def test_bad_input_exits_2_with_a_message(args, msg, capsys, tmp_path) -> None:
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc = _run(["run", "--prompt", PROMPT, "-o", str(tmp_path / "r"), *SMALL, *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:")
+    import re
+
+    assert re.search(msg, err), err
+
+
+def test_bad_work_dir_and_prompt_errors(tmp_path: Path, capsys) -> None:
+    assert _run(["run", str(tmp_path / "nowhere"), "--prompt", PROMPT]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _run(["run", "--random-weights"]) == 2
+    assert "give a prompt" in capsys.readouterr().err
+
+
+def test_sweep_table_and_plot(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    rc = _run(["sweep", "--policies", "none,fora,teacache", "--grid", "teacache.rel_l1_thresh=0.5", "--prompts", "2",
+               "--caption-seed", "7", "--steps", "4", "--random-weights", *SIZE, "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "sweep.json").read_text())
+    labels = [r["config"] for r in res["rows"]]
+    assert labels == ["none", "fora", "teacache", "teacache rel_l1_thresh=0.5"]
+    none = res["rows"][0]
+    assert none["compute_fraction"] == 1.0 and none["psnr_db"] == 100.0
+    assert res["rows"][1]["compute_fraction"] < 1 and len(res["videos"]) == 8
+    md = (out / "sweep.md").read_text()
+    assert "| fora |" in md and (out / "pareto.png").stat().st_size > 0
+    assert (out / "runs" / "fora" / "decisions.png").is_file()
+    assert _run(["sweep", "--policies", "fora", "--grid", "hlc.delta1=0.1", "-o", str(out), "--random-weights"]) == 2
+    assert "no policy in --policies" in capsys.readouterr().err
