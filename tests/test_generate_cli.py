@@ -60,6 +60,7 @@ def test_cuda_without_gpu_is_a_user_error(tmp_path, capsys):
     assert code == 2 and "no CUDA GPU" in err
 
 
+@pytest.mark.slow
 def test_shipped_qc_ref_follows_its_captions():
     """The shipped checkpoint at default settings on 4 tuning captions (seed 7 set): colour and direction right.
     (The 32-caption held-out numbers are in docs/MODEL_CARD.md; this is the CI-sized regression guard.)"""
