@@ -46,7 +46,10 @@ def unit_graph(work: WorkDir, info: ModelInfo, plan: Plan, unit: str, variant: s
     from qc_compile.passes.insert_qdq import pass_insert_qdq
     from qc_compile.passes.rotate import pass_rotate
 
+    from qc_compile.passes.common import reset_uids
+
     report = report if report is not None else {}
+    reset_uids()
     proto = check_fp_graph(work.fp_onnx(unit), info.name, info.config_sha256, unit)
     proto = onnx.shape_inference.infer_shapes(proto)
     graph = gs.import_onnx(proto)

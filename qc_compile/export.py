@@ -82,7 +82,8 @@ def export_patches():
         RotaryEmbedding.cos_sin = orig
 
 
-def example_inputs(config, g: Geometry, kind: str, batch: int = EXPORT_BATCH, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def example_inputs(config, g: Geometry, kind: str, batch: int = EXPORT_BATCH,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random inputs with realistic magnitudes, in UNIT_INPUTS order."""
     gen = torch.Generator().manual_seed(seed)
     C, L = config.hidden_size, config.model_max_length
@@ -112,6 +113,16 @@ def _scope_path(node_name: str) -> str:
     return ".".join(parts)
 
 
+def _const(t) -> np.ndarray | None:
+    """Values of a constant, following the Identity nodes the exporter uses for deduplicated initializers."""
+    while not isinstance(t, gs.Constant):
+        p = t.inputs[0] if t.inputs else None
+        if p is None or p.op != "Identity":
+            return None
+        t = p.inputs[0]
+    return np.asarray(t.values)
+
+
 def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear]) -> onnx.ModelProto:
     """Give every linear the canonical MatMul [K, N] + Add(bias) form with named, unshared constants."""
     graph = gs.import_onnx(model)
@@ -129,7 +140,7 @@ def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear]) ->
             a = node.attrs
             if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
                 raise RuntimeError(f"unexpected Gemm attributes for {path}: {a}")
-            w = np.asarray(node.inputs[1].values)
+            w = _const(node.inputs[1])
             w = w.T if a.get("transB", 0) else w
             x, y = node.inputs[0], node.outputs[0]
             mm_out = gs.Variable(uid(f"{path}_mm"), dtype=np.float32)
@@ -137,7 +148,7 @@ def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear]) ->
             mm = gs.Node("MatMul", name=node.name.replace("/Gemm", "/MatMul"), inputs=[x, wc], outputs=[mm_out])
             graph.nodes.append(mm)
             if len(node.inputs) > 2:
-                bc = gs.Constant(f"{path}.bias", np.array(node.inputs[2].values, dtype=np.float32))
+                bc = gs.Constant(f"{path}.bias", np.array(_const(node.inputs[2]), dtype=np.float32))
                 add = gs.Node("Add", name=node.name.replace("/Gemm", "/Add"), inputs=[bc, mm_out], outputs=[y])
                 graph.nodes.append(add)
             else:
@@ -145,17 +156,18 @@ def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear]) ->
             node.outputs.clear()
             node.inputs.clear()
         else:
-            wc = node.inputs[1]
-            if not isinstance(wc, gs.Constant):
+            wv = _const(node.inputs[1])
+            if wv is None:
                 raise RuntimeError(f"{path}: MatMul weight is not a constant")
-            node.inputs[1] = gs.Constant(f"{path}.weight", np.array(wc.values, dtype=np.float32, copy=True))
+            node.inputs[1] = gs.Constant(f"{path}.weight", np.array(wv, dtype=np.float32, copy=True))
             adds = [n for n in node.outputs[0].outputs if n.op == "Add"]
             if lin.bias is not None:
                 if len(adds) != 1:
                     raise RuntimeError(f"{path}: expected one bias Add after the MatMul, found {len(adds)}")
                 add = adds[0]
-                j = next(i for i, t in enumerate(add.inputs) if isinstance(t, gs.Constant))
-                add.inputs[j] = gs.Constant(f"{path}.bias", np.array(add.inputs[j].values, dtype=np.float32, copy=True))
+                j = next(i for i, t in enumerate(add.inputs) if _const(t) is not None)
+                add.inputs[j] = gs.Constant(f"{path}.bias",
+                                            np.array(_const(add.inputs[j]), dtype=np.float32, copy=True))
         wv = graph.tensors()[f"{path}.weight"].values
         if wv.shape != (K, N) or not np.allclose(wv, w_torch.T, rtol=0, atol=0):
             raise RuntimeError(f"{path}: exported weight does not match the torch weight")

@@ -363,8 +363,6 @@ def uniform_plan(model_info, fmt: str, ranges: dict[str, dict], *, target: str =
 
     Returns the plan and the names kept at bf16 (excluded by pattern, or the format does not fit their shape).
     """
-    from qc_compile.models.config import STDiT3Config  # noqa: F401  (model_info provides the config)
-
     if fmt not in WEIGHT_FORMATS:
         raise UserError(f"--uniform {fmt!r}: unknown format; known: {', '.join(WEIGHT_FORMATS)}.")
     w = fmt

@@ -107,21 +107,9 @@ def write_package(work, info, plan: Plan) -> dict:
     from qc_compile.workdir import load_model_for
 
     loaded = load_model_for(info)
-    modules = dict(loaded.model.named_modules())
-    tensors: dict[str, torch.Tensor] = {}
-    formats = {}
-    for name, e in plan.linears.items():
-        s = plan.smoothing_vector(name)
-        st = None if s is None else torch.from_numpy(s)
-        if st is not None:
-            tensors[f"{name}.smoothing"] = st
-        formats[name] = {"weight": e.weight, "activation": e.activation, "rotation": e.rotation,
-                         "smoothing": s is not None}
-        if e.weight == "bf16":
-            continue
-        w = transformed_weight(modules[name].weight, e, st)
-        for k, v in quantize(w, e.weight).items():
-            tensors[f"{name}.weight_{k}"] = v.contiguous()
+    tensors = package_tensors(loaded.model, plan)
+    formats = {name: {"weight": e.weight, "activation": e.activation, "rotation": e.rotation,
+                      "smoothing": e.smoothing is not None} for name, e in plan.linears.items()}
     d = work.torch_dir
     w_sha = write_bytes_atomic(d / "weights.safetensors", save(tensors))
     p_sha = write_json_atomic(d / "plan.json", plan.to_dict())
@@ -151,15 +139,40 @@ def load_package(work, *, device: str = "cpu", variant: str = "default"):
         if not p.is_file() or sha256_file(p) != f["sha256"]:
             raise ArtifactError(f"{p}: missing or changed since `build --target torch`; re-run it.")
     plan = load_plan(d / "plan.json", model_info=info)
-    entries = plan.resolve(variant)
     tensors = load_file(str(d / "weights.safetensors"))
-    loaded = load_model_for(info, device=device)
+    return apply_plan(load_model_for(info, device=device), plan, tensors, variant=variant, device=device)
+
+
+def package_tensors(model, plan: Plan) -> dict[str, torch.Tensor]:
+    """What ``weights.safetensors`` holds, computed in memory (quantized weights + smoothing vectors)."""
+    modules = dict(model.named_modules())
+    tensors: dict[str, torch.Tensor] = {}
+    for name, e in plan.linears.items():
+        s = plan.smoothing_vector(name)
+        st = None if s is None else torch.from_numpy(s)
+        if st is not None:
+            tensors[f"{name}.smoothing"] = st
+        if e.weight != "bf16":
+            w = transformed_weight(modules[name].weight, e, st)
+            for k, v in quantize(w, e.weight).items():
+                tensors[f"{name}.weight_{k}"] = v.contiguous()
+    return tensors
+
+
+def apply_plan(loaded, plan: Plan, tensors: dict[str, torch.Tensor] | None = None, *, variant: str = "default",
+               device: str = "cpu"):
+    """Turn ``loaded``'s linears into the plan's quantized computation (in place); returns ``loaded``."""
+    tensors = package_tensors(loaded.model, plan) if tensors is None else tensors
+    entries = plan.resolve(variant)
     modules = dict(loaded.model.named_modules())
     for name, e in entries.items():
         mod = modules[name]
         base = plan.linears[name]
         s = tensors.get(f"{name}.smoothing")
-        if base.weight != "bf16":
+        if e.weight != base.weight:  # a variant with another weight format: quantize it here
+            w = dequantize(quantize(transformed_weight(mod.weight, base, s), e.weight), e.weight) \
+                if e.weight != "bf16" else transformed_weight(mod.weight, base, s)
+        elif base.weight != "bf16":
             t = {k.split(".weight_")[1]: v for k, v in tensors.items() if k.startswith(f"{name}.weight_")}
             w = dequantize(t, base.weight)
         elif s is not None or base.rotation:

@@ -122,7 +122,12 @@ def refusal_reason(t: Target, weight: str, activation: str) -> str | None:
             return ("TensorRT-RTX lists INT8 only as weight-only GEMMs (support matrix: no INT8-activation GEMM); use "
                     "int8 weights with bf16 activations, or fp8 activations on sm89+")
         need = {"nvfp4": "Blackwell: rtx:sm120 (or trt:sm100)", "fp8_e4m3": "sm_89 or newer (Ada/Hopper/Blackwell)"}
-        return f"{where} on {gpu} has no {activation} activation path; it needs {need.get(activation, 'another target')}"
+        return (f"{where} on {gpu} has no {activation} activation path; it needs "
+                f"{need.get(activation, 'another target')}")
+    if weight in ("int4_b64", "int4_b128") and activation != "bf16" and t.backend == "tensorrt_rtx":
+        return ("TensorRT-RTX 1.7 fails to build INT4 weights with quantized activations (W4A8: Myelin "
+                "'CHECK(is_constant())' internal error, tried here on sm89/sm120); use int4 weight-only (bf16 "
+                "activations) or fp8 weights")
     if weight != "bf16" and activation != "bf16":
         fam = {"fp8_e4m3": "fp8", "int8": "int8", "nvfp4": "fp4", "int4_b64": "int4", "int4_b128": "int4"}
         if fam.get(weight) != fam.get(activation) and not (fam.get(weight) == "int4" and activation == "fp8_e4m3"):

@@ -352,3 +352,23 @@ def test_qdq_qcref_unit_runs_in_onnxruntime_and_dynamic_batch():
     fd4 = {k: np.concatenate([v, v]) for k, v in fd.items()}  # batch 4 through the dynamic batch axis
     out4 = ort_session(q).run(None, fd4)[0]
     np.testing.assert_allclose(out4[:2], out, rtol=1e-5, atol=1e-5)
+
+
+def test_large_graphs_go_to_external_data(tmp_path, monkeypatch):
+    """Above the threshold (1.8 GB in production) a unit is saved as .onnx + .onnx.data, atomically, and loads."""
+    import qc_compile.onnx_utils as OU
+
+    _, proto, fd = _unit_case("spatial_0")
+    ref = ort_session(proto).run(None, fd)[0]
+    monkeypatch.setattr(OU, "EXTERNAL_DATA_THRESHOLD", 1000)
+    files = OU.save_onnx(copy.deepcopy(proto), tmp_path / "u.onnx")
+    assert [f.name for f in files] == ["u.onnx", "u.onnx.data"]
+    assert files[0].stat().st_size < 200_000 < files[1].stat().st_size
+    assert OU.onnx_files(tmp_path / "u.onnx") == files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    loaded = OU.load_onnx(tmp_path / "u.onnx")
+    np.testing.assert_array_equal(ort_session(tmp_path / "u.onnx").run(None, fd)[0], ref)
+    assert len(loaded.graph.initializer) == len(proto.graph.initializer)
+    monkeypatch.setattr(OU, "EXTERNAL_DATA_THRESHOLD", 10**12)  # smaller again: the stale side file goes away
+    assert OU.save_onnx(copy.deepcopy(proto), tmp_path / "u.onnx") == [tmp_path / "u.onnx"]
+    assert not (tmp_path / "u.onnx.data").exists()

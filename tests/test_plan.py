@@ -83,7 +83,8 @@ def test_schema_file_is_valid_json_schema():
 
 
 @pytest.mark.parametrize("mutate,field", [
-    (lambda d: d["linears"]["spatial_blocks.0.attn.qkv"].update(weight="fp6"), "linears/spatial_blocks.0.attn.qkv/weight"),
+    (lambda d: d["linears"]["spatial_blocks.0.attn.qkv"].update(weight="fp6"),
+     "linears/spatial_blocks.0.attn.qkv/weight"),
     (lambda d: d["linears"]["final_layer.linear"].update(activation="int4"), "linears/final_layer.linear/activation"),
     (lambda d: d["linears"]["final_layer.linear"].update(act_scale=-1.0), "linears/final_layer.linear/act_scale"),
     (lambda d: d["linears"]["final_layer.linear"].update(extra=1), "linears/final_layer.linear"),

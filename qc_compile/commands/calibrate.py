@@ -11,7 +11,7 @@ import click
 from qc_compile.errors import UserError
 
 
-def _write_report(work, plan, ranges: dict, kept: list[str], settings: dict) -> Path:
+def _write_report(work, plan, ranges: dict, kept: list[str], settings: dict, per_call: dict) -> Path:
     from qc_compile.artifacts import atomic_write
 
     lines = [f"# Calibration report: {plan.model['name']}", "",
@@ -23,9 +23,40 @@ def _write_report(work, plan, ranges: dict, kept: list[str], settings: dict) -> 
     for name, e in plan.linears.items():
         r = ranges[name]
         lines.append(f"| `{name}` | {e.unit} | {e.weight} | {e.activation} | {r['amax']:.4g} | {r['max']:.4g} |")
+    png = _write_heatmap(work, plan, per_call)
+    lines += ["", f"![per-step input ranges]({png.name})"]
     path = work.report_dir / "calibration.md"
     with atomic_write(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+    return path
+
+
+def _write_heatmap(work, plan, per_call: dict) -> Path:
+    """log10 of each linear's input |x| max per denoising step (linears x steps)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qc_compile.artifacts import write_bytes_atomic
+
+    names = list(plan.linears)
+    data = np.log10(np.maximum(np.array([per_call[n] for n in names], dtype=np.float64), 1e-6))
+    fig, ax = plt.subplots(figsize=(min(4 + data.shape[1] * 0.25, 16), 2 + len(names) * 0.12))
+    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=5)
+    ax.set_xlabel("denoising step")
+    ax.set_title(f"{plan.model['name']}: log10 max|x| at each linear's input")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    path = work.report_dir / "calibration_ranges.png"
+    write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -107,7 +138,8 @@ def calibrate(work_dir: Path, fmt: str, prompts_file: Path | None, percentile: f
     save_plan(plan, work.plan_json)
     report = _write_report(work, plan, ranges, kept,
                            {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
-                            "method": calib["method"], "percentile": percentile, "format": fmt})
+                            "method": calib["method"], "percentile": percentile, "format": fmt},
+                           {n: st.amax for n, st in rc.stats.items()})
     sim = " (simulated format: not runnable on TensorRT targets)" if WEIGHT_FORMATS[fmt].simulated else ""
     click.echo(f"calibrated {len(ranges)} linears over {len(prompts)} prompt(s) x {settings.steps} steps "
                f"({calib['method']}); wrote {work.plan_json} with {len(plan.linears) - len(kept)} linear(s) in "

@@ -52,6 +52,13 @@ def uid(prefix: str) -> str:
     return f"{prefix}__qc{next(_counter)}"
 
 
+def reset_uids() -> None:
+    """Restart the name counter, so the same passes on the same graph give byte-identical files (names only need to
+    be unique within one graph)."""
+    global _counter
+    _counter = itertools.count()
+
+
 def tensor_map(graph: gs.Graph) -> dict[str, gs.Tensor]:
     return graph.tensors()
 
