@@ -69,45 +69,85 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _task(pipe, configs: Sequence[SweepConfig], prompts: list[str], seed: int, steps, size, want_trace: bool) -> list:
+    """Every config on one call (one prompt, or the batch): per config, its per-video records (and the first call's
+    trace and metrics)."""
+    out = []
+    for cfg in configs:
+        res = pipe(prompts, policy=cfg.policy, overrides=cfg.overrides, seed=seed, steps=steps, reference=True,
+                   **dict(size or {}))
+        m = res.metrics()
+        ref = m["reference"]
+        recs = []
+        for k, pv in enumerate(ref["per_video"]):
+            recs.append({"config": cfg.label, "seed": seed + (k if len(prompts) > 1 else 0), "prompt": pv["prompt"],
+                         "psnr_db": pv["psnr_db"], "ssim": pv["ssim"],
+                         "checker_ok": m["checker"]["per_video"][k] if m["checker"] else None,
+                         "fp_checker_ok": ref["checker_fp"]["per_video"][k] if ref.get("checker_fp") else None,
+                         "compute_fraction": m["compute_fraction"], "flop_fraction": m["flop_fraction"],
+                         "seconds": res.seconds / len(prompts)})
+        out.append({"records": recs, "trace": res.trace() if want_trace else None,
+                    "metrics": m if want_trace else None})
+    return out
+
+
+_WORKER_PIPE = None
+
+
+def _worker(args):
+    global _WORKER_PIPE
+    pipe_kwargs, configs, prompts, seed, steps, size, want_trace = args
+    if _WORKER_PIPE is None:
+        import torch
+
+        from qc_compile.runtime.api import Pipeline
+
+        torch.set_num_threads(1)
+        _WORKER_PIPE = Pipeline(**pipe_kwargs)
+    return _task(_WORKER_PIPE, configs, prompts, seed, steps, size, want_trace)
+
+
 def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seeds: Sequence[int], *,
               steps: int | None = None, batch: bool = False, out_dir: Path | None = None,
-              size: Mapping[str, int | None] | None = None, log: Callable[[str], None] = print) -> dict:
+              size: Mapping[str, int | None] | None = None, jobs: int = 1, pipe_kwargs: Mapping | None = None,
+              log: Callable[[str], None] = print) -> dict:
     """Run every config over prompts × seeds (per prompt with noise seed ``seed + k``, or the whole prompt list in one
-    batch with ``batch=True``: then the policies see batch-aggregated statistics and decide once for the batch)."""
+    batch with ``batch=True``: then the policies see batch-aggregated statistics and decide once for the batch).
+
+    ``jobs > 1`` spreads the calls over that many single-threaded worker processes, each building its own pipeline
+    from ``pipe_kwargs`` (the ``Pipeline`` constructor's arguments); every worker computes the FP reference of its
+    prompts once and runs all configs on them.
+    """
     from qc_compile.artifacts import write_json_atomic
     from qc_compile.runtime.trace import plot_decisions
 
     prompts = list(prompts)
-    rows = []
-    records = []
-    for cfg in configs:
-        start = time.perf_counter()
-        per_video = []
-        fracs, flops = [], []
-        for seed in seeds:
-            calls = [(prompts, seed)] if batch else [([p], seed + k) for k, p in enumerate(prompts)]
-            for call_prompts, call_seed in calls:
-                res = pipe(call_prompts, policy=cfg.policy, overrides=cfg.overrides, seed=call_seed, steps=steps,
-                           reference=True, **dict(size or {}))
-                m = res.metrics()
-                fracs.append(m["compute_fraction"])
-                flops.append(m["flop_fraction"])
-                ref = m["reference"]
-                for k, pv in enumerate(ref["per_video"]):
-                    ok = m["checker"]["per_video"][k] if m["checker"] else None
-                    fp_ok = ref["checker_fp"]["per_video"][k] if ref.get("checker_fp") else None
-                    rec = {"config": cfg.label, "seed": call_seed, "prompt": pv["prompt"], "psnr_db": pv["psnr_db"],
-                           "ssim": pv["ssim"], "checker_ok": ok, "fp_checker_ok": fp_ok,
-                           "compute_fraction": m["compute_fraction"], "flop_fraction": m["flop_fraction"]}
-                    per_video.append(rec)
-                if out_dir is not None and call_prompts is calls[0][0] and call_seed == calls[0][1]:
-                    d = Path(out_dir) / "runs" / "".join(ch if ch.isalnum() or ch in "-_.=" else "_"
-                                                         for ch in cfg.label)
-                    tr = res.trace()
-                    write_json_atomic(d / "trace.json", tr)
-                    write_json_atomic(d / "metrics.json", m)
-                    plot_decisions(tr, d / "decisions.png")
-        seconds = time.perf_counter() - start
+    calls = []
+    for seed in seeds:
+        calls += [(prompts, seed)] if batch else [([p], seed + k) for k, p in enumerate(prompts)]
+    start = time.perf_counter()
+    if jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs) as pool:
+            results = list(pool.map(_worker, [(dict(pipe_kwargs or {}), list(configs), cp, cs, steps, size, i == 0)
+                                              for i, (cp, cs) in enumerate(calls)]))
+    else:
+        results = []
+        for i, (cp, cs) in enumerate(calls):
+            results.append(_task(pipe, configs, cp, cs, steps, size, i == 0))
+            log(f"  call {i + 1}/{len(calls)} done ({time.perf_counter() - start:.0f} s)")
+    rows, records = [], []
+    for j, cfg in enumerate(configs):
+        per_video = [r for res in results for r in res[j]["records"]]
+        first = results[0][j]
+        if out_dir is not None:
+            d = Path(out_dir) / "runs" / "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in cfg.label)
+            write_json_atomic(d / "trace.json", first["trace"])
+            write_json_atomic(d / "metrics.json", first["metrics"])
+            plot_decisions(first["trace"], d / "decisions.png")
+        fracs = [res[j]["records"][0]["compute_fraction"] for res in results]
+        flops = [res[j]["records"][0]["flop_fraction"] for res in results]
         psnrs = [r["psnr_db"] for r in per_video]
         checks = [r["checker_ok"] for r in per_video if r["checker_ok"] is not None]
         fp_checks = [r["fp_checker_ok"] for r in per_video if r["fp_checker_ok"] is not None]
@@ -117,7 +157,7 @@ def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seed
             "psnr_db": _mean(psnrs), "psnr_db_min": min(psnrs) if psnrs else None,
             "ssim": _mean([r["ssim"] for r in per_video]),
             "checker": _mean([float(c) for c in checks]), "checker_fp": _mean([float(c) for c in fp_checks]),
-            "videos": len(per_video), "seconds": round(seconds, 2),
+            "videos": len(per_video), "seconds_per_video": _mean([r["seconds"] for r in per_video]),
         }
         if row["checker"] is not None and row["checker_fp"] is not None:
             row["checker_drop_points"] = 100 * (row["checker_fp"] - row["checker"])
@@ -125,9 +165,11 @@ def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seed
         records += per_video
         chk = "-" if row["checker"] is None else f"{100 * row['checker']:.1f}%"
         log(f"{cfg.label:40s} compute {100 * row['compute_fraction']:5.1f}%  flops {100 * row['flop_fraction']:5.1f}%  "
-            f"PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  checker {chk}  ({seconds:.0f} s)")
+            f"PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  checker {chk}  "
+            f"({row['seconds_per_video']:.1f} s/video)")
     return {"schema_version": SWEEP_SCHEMA_VERSION, "prompts": prompts, "seeds": list(seeds), "batch": batch,
-            "rows": rows, "videos": records}
+            "steps": steps, "jobs": jobs, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
+            "videos": records}
 
 
 def _fmt(v, spec: str, scale: float = 1.0) -> str:
@@ -140,6 +182,10 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 
 def to_markdown(result: Mapping[str, Any], title: str = "Policy sweep", notes: Sequence[str] = ()) -> str:
     lines = [f"# {title}", ""]
+    ctx = [f"{k}: {result[k]}" for k in ("model", "checkpoint", "device", "steps", "caption_seed", "commit", "date")
+           if result.get(k) is not None]
+    if ctx:
+        lines += ["- " + "; ".join(ctx), ""]
     lines += list(notes) + ([""] if notes else [])
     lines += ["| policy | compute % (unit evals) | block FLOPs % | PSNR dB (mean / min) | SSIM | checker % (FP) | "
               "checker drop (points) |", "|---|---:|---:|---:|---:|---:|---:|"]

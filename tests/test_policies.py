@@ -56,7 +56,8 @@ def column(rows, k):
 
 # ------------------------------------------------------------------------------------------------------------ HLC
 def test_hlc_low_divergence_reuses_until_refresh_interval():
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none"})
+    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none",
+                             "align": False})
     rows = drive(pol, 12)
     # computed at 0, 1 (warmup: D measured at step 1), then every tau_max = 3 steps: refresh interval forces compute
     assert column(rows, 0) == "CCrrCrrCrrCr"
@@ -64,11 +65,44 @@ def test_hlc_low_divergence_reuses_until_refresh_interval():
 
 def test_hlc_decisions_change_as_threshold_crosses():
     per = lambda i: {"all": {"res_rel_l1": 0.08}}  # noqa: E731  D = 0.08 / k
-    low = drive(get_policy("hlc", {"delta1": 0.05, "delta2": 0.5, "motion": "none", "tail": 0}), 12, per)
+    low = drive(get_policy("hlc", {"delta1": 0.05, "delta2": 0.5, "motion": "none", "tail": 0, "align": False}), 12,
+                per)
     high = drive(get_policy("hlc", {"delta1": 0.01, "delta2": 0.02, "motion": "none", "tail": 0}), 12, per)
     assert column(high, 0) == "C" * 12  # D >= delta2 -> tau_min = 1
     # step 1: D = 0.08 in [delta1, delta2) -> tau_mid = 2; step 3: D = 0.08 / 2 < delta1 -> tau_max = 4
     assert column(low, 0)[:8] == "CCrCrrrC"
+
+
+def test_hlc_aligned_refresh_sets_nest():
+    # spatial_0 changes little (tau_max = 4), temporal_0 moderately (tau_mid = 2), spatial_1 a lot (tau_min = 1)
+    per = {"spatial_0": {"res_rel_l1": 0.01}, "temporal_0": {"res_rel_l1": 0.07}, "spatial_1": {"res_rel_l1": 0.5},
+           "temporal_1": {"res_rel_l1": 0.5}}
+
+    def scaled(i):  # residual drift proportional to the gap, so the rate stays put
+        return per
+
+    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "warmup": 2, "tail": 0, "motion": "none"})
+    pol.reset(UNITS, 14)
+    seen = {u: "" for u in BLOCKS}
+    last = {u: 0 for u in BLOCKS}
+    for i in range(14):
+        d = dict(pol.decide(info(i, 14)))
+        for u in BLOCKS:
+            a = d.get(u, UnitDecision()).action
+            seen[u] += "C" if a is Action.COMPUTE else "r"
+        st = {u: {"res_rel_l1": per[u]["res_rel_l1"] * max(1, i - last[u])} for u in BLOCKS}
+        for u in BLOCKS:
+            if seen[u][-1] == "C":
+                last[u] = i
+        pol.observe(info(i, 14), stats(d, **st))
+    assert seen["spatial_0"] == "CCCrrrCrrrCrrr"
+    assert seen["temporal_0"] == "CCCrCrCrCrCrCr"
+    assert seen["spatial_1"] == "C" * 14
+    for i in range(2, 14):  # every tau_max refresh is a tau_mid refresh
+        if seen["spatial_0"][i] == "C":
+            assert seen["temporal_0"][i] == "C"
+    with pytest.raises(UserError, match="nested intervals"):
+        get_policy("hlc", {"tau_max": 3})
 
 
 def test_hlc_motion_term_scales_divergence():
@@ -98,7 +132,8 @@ def test_hlc_invalid_parameters(params, field):
 
 
 def test_hlc_reuses_only_what_was_computed_and_recomputes_after_other_policy_pruned():
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none"})
+    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none",
+                             "align": False})
     pol.reset(UNITS, 10)
     for i in range(2):
         d = pol.decide(info(i))
@@ -389,14 +424,14 @@ def test_quantcache_combination_on_synthetic_stats():
                                     "srap.tau_low": 0.0, "srap.tau_high": 1.0, "srap.p_base": 1.0,
                                     "aigq.post_skip": 3})
     rows = drive(pol, 12, lambda i: {"all": {"cos_prev": 0.9}})
-    assert column(rows, 0).startswith("CCrrr")  # HLC: tau_max = 4
+    assert column(rows, 0) == "CCCrrrCrrrCr"  # HLC: tau_max = 4 on the grid (i - warmup) % 4 == 0
     assert any("." in r for r in rows)  # SRAP prunes units HLC would compute
     pol.reset(UNITS, 12)
     for i in range(2):
         d = pol.decide(info(i, 12))
         pol.observe(info(i, 12), stats(d))
-    for i in range(2, 5):
+    for i in range(2, 6):
         d = pol.decide(info(i, 12))
         pol.observe(info(i, 12), stats(d))
-    d = pol.decide(info(5, 12))
+    d = pol.decide(info(6, 12))
     assert d["spatial_0"].action is Action.COMPUTE and d["spatial_0"].variant == "high"  # post-skip refresh

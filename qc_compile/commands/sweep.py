@@ -3,6 +3,7 @@ table and one quality-vs-compute plot."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -10,6 +11,17 @@ import click
 from qc_compile.errors import UserError
 
 EVAL_CAPTION_SEED = 20261122  # the held-out captions (tools/eval_reference.py); tune on another seed
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -43,13 +55,15 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--width", type=int, default=None, help="Width in pixels (model default).")
 @click.option("--batch", is_flag=True, help="Run all prompts of a seed as one batch (faster on CPU; the adaptive "
               "policies then decide once for the batch).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Worker processes (one thread each); each runs the FP reference and all configs of its prompts.")
 @click.option("--model", default=None, help="Without WORK: model for the torch executor (default qc-ref).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, sets, steps, frames, height, width,
-          batch, model, checkpoint, random_weights, device, output) -> None:
+          batch, jobs, model, checkpoint, random_weights, device, output) -> None:
     """Compare step policies on the same model, prompts and seeds.
 
     Writes OUTPUT/sweep.{json,md} (compute fraction, block-FLOP fraction, PSNR/SSIM vs FP, caption-checker accuracy
@@ -78,13 +92,20 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         from qc_compile.data.shapes import sample_captions
 
         prompts = [c.text() for c in sample_captions(n_prompts, seed=caption_seed)]
-    pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}.")
+    pipe_kwargs = dict(work_dir=work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
+    pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
     result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=output,
-                       size={"frames": frames, "height": height, "width": width}, log=click.echo)
+                       size={"frames": frames, "height": height, "width": width}, jobs=jobs, pipe_kwargs=pipe_kwargs,
+                       log=click.echo)
     result["caption_seed"] = None if prompt_file else caption_seed
     result["model"] = pipe.loaded.config.name
     result["checkpoint"] = pipe.loaded.checkpoint
     result["device"] = pipe.device
+    result["steps"] = steps or pipe.loaded.config.default_steps
+    result["date"] = time.strftime("%Y-%m-%d")
+    result["commit"] = _git_commit()
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "sweep.json", result)
     md = to_markdown(result, title=f"Policy sweep on {result['model']} ({pipe.device})")

@@ -24,6 +24,15 @@ In between, the unit is REUSEd: its residual cached at the last computation is a
   else happens; it is also computed when it has no score yet (first computations), in the first ``warmup`` steps
   and in the last ``tail`` steps (the paper does not say; the defaults are ours and documented in ``PARAMS``).
 * Units that another policy pruned instead of computing stay due and are computed at the next step.
+* **Hierarchy** (``align``, default on): the refresh steps of all units lie on one grid — a unit with interval τ
+  is recomputed at steps i with (i − warmup) mod τ = 0 (and never later than τ steps after its last computation),
+  with τ_min | τ_mid | τ_max. Units refreshed at the same step then see each other's fresh outputs, and the sets of
+  refreshed units nest (every τ_max refresh is also a τ_mid and τ_min refresh): our reading of "hierarchical".
+  On qc-ref this matters more than anything else: free-running per-unit phases (``align=false``) mix fresh and
+  stale residuals and lost 5–9 dB PSNR at the same compute (bench/results/policies_qc_ref.md).
+* ``dt_weight`` (our addition, off by default): multiply D by dt·S, the step size relative to a uniform schedule.
+  A reused residual errs in the velocity, and the latent moves by velocity × dt, so the same feature divergence
+  costs more on the long late steps of a shifted rectified-flow schedule than on the short early ones.
 
 Thresholds are per model: they come from the plan (``plan["policy"]["hlc"]``, optionally per unit under
 ``units: {unit: {delta1, delta2}}``) or ``--set hlc.delta1=...``; the defaults were tuned on qc-ref.
@@ -48,6 +57,9 @@ class HLC(BasePolicy):
         "tau_mid": Param(2, int, 1, 100),
         "tau_min": Param(1, int, 1, 100),
         "motion": Param("moreg", str, choices=("moreg", "score", "none")),
+        "dt_weight": Param(False, bool, doc="scale D by the step size relative to a uniform schedule"),
+        "align": Param(True, bool, doc="refresh on a common grid: a unit with interval tau is computed at steps "
+                                       "(i - warmup) % tau == 0, so the refresh sets nest"),
         "warmup": Param(2, int, 1, 1000, doc="first steps always computed (>= 1: the cache must be filled)"),
         "tail": Param(1, int, 0, 1000, doc="last steps always computed"),
         "units": Param({}, dict, doc="per-unit {delta1, delta2} overrides from calibration"),
@@ -56,6 +68,9 @@ class HLC(BasePolicy):
     def validate(self) -> None:
         require_order(self.name, self.params, "delta1", "delta2")
         require_order(self.name, self.params, "tau_min", "tau_mid", "tau_max")
+        if self.align and (self.tau_mid % self.tau_min or self.tau_max % self.tau_mid):
+            raise UserError(f"hlc.align needs nested intervals (tau_min divides tau_mid divides tau_max), got "
+                            f"{self.tau_min}/{self.tau_mid}/{self.tau_max}; e.g. 1/2/4, or set hlc.align=false.")
         for unit, d in self.params["units"].items():
             if not isinstance(d, Mapping) or not set(d) <= {"delta1", "delta2"}:
                 raise UserError(f"hlc.units.{unit}: expected a mapping with keys delta1 and/or delta2, got {d!r}.")
@@ -106,7 +121,9 @@ class HLC(BasePolicy):
             last = self.last_computed.get(u)
             tau = self.tau.get(u)
             if last is None or tau is None or step.index - last >= tau:
-                continue  # computed (default decision)
+                continue  # computed (default decision): the refresh-interval rule
+            if self.align and (step.index - self.warmup) % tau == 0:
+                continue  # computed: an aligned refresh step of this unit's interval
             out[u] = UnitDecision(Action.REUSE)
         return out
 
@@ -119,6 +136,8 @@ class HLC(BasePolicy):
             motion = stats.get(u, "motion")
             if last is not None and not math.isnan(rel):
                 score = self.divergence(u, rel, step.index - last, motion)
+                if self.dt_weight:
+                    score *= step.dt * step.num_steps
                 self.score[u] = score
                 self.tau[u] = self.interval(u, score)
             if not math.isnan(motion):
