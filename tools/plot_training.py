@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STAGES = [("train_log_stage1-2.json", "stages 1-2: from scratch, τ logit-normal"),
           ("train_log_stage3.json", "stage 3: + frame embedding"),
-          ("train_log_stage4.json", "stage 4: τ shifted (s=4)")]
+          ("train_log_stage4.json", "stage 4: τ shifted (s=4)"),
+          ("train_log_stage5_h100.json", "stage 5: τ shifted (s=4), longer")]
 
 
 def main(folder: str = "docs/model_card") -> int:
@@ -28,7 +29,7 @@ def main(folder: str = "docs/model_card") -> int:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step (cumulative, batch 64)")
     ax.set_ylabel("rectified-flow MSE (one batch)")
-    ax.set_title("qc-ref training on NVIDIA H200")
+    ax.set_title("qc-ref training (stages 1-4 H200, stage 5 H100)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(d / "loss_curve.png", dpi=110)
