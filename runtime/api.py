@@ -192,6 +192,7 @@ class Pipeline:
                 self.loaded = load_model(model or "qc-ref", checkpoint, device=self.device,
                                          random_weights=random_weights)
         self._fp_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
+        self._plan_models: dict | None = None
 
     @classmethod
     def from_pretrained(cls, name: str = "qc-ref", checkpoint: str | Path | None = None, *, device: str = "cpu",
@@ -211,17 +212,45 @@ class Pipeline:
             kw = {**kw, **fixed}
         return GenerationSettings.defaults(self.loaded, steps=steps, cfg=cfg, seed=seed, **kw)
 
-    def make_executor(self, settings):
+    def make_executor(self, settings, quantized: bool = True):
+        """The executor for a run: with a plan (and ``quantized``), the plan's computation — the Q/DQ graphs of the
+        build in onnxruntime, or fake-quantized torch copies per precision variant (``fp`` = the FP model);
+        ``quantized=False`` gives the FP model (the reference)."""
         from qc_compile.models.stdit3 import Geometry
         from qc_compile.runtime.executor import TorchExecutor
 
         if self.executor_kind == "onnxruntime":
             from qc_compile.runtime.ort_executor import OrtExecutor
 
-            stage = "q" if self._workdir.manifest_json.is_file() else "fp"
+            stage = "q" if quantized and self._workdir.manifest_json.is_file() else "fp"
             return OrtExecutor.from_workdir(self._workdir, stage=stage)
         g = Geometry.for_model(self.loaded.config, settings.frames, settings.height, settings.width)
+        if quantized and self.plan is not None:
+            models = self.plan_models()
+            return TorchExecutor(models["default"], g, variant_models=models)
         return TorchExecutor(self.loaded.model, g)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether runs execute the plan's quantized computation (else the FP model)."""
+        if self.executor_kind == "onnxruntime":
+            return self._workdir.manifest_json.is_file()
+        return self.plan is not None
+
+    def plan_models(self) -> dict:
+        """``{variant: STDiT3}``: the plan applied to copies of the model (built once; fake quantization, the same
+        computation as the Q/DQ graphs), plus ``fp`` (the unquantized model) unless the plan defines it."""
+        if self._plan_models is None:
+            import copy
+
+            from qc_compile.torch_package import apply_plan, package_tensors
+
+            tensors = package_tensors(self.loaded.model, self.plan)
+            models = {v: apply_plan(copy.deepcopy(self.loaded), self.plan, tensors, variant=v,
+                                    device=self.device).model for v in self.plan.variant_names}
+            models.setdefault("fp", self.loaded.model)
+            self._plan_models = models
+        return self._plan_models
 
     def build_policy(self, policy: Any, overrides: Mapping[str, Any] | None, seed: int):
         from qc_compile.runtime.policies import get_policy, plan_policy_name
@@ -244,8 +273,8 @@ class Pipeline:
         key = (tuple(prompts), settings)
         if key not in self._fp_cache:
             start = time.perf_counter()
-            videos, sample = generate(self.loaded, prompts, settings, executor=self.make_executor(settings),
-                                      progress=progress)
+            videos, sample = generate(self.loaded, prompts, settings,
+                                      executor=self.make_executor(settings, quantized=False), progress=progress)
             self._fp_cache[key] = (videos, time.perf_counter() - start, sample.steps)
         return self._fp_cache[key]
 
@@ -275,7 +304,7 @@ class Pipeline:
                             f"gates) that the {self.executor_kind} executor does not have; run it with --executor "
                             "torch.")
         torch.set_grad_enabled(False)
-        if type(pol).__name__ in ("NoPolicy", "ComputeAll") and not getattr(executor, "variant_models", None):
+        if type(pol).__name__ in ("NoPolicy", "ComputeAll") and not self.quantized:
             videos, seconds, steps_rec = self._fp_run(prompts, settings, progress)  # the FP run is its own reference
         else:
             start = time.perf_counter()
@@ -291,7 +320,7 @@ class Pipeline:
                                   "seed": settings.seed, "frames": settings.frames, "height": settings.height,
                                   "width": settings.width, "fps": settings.fps, "shift": settings.shift,
                                   "device": self.device, "work_dir": str(self.work) if self.work else None,
-                                  "plan": bool(self.plan is not None)},
+                                  "plan": bool(self.plan is not None), "quantized": self.quantized},
                         unit_names=tuple(executor.unit_names), steps=steps_rec, costs=costs, seconds=seconds,
                         executor=self.executor_kind)
         hist = getattr(pol, "history", None)
