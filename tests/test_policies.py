@@ -55,8 +55,11 @@ def column(rows, k):
 
 
 # ------------------------------------------------------------------------------------------------------------ HLC
+# The synthetic-statistics tests below pin HLC's structure (intervals 1/2/4, warm-up 2, tail 1, moreg) so that they
+# test the rules, not the qc-ref-tuned defaults.
+HLC_BASE = {"tau_min": 1, "tau_mid": 2, "tau_max": 4, "warmup": 2, "tail": 1, "motion": "moreg"}
 def test_hlc_low_divergence_reuses_until_refresh_interval():
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none",
+    pol = get_policy("hlc", HLC_BASE | {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none",
                              "align": False})
     rows = drive(pol, 12)
     # computed at 0, 1 (warmup: D measured at step 1), then every tau_max = 3 steps: refresh interval forces compute
@@ -65,9 +68,9 @@ def test_hlc_low_divergence_reuses_until_refresh_interval():
 
 def test_hlc_decisions_change_as_threshold_crosses():
     per = lambda i: {"all": {"res_rel_l1": 0.08}}  # noqa: E731  D = 0.08 / k
-    low = drive(get_policy("hlc", {"delta1": 0.05, "delta2": 0.5, "motion": "none", "tail": 0, "align": False}), 12,
+    low = drive(get_policy("hlc", HLC_BASE | {"delta1": 0.05, "delta2": 0.5, "motion": "none", "tail": 0, "align": False}), 12,
                 per)
-    high = drive(get_policy("hlc", {"delta1": 0.01, "delta2": 0.02, "motion": "none", "tail": 0}), 12, per)
+    high = drive(get_policy("hlc", HLC_BASE | {"delta1": 0.01, "delta2": 0.02, "motion": "none", "tail": 0}), 12, per)
     assert column(high, 0) == "C" * 12  # D >= delta2 -> tau_min = 1
     # step 1: D = 0.08 in [delta1, delta2) -> tau_mid = 2; step 3: D = 0.08 / 2 < delta1 -> tau_max = 4
     assert column(low, 0)[:8] == "CCrCrrrC"
@@ -81,7 +84,7 @@ def test_hlc_aligned_refresh_sets_nest():
     def scaled(i):  # residual drift proportional to the gap, so the rate stays put
         return per
 
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "warmup": 2, "tail": 0, "motion": "none"})
+    pol = get_policy("hlc", HLC_BASE | {"delta1": 0.05, "delta2": 0.1, "warmup": 2, "tail": 0, "motion": "none"})
     pol.reset(UNITS, 14)
     seen = {u: "" for u in BLOCKS}
     last = {u: 0 for u in BLOCKS}
@@ -102,11 +105,11 @@ def test_hlc_aligned_refresh_sets_nest():
         if seen["spatial_0"][i] == "C":
             assert seen["temporal_0"][i] == "C"
     with pytest.raises(UserError, match="nested intervals"):
-        get_policy("hlc", {"tau_max": 3})
+        get_policy("hlc", HLC_BASE | {"tau_max": 3})
 
 
 def test_hlc_motion_term_scales_divergence():
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "motion": "moreg", "tail": 0})
+    pol = get_policy("hlc", HLC_BASE | {"delta1": 0.05, "delta2": 0.1, "motion": "moreg", "tail": 0})
     rows = drive(pol, 8, lambda i: {"all": {"res_rel_l1": 0.04, "motion": 3.0}})  # D = 0.04 * 3 = 0.12 >= delta2
     assert column(rows, 0) == "C" * 8
     rows = drive(pol, 8, lambda i: {"all": {"res_rel_l1": 0.04, "motion": 0.5}})  # D = 0.02 < delta1
@@ -115,7 +118,7 @@ def test_hlc_motion_term_scales_divergence():
 
 
 def test_hlc_tail_and_warmup_compute_and_per_unit_thresholds():
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 4, "warmup": 3, "tail": 2, "motion": "none",
+    pol = get_policy("hlc", HLC_BASE | {"delta1": 0.05, "delta2": 0.1, "tau_max": 4, "warmup": 3, "tail": 2, "motion": "none",
                              "units": {"temporal_1": {"delta1": 0.0, "delta2": 0.0}}})
     rows = drive(pol, 12)
     assert column(rows, 0)[:3] == "CCC" and column(rows, 0)[-2:] == "CC"
@@ -132,7 +135,7 @@ def test_hlc_invalid_parameters(params, field):
 
 
 def test_hlc_reuses_only_what_was_computed_and_recomputes_after_other_policy_pruned():
-    pol = get_policy("hlc", {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none",
+    pol = get_policy("hlc", HLC_BASE | {"delta1": 0.05, "delta2": 0.1, "tau_max": 3, "warmup": 2, "tail": 0, "motion": "none",
                              "align": False})
     pol.reset(UNITS, 10)
     for i in range(2):
@@ -391,7 +394,7 @@ def test_registry_names_combinations_and_errors():
     with pytest.raises(UserError, match="several components have"):
         get_policy("hlc+srap", {"warmup": 3})
     with pytest.raises(UserError, match="not part of this run's policy"):
-        get_policy("hlc", {"srap.p_base": 0.3})
+        get_policy("hlc", HLC_BASE | {"srap.p_base": 0.3})
     p = get_policy("hlc+srap", {"p_base": "0.3", "hlc.delta1": "0.01"})
     assert p.components[1].p_base == 0.3 and p.components[0].delta1 == 0.01
     with pytest.raises(UserError, match=r"teacache\.rel_l1_thresh = 'abc'"):
@@ -420,7 +423,7 @@ def test_merge_rules():
 
 
 def test_quantcache_combination_on_synthetic_stats():
-    pol = get_policy("quantcache", {"hlc.delta1": 0.05, "hlc.delta2": 0.1, "hlc.motion": "none", "hlc.tail": 0,
+    pol = get_policy("quantcache", {**{f"hlc.{k}": v for k, v in HLC_BASE.items()}, "hlc.delta1": 0.05, "hlc.delta2": 0.1, "hlc.motion": "none", "hlc.tail": 0,
                                     "srap.tau_low": 0.0, "srap.tau_high": 1.0, "srap.p_base": 1.0,
                                     "aigq.post_skip": 3})
     rows = drive(pol, 12, lambda i: {"all": {"cos_prev": 0.9}})
