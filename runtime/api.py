@@ -144,9 +144,6 @@ def _executor_available(kind: str) -> None:
             raise UserError("--executor tensorrt: TensorRT is not installed on this machine (neither `tensorrt` nor "
                             "`tensorrt_rtx` imports). Engines run on a server with TensorRT; here use --executor "
                             "torch or onnxruntime.")
-        raise UserError("--executor tensorrt: running engines from this runtime is not implemented in this version "
-                        "(engines are built and checked, not executed, on the development machines); use --executor "
-                        "torch or onnxruntime.")
 
 
 class Pipeline:
@@ -155,13 +152,25 @@ class Pipeline:
 
     def __init__(self, work_dir: str | Path | None = None, *, model: str | None = None,
                  checkpoint: str | Path | None = None, device: str = "cpu", executor: str = "torch",
-                 random_weights: bool = False, loaded: Any = None) -> None:
+                 random_weights: bool = False, loaded: Any = None, fast: bool = False) -> None:
         from qc_compile.runtime.pipeline import resolve_device
 
         _executor_available(executor)
         self.device = resolve_device(device)
+        self.fast = bool(fast)
+        if self.fast:  # the fast path (runtime/fast_executor.py): bf16 + the qc:: CUDA kernels
+            from qc_compile.runtime.fast_executor import check_fast_available
+
+            if executor != "torch":
+                raise UserError(f"--fast runs the torch executor's fast path; it does not combine with --executor "
+                                f"{executor}. Drop one of the two.")
+            check_fast_available(self.device)
+        self._fast_model = None
         if executor == "onnxruntime" and self.device != "cpu":
             raise UserError("--executor onnxruntime runs on the CPU here; use --device cpu.")
+        if executor == "tensorrt" and not self.device.startswith("cuda"):
+            raise UserError("--executor tensorrt runs engines on a CUDA GPU: add --device cuda (on a machine with an "
+                            "NVIDIA GPU and the TensorRT flavour the engines were built with).")
         self.executor_kind = executor
         self.work = Path(work_dir) if work_dir is not None else None
         self.plan = None
@@ -196,8 +205,8 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, name: str = "qc-ref", checkpoint: str | Path | None = None, *, device: str = "cpu",
-                        random_weights: bool = False) -> "Pipeline":
-        return cls(None, model=name, checkpoint=checkpoint, device=device, random_weights=random_weights)
+                        random_weights: bool = False, fast: bool = False) -> "Pipeline":
+        return cls(None, model=name, checkpoint=checkpoint, device=device, random_weights=random_weights, fast=fast)
 
     # ------------------------------------------------------------------------------------------------ internals
     def settings(self, seed: int, steps: int | None, cfg: float | None, **kw):
@@ -224,7 +233,20 @@ class Pipeline:
 
             stage = "q" if quantized and self._workdir.manifest_json.is_file() else "fp"
             return OrtExecutor.from_workdir(self._workdir, stage=stage)
+        if self.executor_kind == "tensorrt" and quantized:
+            from qc_compile.runtime.trt_executor import TrtExecutor
+
+            return TrtExecutor.from_workdir(self._workdir, device=self.device)
         g = Geometry.for_model(self.loaded.config, settings.frames, settings.height, settings.width)
+        if self.fast and quantized:  # the FP reference (quantized=False) stays the plain fp32 torch run
+            from qc_compile.runtime.fast_executor import FastExecutor
+
+            if self._fast_model is None:
+                import copy
+
+                m = self.loaded.model
+                self._fast_model = m if m.dtype == torch.bfloat16 else copy.deepcopy(m).to(torch.bfloat16)
+            return FastExecutor(self._fast_model, g, self.plan)
         if quantized and self.plan is not None:
             models = self.plan_models()
             return TorchExecutor(models["default"], g, variant_models=models)
@@ -233,7 +255,7 @@ class Pipeline:
     @property
     def quantized(self) -> bool:
         """Whether runs execute the plan's quantized computation (else the FP model)."""
-        if self.executor_kind == "onnxruntime":
+        if self.executor_kind in ("onnxruntime", "tensorrt"):
             return self._workdir.manifest_json.is_file()
         return self.plan is not None
 
@@ -304,7 +326,7 @@ class Pipeline:
                             f"gates) that the {self.executor_kind} executor does not have; run it with --executor "
                             "torch.")
         torch.set_grad_enabled(False)
-        if type(pol).__name__ in ("NoPolicy", "ComputeAll") and not self.quantized:
+        if type(pol).__name__ in ("NoPolicy", "ComputeAll") and not self.quantized and not self.fast:
             videos, seconds, steps_rec = self._fp_run(prompts, settings, progress)  # the FP run is its own reference
         else:
             start = time.perf_counter()

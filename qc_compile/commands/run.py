@@ -74,6 +74,8 @@ def _policy_help() -> str:
 @click.option("--height", type=int, default=None, help="Height in pixels (model default).")
 @click.option("--width", type=int, default=None, help="Width in pixels (model default).")
 @click.option("--executor", default="torch", show_default=True, help="torch | onnxruntime | tensorrt")
+@click.option("--fast", is_flag=True, help="Torch executor's fast path: bf16, the plan's FP8 linears on the qc:: "
+              "CUDA kernels, SDPA (needs a CUDA GPU; the --reference run stays the plain FP model).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: WORK/runs/<id>, or ./runs/<id> without WORK).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -81,7 +83,7 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         sets: tuple[str, ...], reference: bool, model: str | None, checkpoint: Path | None, random_weights: bool,
         device: str, seed: int,
         steps: int | None, cfg: float | None, frames: int | None, height: int | None, width: int | None,
-        executor: str, output: Path | None, quiet: bool) -> None:
+        executor: str, fast: bool, output: Path | None, quiet: bool) -> None:
     """Generate videos under a caching / pruning / precision policy.
 
     Writes RUN/video.mp4 (+ video.png frame strip; video_<k>.* for several prompts), RUN/trace.json (every decision
@@ -103,7 +105,7 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
 
         get_policy(policy, overrides, None, seed=seed)
     pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, executor=executor,
-                    random_weights=random_weights)
+                    random_weights=random_weights, fast=fast)
     res = pipe(all_prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg, reference=reference,
                frames=frames, height=height, width=width, progress=not quiet)
     root = (work / "runs") if work is not None else Path("runs")

@@ -1,0 +1,257 @@
+"""The fast torch path on the CPU (the qc:: ops' reference kernels): fast linears against float quant->GEMM math,
+fast blocks and the fast executor in FP mode against STDiT3Block / TorchExecutor (fp32, ~1e-5), quantized mode at
+the FP8 error level, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qc_compile.errors import UserError
+from qc_compile.models import load_model
+from qc_compile.models.stdit3 import Geometry
+from qc_compile.plan import LinearPlan
+from qc_compile.plugins import formats as Fm
+from qc_compile.runtime import fast_linear as fl
+from qc_compile.runtime.executor import Conditioning, TorchExecutor
+from qc_compile.runtime.fast_executor import (FastBlock, FastExecutor, block_forward, check_fast_available,
+                                              fp8_block_plan)
+from qc_compile.runtime.policy import STAT_NAMES, Action, UnitDecision
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def qcref():
+    return load_model("qc-ref")
+
+
+def _geometry(loaded, frames=4):
+    c = loaded.config
+    return Geometry.for_model(c, frames, c.default_height, c.default_width)
+
+
+def _cond(loaded, B=2, seed=0):
+    c = loaded.config
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(B, 1, c.model_max_length, c.caption_channels, generator=gen)
+    mask = torch.ones(B, c.model_max_length, dtype=torch.bool)
+    mask[0, 7:] = False  # different caption lengths per batch element
+    mask[1, 5:] = False
+    return Conditioning(y=y, mask=mask, fps=torch.full((B,), float(c.default_fps)))
+
+
+def _z(loaded, g, B=2, seed=1):
+    c = loaded.config
+    return torch.randn(B, c.in_channels, g.frames, g.height, g.width, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------------- linears
+def _float_reference(x, lin, s, rot):
+    """quant -> GEMM in float math from the format definitions (what every kernel must compute)."""
+    xin = x / s if s is not None else x
+    xq, xs = Fm.quantize_fp8_per_token(Fm.blocked_hadamard(xin, rot or 0))
+    w = lin.weight.detach().float() * (s[None, :] if s is not None else 1)
+    if rot:
+        w = Fm.blocked_hadamard(w.double(), rot).float()
+    wq, ws = Fm.quantize_fp8_per_channel(w)
+    return (xq.float() * xs) @ (wq.float() * ws[:, None]).t() + lin.bias.detach().float()
+
+
+@pytest.mark.parametrize("rot,smooth", [(None, False), (32, False), (None, True), (64, True)])
+def test_fast_linear_equals_float_quant_gemm(rot, smooth):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96)
+    x = torch.randn(3, 50, 128) * 2 + 0.3
+    x[..., 5] += 20.0  # an outlier channel
+    s = torch.rand(128) + 0.5 if smooth else None
+    e = LinearPlan(unit="spatial_0", weight="fp8_e4m3", activation="fp8_e4m3", act_scale=0.1, rotation=rot)
+    fast = fl.FastLinear(lin, e, e, s)
+    assert fast.spec.mode == fl.FP8 and fast.w.dtype == torch.float8_e4m3fn
+    y = fast(x)
+    ref = _float_reference(x, lin, s, rot)
+    assert rel(y, ref) < 1e-5  # the same arithmetic
+    exact = lin(x)
+    err = rel(y, exact)
+    assert 1e-3 < err < 0.06  # FP8-level error against the unquantized linear: it really quantizes
+
+
+def test_fast_linear_fused_producers_match_unfused():
+    torch.manual_seed(1)
+    B, T, C = 2, 40, 128
+    x = torch.randn(B, T, C) * 3
+    shift, scale = torch.randn(B, 1, C) * 0.3, torch.randn(B, 1, C) * 0.3
+    s = torch.rand(C) + 0.5
+    lin = nn.Linear(C, 256)
+    e = LinearPlan(unit="spatial_0", weight="fp8_e4m3", activation="fp8_e4m3", act_scale=0.1, rotation=32)
+    fast = fl.FastLinear(lin, e, e, s)
+    mod = torch.nn.functional.layer_norm(x, (C,), eps=1e-6) * (1 + scale) + shift
+    fused = fl.modulate_linear(fast.spec, fast.weights, x, shift, scale)  # smoothing folded into the modulation
+    unfused = fast(mod)
+    assert rel(fused, unfused) < 5e-3  # same quantizer; the fold reorders a few fp32 roundings
+    assert rel(fused, lin(mod)) < 0.06
+    h = torch.randn(B, T, 256)
+    lin2 = nn.Linear(256, C)
+    e2 = LinearPlan(unit="spatial_0", weight="fp8_e4m3", activation="fp8_e4m3", act_scale=0.1, rotation=None)
+    f2 = fl.FastLinear(lin2, e2, e2, None)
+    g = torch.nn.functional.gelu(h, approximate="tanh")
+    assert rel(fl.gelu_linear(f2.spec, f2.weights, h), f2(g)) < 1e-6
+    assert rel(fl.gelu_linear(f2.spec, f2.weights, h), lin2(g)) < 0.06
+
+
+def test_dense_and_weight_only_linears():
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    dense = fl.FastLinear(lin)
+    assert dense.spec.mode == fl.DENSE and torch.equal(dense(x), lin(x))
+    # smoothing + rotation without quantization cancel exactly: the original weight is used
+    e = LinearPlan(unit="spatial_0", rotation=16)
+    assert fl.FastLinear(lin, e, e, torch.rand(64) + 0.5).spec.mode == fl.DENSE
+    wo = LinearPlan(unit="spatial_0", weight="int4_b64", rotation=16)
+    f = fl.FastLinear(lin, wo, wo, torch.rand(64) + 0.5)
+    assert f.spec.mode == fl.DQ
+    assert 1e-3 < rel(f(x), lin(x)) < 0.2
+
+
+@pytest.mark.parametrize("entry", [
+    LinearPlan(unit="spatial_0", weight="int8", activation="int8", act_scale=0.1),
+    LinearPlan(unit="spatial_0", weight="nvfp4", activation="nvfp4", act_scale="dynamic", act_amax=3.0),
+    LinearPlan(unit="spatial_0", weight="int4_b64", activation="fp8_e4m3", act_scale=0.1),
+])
+def test_unsupported_formats_are_refused(entry):
+    with pytest.raises(UserError, match="fast path"):
+        fl.FastLinear(nn.Linear(64, 32), entry, entry, None, name="spatial_blocks.0.attn.qkv")
+
+
+def test_fast_refused_without_cuda():
+    with pytest.raises(UserError, match="CUDA"):
+        check_fast_available("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA"):
+            check_fast_available("cuda")
+
+
+# ---------------------------------------------------------------------------------------------------- blocks
+@pytest.mark.parametrize("unit", ["spatial_1", "temporal_2"])
+def test_fast_block_fp_equals_stdit3_block(qcref, unit):
+    m = qcref.model
+    g = _geometry(qcref)
+    torch.manual_seed(3)
+    B, C, L = 2, m.config.hidden_size, m.config.model_max_length
+    x, t_mlp, y = torch.randn(B, g.N, C), torch.randn(B, 6 * C), torch.randn(B, L, C)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 4:] = False
+    ref = m.run_unit(unit, {"x": x, "t_mlp": t_mlp, "y": y, "mask": mask}, g)["x"]
+    fb = FastBlock(m.block(unit), m.rope.freqs)
+    out = fb(x, t_mlp, y, mask, g.T, g.S)
+    assert rel(out - x, ref - x) < 1e-5
+    # sub-block API (PAB/FORA caches) against the module's sub-blocks
+    blk = m.block(unit)
+    h = torch.randn(B, g.N, C)
+    assert rel(fb._self_attention(h, g.T, g.S), blk._self_attention(h, g.T, g.S)) < 1e-5
+    assert rel(fb.cross_attn(x, y, mask), blk.cross_attn(x, y, mask)) < 1e-5
+    assert rel(fb.mlp(h), blk.mlp(h)) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- executor
+def _decisions(step: int) -> dict[str, UnitDecision]:
+    if step == 0:
+        return {"spatial_0": UnitDecision(parts=())}
+    return {"spatial_1": UnitDecision(Action.REUSE), "temporal_2": UnitDecision(Action.PRUNE),
+            "spatial_0": UnitDecision(parts=("attn",)), "temporal_0": UnitDecision(variant="high")}
+
+
+def _run(ex, loaded, g, steps=2):
+    cond = _cond(loaded)
+    z = _z(loaded, g)
+    ex.reset()
+    outs = []
+    for i in range(steps):
+        t = torch.full((2,), 900.0 - 300 * i)
+        v, st = ex.step(z, t, cond, _decisions(i))
+        outs.append((v, st))
+        z = z + 0.1 * v[:, : z.shape[1]]
+    return outs
+
+
+def test_fast_executor_fp_equals_torch_executor(qcref):
+    g = _geometry(qcref)
+    ref = _run(TorchExecutor(qcref.model, g), qcref, g)
+    fast = _run(FastExecutor(qcref.model, g), qcref, g)
+    for (v0, s0), (v1, s1) in zip(ref, fast):
+        assert rel(v1, v0) < 1e-5
+        nan0, nan1 = torch.isnan(s0), torch.isnan(s1)
+        assert torch.equal(nan0, nan1), "the same statistics are reported"
+        ok = ~nan0
+        assert torch.allclose(s1[ok], s0[ok], rtol=1e-4, atol=1e-6), (s0 - s1).abs().max()
+    assert len(STAT_NAMES) == ref[0][1].shape[1]
+
+
+def test_fast_executor_quantized_fp8(qcref):
+    g = _geometry(qcref)
+    plan = fp8_block_plan(qcref.model, rotation=32)
+    plan.variants = {"high": {"*.mlp.fc2": {"weight": "bf16", "activation": "bf16"}}}
+    ex = FastExecutor(qcref.model, g, plan)
+    assert set(ex.variant_models) == {"default", "high", "fp"}
+    assert ex._model_for("fp") is ex.fp_model and ex._model_for("low") is ex.variant_models["default"]
+    blk = ex.variant_models["default"].block("temporal_1")
+    assert blk.quantized == ["qkv", "proj", "q_linear", "kv_linear", "cproj", "fc1", "fc2"]
+    assert ex.variant_models["high"].block("temporal_1").quantized[-1] == "fc1"
+    d = ex.describe()
+    assert d["plan"] and not d["plan_linears_run_unquantized"]
+    fp = _run(FastExecutor(qcref.model, g), qcref, g)
+    q = _run(ex, qcref, g)
+    for (v0, _), (v1, s1) in zip(fp, q):
+        err = rel(v1, v0)
+        assert 1e-4 < err < 0.1, err  # quantized, at the FP8 error level after 8 blocks
+        assert torch.isfinite(s1[1:, 0]).any()
+    # the block's math is the fast linears': a fp8 block equals block_forward with the same specs
+    x = torch.randn(2, g.N, qcref.config.hidden_size)
+    t_mlp, y = torch.randn(2, 6 * qcref.config.hidden_size), torch.randn(2, 12, qcref.config.hidden_size)
+    out = blk(x, t_mlp, y, None, g.T, g.S)
+    assert torch.equal(out, block_forward(blk.spec, blk.w, x, t_mlp, y, None, g.T, g.S))
+
+
+def test_fast_executor_drives_the_sampler(qcref):
+    from qc_compile.runtime.pipeline import GenerationSettings, generate
+
+    settings = GenerationSettings.defaults(qcref, steps=3, seed=0, frames=4)
+    g = Geometry.for_model(qcref.config, settings.frames, settings.height, settings.width)
+    v0, r0 = generate(qcref, ["a red circle moving right on a black background"], settings,
+                      executor=TorchExecutor(qcref.model, g), progress=False)
+    v1, r1 = generate(qcref, ["a red circle moving right on a black background"], settings,
+                      executor=FastExecutor(qcref.model, g), progress=False)
+    assert rel(v1, v0) < 1e-5
+    assert len(r1.steps) == 3 and r1.steps[-1].stats["spatial_0"]["res_norm"] > 0
+
+
+def test_cuda_graphs_need_cuda(qcref):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(UserError, match="CUDA"):
+        FastExecutor(qcref.model, _geometry(qcref), cuda_graphs=True)
+
+
+# ---------------------------------------------------------------------------------------------------- user API
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_pipeline_and_cli_refuse_fast_without_cuda(capsys, tmp_path):
+    from qc_compile.cli import main
+    from qc_compile.runtime.api import Pipeline
+
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        Pipeline.from_pretrained("qc-ref", fast=True)
+    with pytest.raises(UserError, match="does not combine with --executor onnxruntime"):
+        Pipeline(None, model="qc-ref", executor="onnxruntime", fast=True)
+    try:
+        main(["run", "--prompt", "a red circle moving left on a black background", "--fast", "--random-weights",
+              "--steps", "1", "-o", str(tmp_path / "r"), "--quiet"])
+        rc = 0
+    except SystemExit as e:
+        rc = int(e.code)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "--fast" in err and "CUDA" in err
+    assert not (tmp_path / "r").exists()
