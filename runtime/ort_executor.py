@@ -103,7 +103,7 @@ class OrtExecutor:
     def step(self, z: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
              decisions: Mapping[str, UnitDecision]) -> tuple[torch.Tensor, torch.Tensor]:
         device = z.device
-        stats = torch.full((len(self.unit_names), len(STAT_NAMES)), float("nan"))
+        stats = torch.full((len(self.unit_names), len(STAT_NAMES)), float("nan"), device=z.device)
         emb = self._run("embed", decisions.get("embed", COMPUTE).variant,
                         {"x": z, "timestep": timestep, "y": cond.y, "mask": cond.mask, "fps": cond.fps})
         h, prev = emb["x"], None
