@@ -341,6 +341,10 @@ class FastExecutor(TorchExecutor):
             self.variant_models = {v: build_fast_model(model, plan, v, fn=fn) for v in plan.variant_names}
             self.variant_models.setdefault("fp", self.fp_model)
         self.default_model = self.variant_models.get("default", self.fp_model)
+        # action codes on the device, written into the stats by device-to-device copies (a Python scalar assigned
+        # to a CUDA tensor is a host-to-device copy, which synchronises)
+        self._codes = torch.tensor([ACTION_CODES[a] for a in ("compute", "reuse", "prune", "partial")],
+                                   device=model.x_embedder.proj.weight.device)
         self._graphs: dict[tuple[str, str], _UnitGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
         self._pool = None
@@ -466,27 +470,27 @@ class FastExecutor(TorchExecutor):
                         self._gate_ref = probe
                 action = Action.REUSE if gate_open and name in self.residuals else Action.COMPUTE
             if action is Action.PRUNE:
-                row[S["action"]] = ACTION_CODES["prune"]
+                row[S["action"]] = self._codes[2]
                 continue
             if action is Action.REUSE:
                 if name not in self.residuals:
                     raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
                 h = h + self.residuals[name]
                 has_prev = True
-                row[S["action"]] = ACTION_CODES["reuse"]
+                row[S["action"]] = self._codes[1]
                 continue
             fm = self._model_for(d.variant)
             if d.parts is not None:
                 out = self._run_parts(fm, name, h, emb, cond.mask, tuple(d.parts), d.regate)
                 if set(d.parts) >= set(SUB_BLOCKS):
-                    row[S["action"]] = ACTION_CODES["reuse"]
+                    row[S["action"]] = self._codes[1]
                     h, has_prev = out, True
                     continue
             elif graphs:
                 out = self._graph_unit(fm, d.variant if d.variant in self.variant_models else "default", name, h)
             else:
                 out = fm.block(name)(h, emb["t_mlp"], emb["y"], cond.mask, g.T, g.S)
-            row[S["action"]] = ACTION_CODES["partial" if d.parts else "compute"]
+            row[S["action"]] = self._codes[3 if d.parts else 0]
             self._unit_stats(row, name, h, out, has_prev)
             h, has_prev = out, True
         v = m.run_unit("final", {"x": h, "t": emb["t"]}, g)["v"]

@@ -36,7 +36,7 @@ def test_map_grid_by_relative_depth_and_replay():
 
 def test_kernel_classes():
     assert bench_e2e.kernel_class("pytorch_flash::flash_fwd_kernel") == "attention"
-    assert bench_e2e.kernel_class("sm90_xmma_gemm_e4m3bf16_bf16f32") == "fp8 gemm"
-    assert bench_e2e.kernel_class("nvjet_tst_128x256_64x4_bf16") == "gemm"
+    assert bench_e2e.kernel_class("sm90_xmma_gemm_e4m3bf16_bf16f32") == "gemm (bf16 and fp8)"
+    assert bench_e2e.kernel_class("nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_ovscale_bias_TNT") == "gemm (bf16 and fp8)"
     assert bench_e2e.kernel_class("triton_poi_fused_add_mul_0") == "inductor fused"
     assert bench_e2e.kernel_class("elementwise_kernel") == "other elementwise/copy"

@@ -6,6 +6,7 @@ the CPU reference runs the same prepared plan in fp32 through the qc:: ops' refe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -68,7 +69,7 @@ def test_fast_linear_gpu_vs_cpu_reference(rot):
     x = (torch.randn(2, 300, 1152) * 2).to(torch.bfloat16)
     x[..., 3] += 25
     cpu = fl.FastLinear(lin, e, e, s)
-    gpu = fl.FastLinear(lin.to(torch.bfloat16).cuda(), e, e, s)
+    gpu = fl.FastLinear(copy.deepcopy(lin).to(torch.bfloat16).cuda(), e, e, s)
     y_cpu = cpu(x.float())
     y_gpu = gpu(x.cuda())
     assert y_gpu.dtype == torch.bfloat16 and y_gpu.is_cuda

@@ -337,8 +337,7 @@ def grid_none(steps: int, units: list[str]) -> list[dict[str, dict]]:
 
 KERNEL_CLASSES = (
     ("attention", ("flash", "fmha", "attention", "efficient")),
-    ("fp8 gemm", ("f8", "fp8", "e4m3", "scaled_mm")),
-    ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
+    ("gemm (bf16 and fp8)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
     ("qc producers", ("_producer", "_quant", "rotate")),
     ("qc cache stats", ("_cache",)),
     ("inductor fused", ("triton_",)),

@@ -113,7 +113,7 @@ def time_round_robin(cfgs: dict, warmup: int, reps: int) -> dict[str, list[float
     return times
 
 
-def profile_one(fn) -> dict[str, float]:
+def profile_one(fn) -> tuple[dict[str, float], dict[str, float]]:
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -122,11 +122,14 @@ def profile_one(fn) -> dict[str, float]:
         fn()
         torch.cuda.synchronize()
     by: dict[str, float] = {}
+    top: dict[str, float] = {}
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
         if t and evt.device_type.name == "CUDA":
             by[kernel_class(evt.key)] = by.get(kernel_class(evt.key), 0.0) + t / 1e3
-    return dict(sorted(by.items(), key=lambda kv: -kv[1]))
+            top[evt.key[:120]] = top.get(evt.key[:120], 0.0) + t / 1e3
+    return (dict(sorted(by.items(), key=lambda kv: -kv[1])),
+            dict(sorted(top.items(), key=lambda kv: -kv[1])[:15]))
 
 
 def run(args) -> None:
@@ -167,13 +170,13 @@ def run(args) -> None:
                        "speedup_vs_bf16_eager": base / med, "tflops": gflop / med,
                        "rel_err_residual": _rel(o - x.float(), res_ref), "rel_err_output": _rel(o, ref)}
             print(unit, k, json.dumps(rows[k]), flush=True)
-        prof = {}
-        for k in ("bf16_eager", "bf16_compile", "ours_fp8_compile"):
+        prof, tops = {}, {}
+        for k in ("bf16_eager", "bf16_compile", "ours_bf16_compile", "ours_fp8_compile"):
             try:
-                prof[k] = profile_one(cfgs[k])
+                prof[k], tops[k] = profile_one(cfgs[k])
             except Exception as err:  # noqa: BLE001
                 out.setdefault("errors", {})[f"{unit}/profile/{k}"] = f"{type(err).__name__}: {err}"[:500]
-        out["units"][unit] = {"gflop": gflop, "configs": rows, "ms_by_kernel_class": prof}
+        out["units"][unit] = {"gflop": gflop, "configs": rows, "ms_by_kernel_class": prof, "top_kernels_ms": tops}
         del cfgs
         torch.cuda.empty_cache()
     path = Path(args.out) / f"{args.stem}.json"
