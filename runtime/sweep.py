@@ -182,7 +182,8 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
 
 def to_markdown(result: Mapping[str, Any], title: str = "Policy sweep", notes: Sequence[str] = ()) -> str:
     lines = [f"# {title}", ""]
-    ctx = [f"{k}: {result[k]}" for k in ("model", "checkpoint", "device", "steps", "caption_seed", "commit", "date")
+    ctx = [f"{k}: {result[k]}" for k in ("model", "checkpoint", "device", "device_name", "steps", "caption_seed",
+                                         "commit", "date")
            if result.get(k) is not None]
     if ctx:
         lines += ["- " + "; ".join(ctx), ""]
@@ -219,7 +220,9 @@ def plot_pareto(result: Mapping[str, Any], path, title: str = "quality vs comput
 
     from qc_compile.artifacts import atomic_write
 
-    rows = [r for r in result["rows"] if r["policy"] != "none" and r["psnr_db"] is not None]
+    # configs that skipped nothing sit at (100%, identical) and would squash the axis: listed in the table only
+    rows = [r for r in result["rows"] if r["policy"] != "none" and r["psnr_db"] is not None
+            and r["flop_fraction"] < 0.999]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, key, label in ((axes[0], "psnr_db", "PSNR vs FP (dB)"), (axes[1], "checker", "caption checker (%)")):
         pts = [(100 * r["flop_fraction"], (r[key] * (100 if key == "checker" else 1)) if r[key] is not None else None)
@@ -242,7 +245,9 @@ def plot_pareto(result: Mapping[str, Any], path, title: str = "quality vs comput
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
+    skipped = [r["config"] for r in result["rows"] if r["policy"] != "none" and r["flop_fraction"] >= 0.999]
+    fig.suptitle(title + (f"  (not drawn, computed everything: {', '.join(skipped)})" if skipped else ""),
+                 fontsize=10)
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)

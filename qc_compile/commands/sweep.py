@@ -14,7 +14,12 @@ EVAL_CAPTION_SEED = 20261122  # the held-out captions (tools/eval_reference.py);
 
 
 def _git_commit() -> str | None:
+    """QC_COMMIT (set it where the tree is a copy without the right .git, e.g. the GPU machine), else git HEAD."""
+    import os
     import subprocess
+
+    if os.environ.get("QC_COMMIT"):
+        return os.environ["QC_COMMIT"]
 
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -103,6 +108,10 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     result["model"] = pipe.loaded.config.name
     result["checkpoint"] = pipe.loaded.checkpoint
     result["device"] = pipe.device
+    if pipe.device.startswith("cuda"):
+        import torch
+
+        result["device_name"] = torch.cuda.get_device_name()
     result["steps"] = steps or pipe.loaded.config.default_steps
     result["date"] = time.strftime("%Y-%m-%d")
     result["commit"] = _git_commit()
