@@ -46,3 +46,31 @@ def test_plan_variants_are_distinct_models_and_fp_is_the_unquantized_model() -> 
     y_fp, y_q = fp_lin(x), q_lin(x)
     rel = ((y_q - y_fp).norm() / y_fp.norm()).item()
     assert 1e-3 < rel < 0.1, rel  # FP8 weight + activation quantization: percent-level, not zero, not broken
+
+
+def test_run_refuses_a_plan_from_another_model_and_a_changed_graph(capsys) -> None:
+    import json
+
+    from qc_compile.cli import main
+
+    def run(*args) -> int:
+        try:
+            main(["run", *map(str, args), "--prompt", PROMPT, "--steps", "2"])
+        except SystemExit as e:
+            return int(e.code)
+        return 0
+
+    work = copy_of(built("fp8_e4m3", "rtx:sm89"), "foreign-plan")
+    plan = json.loads((work / "plan.json").read_text())
+    plan["model"]["config_sha256"] = "0" * 64  # calibrated for another model (or another config of this one)
+    (work / "plan.json").write_text(json.dumps(plan))
+    assert run(work, "-o", work / "r1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "config_sha256" in err and "Traceback" not in err
+    work = copy_of(built("fp8_e4m3", "rtx:sm89"), "changed-graph")
+    q = work / "onnx" / "q" / "temporal_1.onnx"
+    q.write_bytes(q.read_bytes()[:-10])
+    assert run(work, "--executor", "onnxruntime", "-o", work / "r2") == 2
+    err = capsys.readouterr().err
+    assert "temporal_1.onnx" in err and "Traceback" not in err
+    assert not (work / "r2").exists()  # nothing written for a refused run
