@@ -62,23 +62,62 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 
 @click.command("calibrate")
 @click.argument("work_dir", metavar="WORK", type=click.Path(path_type=Path))
-@click.option("--uniform", "fmt", required=True,
+@click.option("--uniform", "fmt", default=None,
               help="Format for every linear: fp8_e4m3 (alias fp8) | int8 | int4_b64 | int4_b128 (weight-only) | "
-                   "nvfp4 | int6_sim (simulated) | bf16.")
+                   "nvfp4 | int6_sim (simulated) | bf16. The simplest calibration (ranges only).")
+@click.option("--method", type=click.Choice(["aigq"]), default=None,
+              help="Adaptive calibration: AIGQ sensitivity-driven weight formats under --budget, per-step activation "
+                   "schedule, per-layer smoothing/rotation (+ --vc, --predictor). Give --uniform or --method.")
+@click.option("--budget", default="6", show_default=True,
+              help="aigq: average weight bits over all linear parameters (e.g. 6), or a size (e.g. 1.5MB).")
+@click.option("--act-format", default="fp8_e4m3", show_default=True,
+              help="aigq: activation format of the default variant (bf16 = weight-only; int6_sim simulated).")
+@click.option("--act-high-fraction", type=float, default=0.3, show_default=True,
+              help="aigq: fraction of steps whose activations run high (bf16): those with the largest feature change.")
+@click.option("--sampling", type=click.Choice(["tap", "uniform"]), default="tap", show_default=True,
+              help="aigq: how calibration samples (prompt, step) are chosen: Q&C temporal-aware clustering or uniform.")
+@click.option("--calib-samples", type=int, default=32, show_default=True,
+              help="aigq: calibration samples drawn from prompts x steps (ranges are taken over these).")
+@click.option("--replay-samples", type=int, default=4, show_default=True,
+              help="aigq: samples replayed per layer for sensitivity and the smoothing search (cost grows linearly).")
+@click.option("--no-smoothing", is_flag=True, help="aigq: skip the per-layer smoothing/rotation search.")
+@click.option("--vc", is_flag=True, help="aigq: fit Q&C variance-compensation factors (plan vc).")
+@click.option("--vc-policy", default="hlc", show_default=True, help="aigq: caching policy the VC fit runs under.")
+@click.option("--predictor", is_flag=True, help="aigq: fit the 6Bit-style DMPQ predictor (cache_policy.params.dmpq).")
+@click.option("--num-prompts", type=int, default=None,
+              help="Built-in calibration prompts to use (default 4 for --uniform, 8 for aigq).")
+@click.option("--fresh", is_flag=True, help="aigq: discard statistics of an earlier run instead of resuming.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
-              help="Text file, one prompt per line (default: 4 qc-ref captions).")
+              help="Text file, one prompt per line (default: qc-ref shapes captions drawn with seed 1234, disjoint "
+                   "from the held-out evaluation seed).")
 @click.option("--percentile", type=float, default=None,
-              help="Use this percentile of |x| (per step, then the max over steps) instead of the max.")
+              help="--uniform: use this percentile of |x| (per step, then the max over steps) instead of the max.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
 @click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
-@click.option("--exclude", multiple=True, help="fnmatch pattern of linears to keep at bf16 (repeatable), e.g. "
-                                               "'t_embedder.*'.")
-@click.option("--target", default="any", show_default=True, help="Target the plan is made for (recorded).")
+@click.option("--exclude", multiple=True, help="--uniform: fnmatch pattern of linears to keep at bf16 (repeatable), "
+                                               "e.g. 't_embedder.*'.")
+@click.option("--target", default="any", show_default=True,
+              help="Target the plan is made for; aigq takes its format menu from it (torch/any/trt: int4_b128, "
+                   "int6_sim (simulated, torch/any only), fp8_e4m3, bf16; rtx:sm120 adds nvfp4).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(work_dir: Path, fmt: str, prompts_file: Path | None, percentile: float | None, steps: int | None,
-              cfg: float | None, seed: int, exclude: tuple[str, ...], target: str, quiet: bool) -> None:
-    """Calibrate activation ranges of the model in WORK and write WORK/plan.json with one format everywhere."""
+def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
+              act_high_fraction: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
+              vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
+              prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
+              exclude: tuple[str, ...], target: str, quiet: bool) -> None:
+    """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
+    --method aigq (mixed precision per layer and per step)."""
+    if (fmt is None) == (method is None):
+        raise UserError("give exactly one of --uniform FORMAT or --method aigq.")
+    if method == "aigq":
+        from qc_compile.commands.calibrate_aigq import run_aigq
+
+        return run_aigq(work_dir, budget=budget, act_format=act_format, act_high_fraction=act_high_fraction,
+                        sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
+                        smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
+                        num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,
+                        seed=seed, target=target, quiet=quiet)
     import torch
     from safetensors.torch import save
 
@@ -99,7 +138,7 @@ def calibrate(work_dir: Path, fmt: str, prompts_file: Path | None, percentile: f
     parse_target(target, allow_any=True)
     work = WorkDir(work_dir)
     info = read_model_info(work)
-    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name)
+    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name, num_prompts or 4)
     if not prompts:
         raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
     start = time.perf_counter()
