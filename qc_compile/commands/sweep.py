@@ -101,6 +101,7 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
     pipe_kwargs = dict(work_dir=work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
     pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
+    commit = _git_commit()  # the code that runs: HEAD may move while a long sweep runs
     result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=output,
                        size={"frames": frames, "height": height, "width": width}, jobs=jobs, pipe_kwargs=pipe_kwargs,
                        log=click.echo)
@@ -114,7 +115,7 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         result["device_name"] = torch.cuda.get_device_name()
     result["steps"] = steps or pipe.loaded.config.default_steps
     result["date"] = time.strftime("%Y-%m-%d")
-    result["commit"] = _git_commit()
+    result["commit"] = commit
     output.mkdir(parents=True, exist_ok=True)
     write_json_atomic(output / "sweep.json", result)
     md = to_markdown(result, title=f"Policy sweep on {result['model']} ({pipe.device})")
