@@ -183,7 +183,8 @@ def run(loaded, linears: Sequence, model_meta: dict, calib_dir: str | Path, capt
 
         from qc_compile.torch_package import apply_plan
 
-        q_model = apply_plan(copy.deepcopy(loaded), plan, variant=DEFAULT_VARIANT).model
+        q_model = apply_plan(copy.deepcopy(loaded), plan, variant=DEFAULT_VARIANT,
+                             device=str(loaded.model.x_embedder.proj.weight.device)).model
         pred_samples = [s for s in selected if s[1] >= 1][: max(opts.replay_samples * 2, 4)]
         pairs: dict[str, list] = {}
         blocks = store.block_units()

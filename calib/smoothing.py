@@ -51,9 +51,9 @@ def _install(mod, e: LinearPlan, s: torch.Tensor | None, rot: int | None):
 
     orig = mod.weight.data
     ee = LinearPlan(unit=e.unit, weight=e.weight, rotation=rot)
-    w = transformed_weight(orig, ee, None if s is None else s.cpu().float())
+    w = transformed_weight(orig, ee, None if s is None else s.to(orig.device).float())
     if e.weight != "bf16":
-        w = dequantize(quantize(w.cpu(), e.weight), e.weight)
+        w = dequantize(quantize(w, e.weight), e.weight)
     mod.weight.data = w.to(orig.device, orig.dtype)
 
     def hook(module, args):

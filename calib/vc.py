@@ -77,7 +77,8 @@ def fit(loaded, plan, captions, settings, fp_latents: torch.Tensor, policy_spec:
 
     if variant_models is None:
         tensors = package_tensors(loaded.model, plan)
-        variant_models = {v: apply_plan(copy.deepcopy(loaded), plan, tensors, variant=v).model
+        dev = str(loaded.model.x_embedder.proj.weight.device)
+        variant_models = {v: apply_plan(copy.deepcopy(loaded), plan, tensors, variant=v, device=dev).model
                           for v in plan.variant_names}
         variant_models.setdefault("fp", loaded.model)
     g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)

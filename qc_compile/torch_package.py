@@ -36,7 +36,7 @@ def transformed_weight(w: torch.Tensor, e: LinearPlan, s: torch.Tensor | None) -
     """Weight ``[N, K]`` after smoothing and rotation, before quantization."""
     w = w.detach().float()
     if s is not None:
-        w = w * s[None, :]
+        w = w * s.to(w.device)[None, :]
     if e.rotation:
         w = _hadamard_rows(w, e.rotation)
     return w

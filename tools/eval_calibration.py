@@ -128,9 +128,12 @@ def qc_ref(args, out: dict, save) -> None:
             sec[f"{name}_error"] = traceback.format_exc()[-3000:]
         save()
 
-    guarded("weights", lambda: _weights(loaded, calib, params, evalcaps, seeds, fp, out, sec, save, args))
-    guarded("act_schedule", lambda: _act(loaded, calib, evalcaps, seeds, fp, sec, save, args))
-    guarded("tap_vc", lambda: _tapvc(loaded, calib, evalcaps, seeds, fp, out, sec, save, args))
+    if "weights" in args.sections:
+        guarded("weights", lambda: _weights(loaded, calib, params, evalcaps, seeds, fp, out, sec, save, args))
+    if "act" in args.sections:
+        guarded("act_schedule", lambda: _act(loaded, calib, evalcaps, seeds, fp, sec, save, args))
+    if "tapvc" in args.sections:
+        guarded("tap_vc", lambda: _tapvc(loaded, calib, evalcaps, seeds, fp, out, sec, save, args))
 
 
 def _weights(loaded, calib, params, evalcaps, seeds, fp, out, sec, save, args):
@@ -292,6 +295,7 @@ def main() -> None:
     ap.add_argument("--os-steps", type=int, default=4)
     ap.add_argument("--skip-opensora", action="store_true")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sections", nargs="+", default=["weights", "act", "tapvc"])
     ap.add_argument("--skip-qc-ref", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
