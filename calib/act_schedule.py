@@ -34,7 +34,7 @@ def schedule_from(d: list[float], high_fraction: float, reading: str = "distance
     n_high = int(round(high_fraction * S))
     key = [(math.inf if math.isnan(x) else x) for x in d]
     if reading == "opposite":
-        key = [(-math.inf if math.isinf(k) else -k) for k in key]  # step 0 (no D) stays high in both readings
+        key = [(k if math.isinf(k) else -k) for k in key]  # step 0 (no D) stays high in both readings
     order = sorted(range(S), key=lambda i: -key[i])
     high = set(order[:n_high])
     return ["high" if i in high else "default" for i in range(S)]

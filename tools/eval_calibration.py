@@ -176,7 +176,7 @@ def _act(loaded, calib, evalcaps, seeds, fp, sec, save, args):
         p.schedule = act_schedule.schedule_from(base.redundancy, 0.3, reading)
         rows.append({"reading": reading, "schedule": p.schedule,
                      "avg_act_bits": act_schedule.average_act_bits(p.schedule, bits),
-                     **evaluate(loaded, p, evalcaps, seeds, fp, steps=args.steps)})
+                     **evaluate(loaded, p, evalcaps, seeds, fp, policy_spec="schedule", steps=args.steps)})
         save()
     p = copy.deepcopy(base.plan)
     p.schedule = ["default"] * len(p.schedule)
