@@ -221,8 +221,7 @@ def collect(loaded, captions: Captions, settings: CollectSettings, out_dir: str 
     todo = sum(1 for b in range(len(index["batches"])) for s in range(S) if shard_name(b, s) not in index["shards"])
     bar = tqdm(total=todo, desc="calibration statistics", unit="step", disable=not progress, leave=False)
     executor = TorchExecutor(loaded.model, g)
-    torch.set_grad_enabled(False)
-    with StepHooks(loaded.model, seed=settings.seed) as hooks:
+    with torch.no_grad(), StepHooks(loaded.model, seed=settings.seed) as hooks:
         for b, members in enumerate(index["batches"]):
             done = [s for s in range(S) if shard_name(b, s) in index["shards"]]
             first = 0

@@ -12,6 +12,14 @@ from compile_helpers import copy_of, exported, run_cli
 from qc_compile.errors import UserError
 
 
+@pytest.fixture(autouse=True)
+def _restore_grad_mode():
+    """The calibrate command disables autograd process-wide; keep that from leaking into other test modules."""
+    mode = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(mode)
+
+
 def test_allocation_keeps_sensitive_layers_wide_and_meets_budget():
     from qc_compile.calib.allocate import allocate, average_bits, menu_for, parse_budget
 
