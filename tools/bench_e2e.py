@@ -393,7 +393,7 @@ def render(path: Path) -> None:
     doc = json.loads(Path(path).read_text())
     rows = doc["rows"]
     env = doc["env"]
-    lines = [f"# 6c end to end: {doc['what']}", "",
+    lines = [f"# {doc['what']}", "",
              f"Device {env['device']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
              f"{env['date'][:19]}Z. All rows measured in one process; seconds = the whole sampling loop (CUDA-"
              "synchronised wall clock, after a 2-step warm-up run per row).", "",

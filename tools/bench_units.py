@@ -198,7 +198,7 @@ LABELS = {
 def render(path: Path) -> None:
     doc = json.loads(Path(path).read_text())
     env = doc["env"]
-    lines = [f"# 6b {doc['what']}", "",
+    lines = [f"# {doc['what']}", "",
              f"Device {env['device']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
              f"{env['date'][:19]}Z. CUDA events per call, configurations interleaved round-robin, medians. "
              f"Rotation block: {doc['rotation'] or 'none'}. Fidelity: relative L2 error against the same block in "
