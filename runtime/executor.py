@@ -13,6 +13,8 @@ from qc_compile.models.stdit3 import STDiT3, Geometry, unit_kind
 from qc_compile.runtime.policy import (ACTION_CODES, COMPUTE, STAT_INDEX, STAT_NAMES, SUB_BLOCKS, Action,
                                       UnitDecision)
 
+_ACTION_ORDER = {k: i for i, k in enumerate(ACTION_CODES)}
+
 
 @dataclass
 class Conditioning:
@@ -53,6 +55,7 @@ class TorchExecutor:
         self._prev_z: torch.Tensor | None = None
         self._prev_mod: torch.Tensor | None = None
         self._gate_ref: torch.Tensor | None = None
+        self._codes: dict[torch.device, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.residuals.clear()
@@ -101,6 +104,43 @@ class TorchExecutor:
         out, gate = cache["mlp"]
         return x + (gate_mlp if regate else gate) * out
 
+    # ------------------------------------------------------------------------------- hooks (FastExecutor overrides)
+    def _begin_step(self, h: torch.Tensor, emb: dict, mask: torch.Tensor) -> None:
+        """Called once per step after the embed unit (the fast path refreshes its CUDA-graph inputs here)."""
+
+    def _run_block(self, model: STDiT3, variant: str, name: str, h: torch.Tensor, emb: dict,
+                   mask: torch.Tensor) -> torch.Tensor:
+        return model.run_unit(name, {"x": h, "t_mlp": emb["t_mlp"], "y": emb["y"], "mask": mask}, self.g)["x"]
+
+    def _set_action(self, row: torch.Tensor, kind: str) -> None:
+        """Record what ran, by a device-to-device copy: a Python scalar assigned into a CUDA tensor is a
+        host-to-device copy, which would synchronise inside the step."""
+        codes = self._codes.get(row.device)
+        if codes is None:
+            codes = self._codes[row.device] = torch.tensor(list(ACTION_CODES.values()), device=row.device)
+        row[STAT_INDEX["action"]] = codes[_ACTION_ORDER[kind]]
+
+    def _unit_stats(self, row: torch.Tensor, name: str, h: torch.Tensor, out: torch.Tensor, has_prev: bool) -> None:
+        """Fill ``row`` for a computed unit and cache its residual. The previous unit's output is ``h``."""
+        S, g = STAT_INDEX, self.g
+        hf = h.float()
+        res = (out - h).float()
+        row[0] = hf.norm()
+        row[1] = res.norm()
+        cached = self.residuals.get(name)
+        if cached is not None:
+            row[2] = (res - cached.float()).abs().sum() / cached.float().abs().sum().clamp_min(1e-12)
+        if has_prev:
+            row[3] = torch.nn.functional.cosine_similarity(out.float().flatten(), hf.flatten(), dim=0)
+        habs = hf.abs()
+        res_l1 = res.abs().sum()
+        row[S["in_out_rel_l1"]] = res_l1 / habs.sum().clamp_min(1e-12)
+        row[S["in_outlier"]] = habs.max() / habs.mean().clamp_min(1e-12)
+        if g.T > 1:
+            r4 = res.view(res.shape[0], g.T, g.S, -1)
+            row[S["motion"]] = (r4[:, 1:] - r4[:, :-1]).abs().sum() / res_l1.clamp_min(1e-12)
+        self.residuals[name] = res.to(out.dtype)
+
     @torch.no_grad()
     def step(self, z: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
              decisions: Mapping[str, UnitDecision]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +169,8 @@ class TorchExecutor:
             gate_open = bool(gate.opens(float(val)))
         elif gate is not None and gate.probe != "residual":
             raise RuntimeError(f"unknown gate probe {gate.probe!r}")
-        prev = None
+        self._begin_step(h, emb, cond.mask)
+        has_prev = False
         for i, name in enumerate(self.block_units, start=1):
             d = decisions.get(name, COMPUTE)
             action = d.action
@@ -144,41 +185,26 @@ class TorchExecutor:
                         self._gate_ref = probe
                 action = Action.REUSE if gate_open and name in self.residuals else Action.COMPUTE
             if action is Action.PRUNE:
-                row[S["action"]] = ACTION_CODES["prune"]
+                self._set_action(row, "prune")
                 continue
             if action is Action.REUSE:
                 if name not in self.residuals:
                     raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
-                h = prev = h + self.residuals[name]
-                row[S["action"]] = ACTION_CODES["reuse"]
+                h = h + self.residuals[name]
+                has_prev = True
+                self._set_action(row, "reuse")
                 continue
             model = self._model_for(d.variant)
             if d.parts is None:
-                out = model.run_unit(name, {"x": h, "t_mlp": emb["t_mlp"], "y": emb["y"], "mask": cond.mask}, g)["x"]
+                out = self._run_block(model, d.variant, name, h, emb, cond.mask)
             else:
                 out = self._run_parts(model, name, h, emb, cond.mask, tuple(d.parts), d.regate)
             if d.parts and set(d.parts) >= set(SUB_BLOCKS):  # nothing heavy ran: a reuse of the sub-block caches
-                row[S["action"]] = ACTION_CODES["reuse"]
-                h = prev = out
+                self._set_action(row, "reuse")
+                h, has_prev = out, True
                 continue
-            row[S["action"]] = ACTION_CODES["partial" if d.parts else "compute"]
-            hf = h.float()
-            res = (out - h).float()
-            row[0] = hf.norm()
-            row[1] = res.norm()
-            cached = self.residuals.get(name)
-            if cached is not None:
-                row[2] = (res - cached.float()).abs().sum() / cached.float().abs().sum().clamp_min(1e-12)
-            if prev is not None:
-                row[3] = torch.nn.functional.cosine_similarity(out.float().flatten(), prev.float().flatten(), dim=0)
-            habs = hf.abs()
-            res_l1 = res.abs().sum()
-            row[S["in_out_rel_l1"]] = res_l1 / habs.sum().clamp_min(1e-12)
-            row[S["in_outlier"]] = habs.max() / habs.mean().clamp_min(1e-12)
-            if g.T > 1:
-                r4 = res.view(res.shape[0], g.T, g.S, -1)
-                row[S["motion"]] = (r4[:, 1:] - r4[:, :-1]).abs().sum() / res_l1.clamp_min(1e-12)
-            self.residuals[name] = res.to(out.dtype)
-            h = prev = out
+            self._set_action(row, "partial" if d.parts else "compute")
+            self._unit_stats(row, name, h, out, has_prev)
+            h, has_prev = out, True
         v = m.run_unit("final", {"x": h, "t": emb["t"]}, g)["v"]
         return v, stats

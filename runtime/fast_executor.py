@@ -38,9 +38,9 @@ from qc_compile.models.layers import RotaryEmbedding
 from qc_compile.models.stdit3 import STDiT3, STDiT3Block, Geometry, unit_kind
 from qc_compile.plugins import cache_stats as CS
 from qc_compile.runtime import fast_linear as fl
-from qc_compile.runtime.executor import Conditioning, TorchExecutor
+from qc_compile.runtime.executor import TorchExecutor
 from qc_compile.runtime.fast_linear import LinearSpec, LinearWeights
-from qc_compile.runtime.policy import ACTION_CODES, COMPUTE, STAT_INDEX, STAT_NAMES, SUB_BLOCKS, Action, UnitDecision
+from qc_compile.runtime.policy import STAT_INDEX
 
 ROLES: tuple[tuple[str, str], ...] = (
     ("qkv", "attn.qkv"), ("proj", "attn.proj"), ("q_linear", "cross_attn.q_linear"),
@@ -341,10 +341,6 @@ class FastExecutor(TorchExecutor):
             self.variant_models = {v: build_fast_model(model, plan, v, fn=fn) for v in plan.variant_names}
             self.variant_models.setdefault("fp", self.fp_model)
         self.default_model = self.variant_models.get("default", self.fp_model)
-        # action codes on the device, written into the stats by device-to-device copies (a Python scalar assigned
-        # to a CUDA tensor is a host-to-device copy, which synchronises)
-        self._codes = torch.tensor([ACTION_CODES[a] for a in ("compute", "reuse", "prune", "partial")],
-                                   device=model.x_embedder.proj.weight.device)
         self._graphs: dict[tuple[str, str], _UnitGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
         self._pool = None
@@ -423,78 +419,16 @@ class FastExecutor(TorchExecutor):
                                     / v[i["l1_res"]].clamp_min(1e-12))
         self.residuals[name] = res
 
-    # ----------------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, z: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
-             decisions: Mapping[str, UnitDecision]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One model evaluation: the velocity and a (units, len(STAT_NAMES)) stats tensor, both on the device."""
-        m, g = self.model, self.g
-        S = STAT_INDEX
-        stats = torch.full((len(self.unit_names), len(STAT_NAMES)), float("nan"), device=z.device)
-        emb = m.run_unit("embed", {"x": z, "timestep": timestep, "y": cond.y, "mask": cond.mask, "fps": cond.fps}, g)
-        h = h0 = emb["x"]
-        zf = z.float()
-        if self._prev_z is not None and self._prev_z.shape == zf.shape:
-            stats[0, S["latent_rel_l1"]] = ((zf - self._prev_z).abs().sum()
-                                            / self._prev_z.abs().sum().clamp_min(1e-12))
-        self._prev_z = zf
-        graphs = self.cuda_graphs and h.is_cuda
-        if graphs:
-            self._ensure_static(h, emb, cond.mask)
-        gates = {id(d.gate): d.gate for d in decisions.values() if d.action is Action.GATED}
-        if len(gates) > 1 or (gates and None in gates.values()):
-            raise RuntimeError("GATED decisions of one step must share one Gate")
-        gate = next(iter(gates.values()), None)
-        gate_open: bool | None = None
-        if gate is not None and gate.probe == "modulated_input":
-            mod = self._modulated_input(h, emb["t_mlp"])
-            val = self._rel_l1(mod, self._prev_mod)
-            self._prev_mod = mod
-            stats[0, S["gate_rel_l1"]] = val
-            stats[1, S["mod_rel_l1"]] = val
-            gate_open = bool(gate.opens(float(val)))  # the gate's one scalar copy (by design)
-        elif gate is not None and gate.probe != "residual":
-            raise RuntimeError(f"unknown gate probe {gate.probe!r}")
-        has_prev = False
-        for i, name in enumerate(self.block_units, start=1):
-            d = decisions.get(name, COMPUTE)
-            action = d.action
-            row = stats[i]
-            if action is Action.GATED:
-                if gate_open is None:
-                    probe = h - h0
-                    val = self._rel_l1(probe, self._gate_ref)
-                    stats[0, S["gate_rel_l1"]] = val
-                    gate_open = bool(gate.opens(float(val)))
-                    if not gate_open:
-                        self._gate_ref = probe
-                action = Action.REUSE if gate_open and name in self.residuals else Action.COMPUTE
-            if action is Action.PRUNE:
-                row[S["action"]] = self._codes[2]
-                continue
-            if action is Action.REUSE:
-                if name not in self.residuals:
-                    raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
-                h = h + self.residuals[name]
-                has_prev = True
-                row[S["action"]] = self._codes[1]
-                continue
-            fm = self._model_for(d.variant)
-            if d.parts is not None:
-                out = self._run_parts(fm, name, h, emb, cond.mask, tuple(d.parts), d.regate)
-                if set(d.parts) >= set(SUB_BLOCKS):
-                    row[S["action"]] = self._codes[1]
-                    h, has_prev = out, True
-                    continue
-            elif graphs:
-                out = self._graph_unit(fm, d.variant if d.variant in self.variant_models else "default", name, h)
-            else:
-                out = fm.block(name)(h, emb["t_mlp"], emb["y"], cond.mask, g.T, g.S)
-            row[S["action"]] = self._codes[3 if d.parts else 0]
-            self._unit_stats(row, name, h, out, has_prev)
-            h, has_prev = out, True
-        v = m.run_unit("final", {"x": h, "t": emb["t"]}, g)["v"]
-        return v, stats
+    # ----------------------------------------------------------------------------------------- hooks
+    def _begin_step(self, h: torch.Tensor, emb: dict, mask: torch.Tensor) -> None:
+        if self.cuda_graphs and h.is_cuda:
+            self._ensure_static(h, emb, mask)
+
+    def _run_block(self, model: FastModel, variant: str, name: str,  # type: ignore[override]
+                   h: torch.Tensor, emb: dict, mask: torch.Tensor) -> torch.Tensor:
+        if self.cuda_graphs and h.is_cuda:
+            return self._graph_unit(model, variant if variant in self.variant_models else "default", name, h)
+        return model.block(name)(h, emb["t_mlp"], emb["y"], mask, self.g.T, self.g.S)
 
 
 def check_fast_available(device: str) -> None:
