@@ -47,7 +47,7 @@ def rotation_block(k: int) -> int:
 
 
 def _install(mod, e: LinearPlan, s: torch.Tensor | None, rot: int | None):
-    from qc_compile.torch_package import _hadamard_rows, dequantize, fake_quant_activation, quantize, transformed_weight
+    from qc_compile.torch_package import dequantize, quantize, transform_activation, transformed_weight
 
     orig = mod.weight.data
     ee = LinearPlan(unit=e.unit, weight=e.weight, rotation=rot)
@@ -57,12 +57,7 @@ def _install(mod, e: LinearPlan, s: torch.Tensor | None, rot: int | None):
     mod.weight.data = w.to(orig.device, orig.dtype)
 
     def hook(module, args):
-        x = args[0]
-        if s is not None:
-            x = x / s.to(x.device, x.dtype)
-        if rot:
-            x = _hadamard_rows(x.reshape(-1, x.shape[-1]), rot).reshape(x.shape).to(args[0].dtype)
-        return (fake_quant_activation(x, e),) + tuple(args[1:])
+        return (transform_activation(args[0], e, s, rot),) + tuple(args[1:])
     h = mod.register_forward_pre_hook(hook)
 
     def undo():

@@ -102,6 +102,17 @@ def fake_quant_activation(x: torch.Tensor, e: LinearPlan) -> torch.Tensor:
     return (q * s).to(x.dtype)
 
 
+def transform_activation(x: torch.Tensor, e: LinearPlan, s: torch.Tensor | None, rot: int | None) -> torch.Tensor:
+    """What a planned linear sees: ``x / s``, then ``x R``, then the activation fake quantization (the Q/DQ graphs'
+    computation; the weight side is :func:`transformed_weight`)."""
+    y = x
+    if s is not None:
+        y = y / s.to(y.device, y.dtype)
+    if rot:
+        y = _hadamard_rows(y.reshape(-1, y.shape[-1]), rot).reshape(y.shape).to(x.dtype)
+    return fake_quant_activation(y, e)
+
+
 def write_package(work, info, plan: Plan) -> dict:
     """Quantize the model's weights per the plan into ``WORK/torch``; returns the manifest record."""
     from qc_compile.workdir import load_model_for
@@ -185,12 +196,7 @@ def apply_plan(loaded, plan: Plan, tensors: dict[str, torch.Tensor] | None = Non
             continue
 
         def pre_hook(module, args, e=e, s=s, rot=base.rotation):
-            x = args[0]
-            if s is not None:
-                x = x / s.to(x.device, x.dtype)
-            if rot:
-                x = _hadamard_rows(x.reshape(-1, x.shape[-1]), rot).reshape(x.shape).to(args[0].dtype)
-            return (fake_quant_activation(x, e),) + tuple(args[1:])
+            return (transform_activation(args[0], e, s, rot),) + tuple(args[1:])
 
         mod.register_forward_pre_hook(pre_hook)
     return loaded

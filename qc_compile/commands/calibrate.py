@@ -11,6 +11,34 @@ import click
 from qc_compile.errors import UserError
 
 
+def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts: int, *, steps, cfg, seed,
+                         hint: str):
+    """Shared by both calibration methods: the work dir's model, the calibration prompts (each checked against the
+    caption vocabulary) and the sampling settings at the exported geometry."""
+    from qc_compile.calib.ranges import default_prompts, read_prompts
+    from qc_compile.models.caption_encoder import CaptionTokenizer
+    from qc_compile.runtime.pipeline import GenerationSettings
+    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+
+    work = WorkDir(work_dir)
+    info = read_model_info(work)
+    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)
+    if not prompts:
+        raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
+    loaded = load_model_for(info)
+    if loaded.text_encoder is None:
+        raise UserError(f"model {info.name} takes T5 caption features, which qc-compile does not ship, so it cannot "
+                        f"be calibrated from text prompts here; {hint}")
+    try:
+        CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
+    except UserError as e:
+        raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
+    frames, height, width = info.video_size
+    settings = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
+                                           width=width)
+    return work, info, loaded, prompts, settings
+
+
 def _write_report(work, plan, ranges: dict, kept: list[str], settings: dict, per_call: dict) -> Path:
     from qc_compile.artifacts import atomic_write
 
@@ -122,11 +150,10 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     from safetensors.torch import save
 
     from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
-    from qc_compile.calib.ranges import RangeCollector, default_prompts, read_prompts
+    from qc_compile.calib.ranges import RangeCollector
     from qc_compile.export import tool_versions
     from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
-    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+    from qc_compile.runtime.pipeline import generate
 
     fmt = {"fp8": "fp8_e4m3", "int4": "int4_b128", "fp4": "nvfp4"}.get(fmt, fmt)
     if fmt not in WEIGHT_FORMATS:
@@ -136,26 +163,10 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     from qc_compile.trt_compat import parse_target
 
     parse_target(target, allow_any=True)
-    work = WorkDir(work_dir)
-    info = read_model_info(work)
-    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name, num_prompts or 4)
-    if not prompts:
-        raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
     start = time.perf_counter()
-    loaded = load_model_for(info)
-    if loaded.text_encoder is None:
-        raise UserError(f"model {info.name} takes T5 caption features, which qc-compile does not ship, so it cannot "
-                        "be calibrated from text prompts here; calibrate qc-ref, or supply a plan written elsewhere.")
-    if loaded.text_encoder is not None:  # validate every prompt before sampling
-        from qc_compile.models.caption_encoder import CaptionTokenizer
-
-        try:
-            CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
-        except UserError as e:
-            raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
-    frames, height, width = info.video_size
-    settings = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
-                                           width=width)
+    work, info, loaded, prompts, settings = load_for_calibration(
+        work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
+        hint="calibrate qc-ref, or supply a plan written elsewhere.")
     torch.set_grad_enabled(False)
     with RangeCollector(loaded.model, percentile=percentile) as rc:
         generate(loaded, prompts, settings, progress=not quiet)
@@ -163,7 +174,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     work.calib_dir.mkdir(parents=True, exist_ok=True)
     ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
     calib = {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
-             "video": [frames, height, width], "method": "percentile" if percentile is not None else "max",
+             "video": list(info.video_size), "method": "percentile" if percentile is not None else "max",
              "percentile": percentile, "ranges_sha256": ranges_sha}
     write_json_atomic(work.calib_dir / "ranges.json", {"schema_version": 1, "calibration": calib, "ranges": ranges})
     provenance = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -19,13 +19,11 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
 
     from qc_compile.calib import aigq, allocate, report
     from qc_compile.calib.collect import CollectSettings, text_captions
-    from qc_compile.calib.ranges import default_prompts, read_prompts
+    from qc_compile.commands.calibrate import load_for_calibration
     from qc_compile.export import tool_versions
     from qc_compile.linears import model_linears
     from qc_compile.plan import save_plan, validate
-    from qc_compile.runtime.pipeline import GenerationSettings
     from qc_compile.runtime.policies import expand
-    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
 
     allocate.menu_for(target)  # unknown target -> UserError before any work
     if not 0.0 <= act_high_fraction <= 1.0:
@@ -36,26 +34,11 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
         raise UserError(f"--num-prompts must be at least 1, got {num_prompts}.")
     expand(vc_policy)
     allocate.parse_budget(budget, 1)  # syntax check; the range is checked against the model's menu below
-    work = WorkDir(work_dir)
-    info = read_model_info(work)
-    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name, num_prompts or 8)
-    if not prompts:
-        raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
     start = time.perf_counter()
-    loaded = load_model_for(info)
-    if loaded.text_encoder is None:
-        raise UserError(f"model {info.name} takes T5 caption features, which qc-compile does not ship, so it cannot "
-                        "be calibrated from text prompts here; see tools/eval_calibration.py for a run on synthetic "
-                        "caption features (speed and memory only).")
-    from qc_compile.models.caption_encoder import CaptionTokenizer
-
-    try:
-        CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
-    except UserError as e:
-        raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
+    work, info, loaded, prompts, gs = load_for_calibration(
+        work_dir, prompts_file, num_prompts or 8, steps=steps, cfg=cfg, seed=seed,
+        hint="see tools/eval_calibration.py for a run on synthetic caption features (speed and memory only).")
     frames, height, width = info.video_size
-    gs = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
-                                     width=width)
     settings = CollectSettings(steps=gs.steps, cfg=gs.cfg, seed=gs.seed, frames=frames, height=height, width=width,
                                fps=gs.fps, shift=gs.shift)
     torch.set_grad_enabled(False)
