@@ -316,6 +316,17 @@ class VideoAutoencoderPipeline(nn.Module):
     def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         return self.config.latent_size(frames, height, width)
 
+    def check_geometry(self, model_config, frames: int, height: int, width: int) -> None:
+        """The DiT's latent for this video size must be the VAE's (channels, frames, height, width)."""
+        from qc_compile.models.stdit3 import Geometry
+
+        g = Geometry.for_model(model_config, frames, height, width)
+        ours = (self.config.temporal.embed_dim, *self.latent_size(frames, height, width))
+        if (model_config.in_channels, g.frames, g.height, g.width) != ours:
+            raise UserError(f"the VAE's latent for {frames}x{height}x{width} is {ours}, but model "
+                            f"{model_config.name} expects {(model_config.in_channels, g.frames, g.height, g.width)}; "
+                            "use the VAE released with the model.")
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
                ) -> torch.Tensor:
