@@ -121,3 +121,23 @@ def test_wrong_files_name_the_file_and_expected_keys(files, tmp_path, capsys):
     (bad / "pytorch_model.bin").write_bytes(b"\x80\x02")
     code, err = run_cli(base + ["--text-encoder", str(bad), "--vae", str(files["vae"])], capsys)
     assert code == 2 and "pytorch_model.bin" in err and "safetensors" in err
+
+
+def test_calibrate_through_t5(files, tmp_path, capsys):
+    """calibrate refuses opensora-v1.2 without --text-encoder (naming the option) and calibrates with it, on the
+    built-in prompts through Open-Sora's conventions and T5, filling the caption cache."""
+    import json
+
+    work, cache = tmp_path / "work", tmp_path / "captions.safetensors"
+    main(["export", "opensora-v1.2", "-o", str(work), "--checkpoint", str(files["dit"]), "--quiet"])
+    code, err = run_cli(["calibrate", str(work), "--uniform", "fp8", "--steps", "2"], capsys)
+    assert code == 2 and "--text-encoder" in err and "Traceback" not in err
+    main(["calibrate", str(work), "--uniform", "fp8", "--steps", "2", "--num-prompts", "2", "--text-encoder",
+          str(files["t5"]), "--caption-cache", str(cache), "--quiet"])
+    ranges = json.loads((work / "calib" / "ranges.json").read_text())
+    assert len(ranges["calibration"]["prompts"]) == 2
+    assert all(r["amax"] > 0 for r in ranges["ranges"].values())
+    assert (work / "plan.json").is_file()
+    from qc_compile.models.text_cache import CaptionCache
+
+    assert len(CaptionCache(cache)) == 2
