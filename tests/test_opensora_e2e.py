@@ -129,7 +129,8 @@ def test_calibrate_through_t5(files, tmp_path, capsys):
     import json
 
     work, cache = tmp_path / "work", tmp_path / "captions.safetensors"
-    main(["export", "opensora-v1.2", "-o", str(work), "--checkpoint", str(files["dit"]), "--quiet"])
+    main(["export", "opensora-v1.2", "-o", str(work), "--checkpoint", str(files["dit"]), "--frames", "17", "--height",
+          "32", "--width", "48", "--quiet"])
     code, err = run_cli(["calibrate", str(work), "--uniform", "fp8", "--steps", "2"], capsys)
     assert code == 2 and "--text-encoder" in err and "Traceback" not in err
     main(["calibrate", str(work), "--uniform", "fp8", "--steps", "2", "--num-prompts", "2", "--text-encoder",
@@ -141,3 +142,21 @@ def test_calibrate_through_t5(files, tmp_path, capsys):
     from qc_compile.models.text_cache import CaptionCache
 
     assert len(CaptionCache(cache)) == 2
+
+
+def test_bench_request_cpu_smoke(tmp_path):
+    """tools/bench_request.py at tiny size on the CPU: every phase timed, the decoded video has the request's shape."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import bench_request
+
+    out = tmp_path / "req.json"
+    assert bench_request.main(["--tiny", "--device", "cpu", "--steps", "1", "--rows", "bf16_eager", "--out",
+                               str(out)]) == 0
+    doc = json.loads(out.read_text())
+    row = doc["rows"][0]
+    assert row["row"] == "bf16_eager" and "error" not in row and row["finite"]
+    assert all(row[k] > 0 for k in ("t5_s", "dit_s", "vae_s")) and row["video_shape"] == [1, 3, 17, 32, 48]
+    assert doc["env"]["commit"] and "latent 4x5x4x6" in doc["what"]

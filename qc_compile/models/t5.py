@@ -52,6 +52,17 @@ class T5TextEncoder:
         self._tokenizer = None
         self._identity: str | None = None
 
+    @classmethod
+    def from_model(cls, model, tokenizer, *, identity: str, max_length: int = MAX_LENGTH) -> "T5TextEncoder":
+        """Wrap an already built encoder and tokenizer (random weights for benchmarks); no folder involved."""
+        self = cls.__new__(cls)
+        p = next(model.parameters())
+        self.path, self.device, self.dtype, self.max_length = None, p.device, p.dtype, max_length
+        self.config = {"model_type": "t5", "d_model": model.config.d_model}
+        self.d_model = model.config.d_model
+        self._model, self._tokenizer, self._identity = model.eval(), tokenizer, identity
+        return self
+
     # -- checks ----------------------------------------------------------------------------------------------------
 
     def _check_folder(self, expected_dim: int | None) -> dict:
