@@ -160,3 +160,15 @@ def test_bench_request_cpu_smoke(tmp_path):
     assert row["row"] == "bf16_eager" and "error" not in row and row["finite"]
     assert all(row[k] > 0 for k in ("t5_s", "dit_s", "vae_s")) and row["video_shape"] == [1, 3, 17, 32, 48]
     assert doc["env"]["commit"] and "latent 4x5x4x6" in doc["what"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prompt_to_mp4_on_gpu_bf16(files, tmp_path):
+    """The same request on CUDA: DiT and VAE in bf16 (--dtype auto), T5 in bf16; the video is finite and full size."""
+    from qc_compile.video_io import read_video
+
+    out = tmp_path / "g.mp4"
+    main(_gen(files, out, "--device", "cuda"))
+    video = read_video(out, size=(32, 48))
+    assert video.shape == (3, 17, 32, 48) and float(video.std()) > 0.01

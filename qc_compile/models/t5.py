@@ -86,9 +86,9 @@ class T5TextEncoder:
                             f"{expected_dim}-channel caption features (T5 v1.1 XXL has d_model 4096).")
         if not self.weight_files(p):
             pickled = sorted(x.name for x in p.glob("*.bin"))
-            extra = (f" It holds only pickled weights ({', '.join(pickled[:3])}); qc-compile reads .safetensors "
-                     "only (the DeepFloyd repository ships model-0000N-of-0000M.safetensors beside them).") \
-                if pickled else ""
+            extra = (f" It holds only pickled weights ({', '.join(pickled[:3])}); qc-compile never unpickles. "
+                     "Fetch the .safetensors variant of the checkpoint, or convert the .bin files once where you "
+                     "trust them (transformers save_pretrained writes safetensors).") if pickled else ""
             raise UserError(f"--text-encoder {p}: no model*.safetensors weights.{extra}")
         if not any((p / f).is_file() for f in ("tokenizer.json", "spiece.model")):
             raise UserError(f"--text-encoder {p}: no tokenizer (expected spiece.model or tokenizer.json).")
