@@ -9,7 +9,8 @@ reported separately, not inside the numbers.
 
 Rows (``--rows``): ``bf16_eager`` (the plain model: TorchExecutor), ``bf16_compile`` (every STDiT3 block's forward
 through ``torch.compile``, the strongest baseline a user has, DESIGN.md §7), ``ours_fp8`` (our FastExecutor with the
-FP8 W8A8 block plan, compiled, every unit computed). T5 and VAE are the same bf16 modules in every row.
+FP8 W8A8 block plan, compiled, every unit computed; it also computes the per-unit statistics policies read, so it
+carries work the baselines do not). T5 and VAE are the same bf16 modules in every row.
 
     python tools/bench_request.py                                  # GPU, full size: JSON to bench/results/
     python tools/bench_request.py --tiny --device cpu --steps 2 --rows bf16_eager   # CPU smoke test (~1 min)
