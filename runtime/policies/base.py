@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qc_compile.errors import UserError
-from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
+from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision, decode_action
 
 BLOCK_PREFIXES = ("spatial_", "temporal_")
 
@@ -146,8 +146,23 @@ def computed(stats: StepStats, unit: str) -> bool:
     """Whether the executor computed (all or part of) ``unit`` in the step these statistics describe."""
     a = stats.get(unit, "action")
     if not math.isnan(a):
-        return a in (0.0, 3.0)
+        return decode_action(a) == "compute"  # whole or partial computation
     return not math.isnan(stats.get(unit, "res_norm"))
+
+
+def residual_change_rates(stats: StepStats, step: StepInfo, units, last_computed: dict[str, int]) -> dict[str, float]:
+    """Per computed unit, its residual's relative L1 change per step since its last computation (``res_rel_l1``
+    divided by the steps in between); updates ``last_computed``. Units computed for the first time give no rate."""
+    rates = {}
+    for u in units:
+        if not computed(stats, u):
+            continue
+        last = last_computed.get(u)
+        rel = stats.get(u, "res_rel_l1")
+        if last is not None and not math.isnan(rel):
+            rates[u] = rel / max(step.index - last, 1)
+        last_computed[u] = step.index
+    return rates
 
 
 class BasePolicy:
