@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qc_compile.errors import UserError
+from qc_compile.models.units import is_block
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision, decode_action
-
-BLOCK_PREFIXES = ("spatial_", "temporal_")
 
 VARIANT_RANK: dict[str, int] = {"low": 0, "default": 1, "mid": 1, "high": 2, "fp": 3}
 """Precision variants by rank. ``default`` is the plan's main format for a unit; ``high`` its higher-precision
@@ -24,10 +23,6 @@ When combined policies disagree, the higher rank wins (a refresh in high precisi
 
 def variant_rank(v: str) -> int:
     return VARIANT_RANK.get(v, 1)
-
-
-def is_block(unit: str) -> bool:
-    return unit.startswith(BLOCK_PREFIXES)
 
 
 @dataclass(frozen=True)
