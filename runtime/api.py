@@ -289,28 +289,31 @@ class Pipeline:
         """The FP videos (policy none) for these prompts and settings, cached per pipeline."""
         return self._fp_run(prompts, settings, progress)[:2]
 
-    def _fp_run(self, prompts: list[str], settings, progress: bool = False):
+    def _fp_run(self, prompts: list[str], settings, progress: bool = False, seeds: list[int] | None = None):
         from qc_compile.runtime.pipeline import generate
 
-        key = (tuple(prompts), settings)
+        key = (tuple(prompts), settings, None if seeds is None else tuple(seeds))
         if key not in self._fp_cache:
             start = time.perf_counter()
             videos, sample = generate(self.loaded, prompts, settings,
-                                      executor=self.make_executor(settings, quantized=False), progress=progress)
+                                      executor=self.make_executor(settings, quantized=False), progress=progress,
+                                      seeds=seeds)
             self._fp_cache[key] = (videos, time.perf_counter() - start, sample.steps)
         return self._fp_cache[key]
 
     def __call__(self, prompt: str | Sequence[str], *, policy: Any = None, overrides: Mapping[str, Any] | None = None,
                  seed: int = 0, steps: int | None = None, cfg: float | None = None, reference: bool = False,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
-                 progress: bool = False) -> RunResult:
+                 progress: bool = False, seeds: Sequence[int] | None = None) -> RunResult:
         """Generate one video per prompt under ``policy`` (a name such as ``quantcache``, ``hlc+srap``, or a policy
         object; default: the plan's policy, else none). ``reference=True`` also runs the FP model with the same
-        seed for PSNR/SSIM and the caption-checker drop."""
+        seed for PSNR/SSIM and the caption-checker drop. ``seeds`` gives each prompt its own seed (default: prompt k
+        uses ``seed + k``); ``seed`` then only seeds the policy."""
         from qc_compile.runtime.pipeline import generate
         from qc_compile.runtime.trace import unit_flops
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = None if seeds is None else [int(s) for s in seeds]
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError("give at least one non-empty prompt.")
         if self.loaded.text_encoder is not None:
@@ -327,11 +330,11 @@ class Pipeline:
                             "torch.")
         torch.set_grad_enabled(False)
         if type(pol).__name__ in ("NoPolicy", "ComputeAll") and not self.quantized and not self.fast:
-            videos, seconds, steps_rec = self._fp_run(prompts, settings, progress)  # the FP run is its own reference
+            videos, seconds, steps_rec = self._fp_run(prompts, settings, progress, seeds)  # its own reference
         else:
             start = time.perf_counter()
             videos, sample = generate(self.loaded, prompts, settings, policy=pol, executor=executor,
-                                      progress=progress)
+                                      progress=progress, seeds=seeds)
             seconds, steps_rec = time.perf_counter() - start, sample.steps
         g = executor.g if hasattr(executor, "g") else None
         costs = unit_flops(self.loaded.config, g) if g is not None else {}
@@ -350,5 +353,5 @@ class Pipeline:
             res.extra["gate_history"] = [{k: (None if isinstance(v, float) and (math.isinf(v) or math.isnan(v))
                                               else v) for k, v in h.items()} for h in hist]
         if reference:
-            res.fp_videos, res.fp_seconds = self.fp_reference(prompts, settings, progress)
+            res.fp_videos, res.fp_seconds = self._fp_run(prompts, settings, progress, seeds)[:2]
         return res
