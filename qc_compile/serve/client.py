@@ -112,9 +112,10 @@ class VideoClient:
         return got
 
     def generate(self, prompt: str, *, seed: int = 0, steps: int | None = None, policy: str | None = None,
-                 thresholds: dict | None = None, plan: str | None = None, mp4: bool = False) -> VideoResult:
+                 thresholds: dict | str | None = None, plan: str | None = None, mp4: bool = False) -> VideoResult:
         arrays = request_arrays(prompt, seed=seed, steps=steps, policy=policy,
-                                thresholds=None if thresholds is None else json.dumps(thresholds),
+                                thresholds=thresholds if thresholds is None or isinstance(thresholds, str)
+                                else json.dumps(thresholds),
                                 plan=plan, mp4=mp4 or None)
         got = self.infer_raw(arrays)
         status = int(got["status"].reshape(-1)[0])
