@@ -257,3 +257,22 @@ def test_server_serves_survives_bad_requests_and_shuts_down_cleanly(tmp_path: Pa
     text = log.read_text()
     assert "stopped cleanly" in text and "Traceback" not in text, text[-4000:]
     assert re.search(r"\d+ bad", text)
+
+
+@pytest.mark.slow
+def test_load_test_tool_on_the_cpu(tmp_path: Path) -> None:
+    """tools/load_test.py with small N and M: nothing lost, one-at-a-time bit-identical, servers stop cleanly."""
+    pytest.importorskip("pytriton")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import load_test
+
+    out = tmp_path / "lt.json"
+    rc = load_test.main(["qc-ref", "--steps", "1", "--concurrency", "1,2", "--requests", "2", "--max-batch", "2",
+                         "--max-queue-delay-ms", "300",
+                         "--max-seconds", "300", "--out", str(out), "--plot", str(tmp_path / "lt.png")])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["ok"] and r["lost"] == 0 and r["one_at_a_time_bit_identical"], r
+    assert set(r["batching_gain"]) == {"1", "2"} and (tmp_path / "lt.png").stat().st_size > 0
+    assert all(s["clean_stop"] and not s["traceback_in_log"] for s in r["servers"].values())
+    batched = next(rows for mode, rows in r["modes"].items() if mode.startswith("batched"))
+    assert max(row["mean_run_batch"] for row in batched) > 1  # two clients did get batched together
