@@ -53,24 +53,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def initial_noise(loaded: LoadedModel, settings: GenerationSettings, n: int) -> torch.Tensor:
-    """Per-prompt noise: prompt k uses seed + k, so a prompt's video does not depend on what else is in the batch."""
+def initial_noise(loaded: LoadedModel, settings: GenerationSettings, n: int,
+                  seeds: list[int] | None = None) -> torch.Tensor:
+    """Per-prompt noise: prompt k uses ``seeds[k]`` (default seed + k), so a prompt's starting noise does not depend
+    on what else is in the batch (a server batches requests that each carry their own seed)."""
     g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
     shape = (loaded.config.in_channels, g.frames, g.height, g.width)
-    return torch.stack([noise(shape, settings.seed + k) for k in range(n)])
+    if seeds is not None and len(seeds) != n:
+        raise UserError(f"give one seed per prompt: {n} prompts, {len(seeds)} seeds.")
+    return torch.stack([noise(shape, settings.seed + k if seeds is None else int(seeds[k])) for k in range(n)])
 
 
 def generate(loaded: LoadedModel, prompts: list[str], settings: GenerationSettings, *,
              policy: StepPolicy | None = None, executor: Executor | None = None,
-             progress: bool = True) -> tuple[torch.Tensor, SampleResult]:
-    """Sample one video per prompt: returns (videos (n, C, T, H, W) float32 on the CPU, the sampler's record)."""
+             progress: bool = True, seeds: list[int] | None = None) -> tuple[torch.Tensor, SampleResult]:
+    """Sample one video per prompt (prompt k from ``seeds[k]``, default seed + k): returns (videos (n, C, T, H, W)
+    float32 on the CPU, the sampler's record)."""
     if not prompts:
         raise UserError("no prompts given.")
     c = loaded.config
     g = Geometry.for_model(c, settings.frames, settings.height, settings.width)
     device = loaded.model.x_embedder.proj.weight.device
     y, mask = loaded.encode_prompts(prompts)
-    z = initial_noise(loaded, settings, len(prompts)).to(device)
+    z = initial_noise(loaded, settings, len(prompts), seeds).to(device)
     sampler = RFlowSampler(SamplerConfig(num_steps=settings.steps, cfg_scale=settings.cfg,
                                          use_timestep_transform=c.use_timestep_transform, shift=settings.shift))
     executor = executor or torch_executor(loaded.model, g)

@@ -78,6 +78,7 @@ class Pipeline:
                 self.loaded = load_model(model or "qc-ref", checkpoint, device=self.device,
                                          random_weights=random_weights)
         self._fp_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
+        self.fp_cache_size = 8  # FP reference runs kept (oldest dropped first)
 
     @classmethod
     def from_pretrained(cls, name: str = "qc-ref", checkpoint: str | Path | None = None, *, device: str = "cpu",
@@ -102,10 +103,13 @@ class Pipeline:
         from qc_compile.models.stdit3 import Geometry
 
         g = Geometry.for_model(self.loaded.config, settings.frames, settings.height, settings.width)
-        req = RunnerRequest(loaded=self.loaded, geometry=g, device=self.device, plan=self.plan,
-                            work=self._workdir, quantized=quantized,
-                            options=self.executor_options, cache=self._runner_cache)
-        return StepExecutor(load_runner(self.executor_kind, req), g)
+        key = ("runner", quantized, g)  # runners are loaded once (sessions, engines, CUDA graphs) and reused
+        if key not in self._runner_cache:
+            req = RunnerRequest(loaded=self.loaded, geometry=g, device=self.device, plan=self.plan,
+                                work=self._workdir, quantized=quantized,
+                                options=self.executor_options, cache=self._runner_cache)
+            self._runner_cache[key] = load_runner(self.executor_kind, req)
+        return StepExecutor(self._runner_cache[key], g)
 
     @property
     def quantized(self) -> bool:
@@ -137,26 +141,35 @@ class Pipeline:
         """The FP videos (policy none) for these prompts and settings, cached per pipeline."""
         return self._fp_run(prompts, settings, progress)[:2]
 
-    def _fp_run(self, prompts: list[str], settings, progress: bool = False):
-        key = (tuple(prompts), settings)
+    def _fp_run(self, prompts: list[str], settings, progress: bool = False, seeds: list[int] | None = None):
+        key = (tuple(prompts), settings, None if seeds is None else tuple(seeds))
         if key not in self._fp_cache:
             start = time.perf_counter()
             videos, sample = generate(self.loaded, prompts, settings,
-                                      executor=self.make_executor(settings, quantized=False), progress=progress)
+                                      executor=self.make_executor(settings, quantized=False), progress=progress,
+                                      seeds=seeds)
+            while len(self._fp_cache) >= self.fp_cache_size:  # bounded: a server runs many prompts
+                self._fp_cache.pop(next(iter(self._fp_cache)))
             self._fp_cache[key] = (videos, time.perf_counter() - start, sample.steps)
         return self._fp_cache[key]
+
+    def clear_cache(self) -> None:
+        """Forget the cached FP reference runs."""
+        self._fp_cache.clear()
 
     def __call__(self, prompt: str | Sequence[str], *, policy: Any = None, overrides: Mapping[str, Any] | None = None,
                  seed: int = 0, steps: int | None = None, cfg: float | None = None, reference: bool = False,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
-                 progress: bool = False) -> RunResult:
+                 progress: bool = False, seeds: Sequence[int] | None = None) -> RunResult:
         """Generate one video per prompt under ``policy`` (a name such as ``quantcache``, ``hlc+srap``, or a policy
         object; default: the plan's policy, else none). ``reference=True`` also runs the FP model with the same
-        seed for PSNR/SSIM and the caption-checker drop."""
+        seed for PSNR/SSIM and the caption-checker drop. ``seeds`` gives each prompt its own seed (default: prompt k
+        uses ``seed + k``); ``seed`` then only seeds the policy."""
         from qc_compile.runtime.policies import NoPolicy
         from qc_compile.runtime.trace import unit_flops
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = None if seeds is None else [int(s) for s in seeds]
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError("give at least one non-empty prompt.")
         if self.loaded.text_encoder is not None:
@@ -173,11 +186,11 @@ class Pipeline:
                             "torch.")
         torch.set_grad_enabled(False)
         if isinstance(pol, NoPolicy) and not self.quantized and not self.fast:
-            videos, seconds, steps_rec = self._fp_run(prompts, settings, progress)  # the FP run is its own reference
+            videos, seconds, steps_rec = self._fp_run(prompts, settings, progress, seeds)  # its own reference
         else:
             start = time.perf_counter()
             videos, sample = generate(self.loaded, prompts, settings, policy=pol, executor=executor,
-                                      progress=progress)
+                                      progress=progress, seeds=seeds)
             seconds, steps_rec = time.perf_counter() - start, sample.steps
         costs = unit_flops(self.loaded.config, executor.g)
         desc = pol.describe() if hasattr(pol, "describe") else {"name": name}
@@ -195,5 +208,5 @@ class Pipeline:
             res.extra["gate_history"] = [{k: (None if isinstance(v, float) and (math.isinf(v) or math.isnan(v))
                                               else v) for k, v in h.items()} for h in hist]
         if reference:
-            res.fp_videos, res.fp_seconds = self.fp_reference(prompts, settings, progress)
+            res.fp_videos, res.fp_seconds = self._fp_run(prompts, settings, progress, seeds)[:2]
         return res
