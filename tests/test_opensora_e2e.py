@@ -71,7 +71,7 @@ def test_generate_matches_library_path(files):
     the VAE decode of the sampled latent (n, 4, 5, 4, 6)."""
     from qc_compile.models import load_model
     from qc_compile.models.opensora_parts import attach_opensora_parts
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.generation import GenerationSettings, generate
 
     loaded = load_model("opensora-v1.2", files["dit"])
     vae = attach_opensora_parts(loaded, text_encoder=files["t5"], vae=files["vae"])

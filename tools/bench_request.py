@@ -7,8 +7,8 @@ wall clock on the CPU), and the peak memory allocated during the phase (counter 
 Each phase runs once untimed first (T5 and VAE: the same call; DiT: a 2-step loop) so cuDNN/compile warm-up is
 reported separately, not inside the numbers.
 
-Rows (``--rows``): ``bf16_eager`` (the plain model: TorchExecutor), ``bf16_compile`` (every STDiT3 block's forward
-through ``torch.compile``, the strongest baseline a user has, DESIGN.md §7), ``ours_fp8`` (our FastExecutor with the
+Rows (``--rows``): ``bf16_eager`` (the plain model: torch runner), ``bf16_compile`` (every STDiT3 block's forward
+through ``torch.compile``, the strongest baseline a user has, DESIGN.md §7), ``ours_fp8`` (our fast runner with the
 FP8 W8A8 block plan, compiled, every unit computed; it also computes the per-unit statistics policies read, so it
 carries work the baselines do not). T5 and VAE are the same bf16 modules in every row.
 
@@ -100,10 +100,10 @@ def build(args, device: torch.device):
 
 
 def executor_for(row: str, loaded, g, args):
-    from qc_compile.runtime.executor import TorchExecutor
+    from qc_compile.runtime.generation import torch_executor
 
     if row == "bf16_eager":
-        return TorchExecutor(loaded.model, g), None
+        return torch_executor(loaded.model, g), None
     if row == "bf16_compile":
         import types
 
@@ -117,11 +117,13 @@ def executor_for(row: str, loaded, g, args):
         def undo():
             for b in blocks:
                 del b.forward
-        return TorchExecutor(loaded.model, g), undo
+        return torch_executor(loaded.model, g), undo
     if row == "ours_fp8":
-        from qc_compile.runtime.fast_executor import FastExecutor, fp8_block_plan
+        from qc_compile.runtime.fast_blocks import fp8_block_plan
+        from qc_compile.runtime.runners.fast import FastRunner
+        from qc_compile.runtime.step_executor import StepExecutor
 
-        return FastExecutor(loaded.model, g, fp8_block_plan(loaded.model), compile=True), None
+        return StepExecutor(FastRunner(loaded.model, g, fp8_block_plan(loaded.model), compile=True), g), None
     raise SystemExit(f"unknown row {row!r}; known: {', '.join(ROWS)}")
 
 
