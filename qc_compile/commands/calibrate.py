@@ -164,7 +164,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
 
     from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
     from qc_compile.calib.ranges import RangeCollector
-    from qc_compile.export import tool_versions
+    from qc_compile.manifest import tool_versions
     from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan
     from qc_compile.runtime.generation import generate
 
