@@ -1,0 +1,147 @@
+"""What every diffusers adapter shares: unit names and kinds, the block list, and the unit-by-unit forward.
+
+The model-side protocol (the same one :class:`qc_compile.models.stdit3.STDiT3` follows):
+
+* ``unit_names()`` -> ``["embed", "block_0", ..., "block_{L-1}", "final"]``; ``unit_kind(name)`` -> ``"embed" |
+  "block" | "final"``;
+* ``run_unit(name, inputs, geometry) -> dict``: ``embed`` takes the latent ``x``, ``timestep`` and text features
+  ``y`` (plus family-specific optional inputs) and returns ``{"x": tokens, ...}`` with everything the blocks and
+  ``final`` need; a block takes ``{**embed_outputs, "x": h}`` and returns ``{"x": new h}``; ``final`` takes
+  ``{**embed_outputs, "x": h}`` and returns ``{"v": model output in the latent layout}``. Unknown input keys are
+  ignored, so a step executor may pass one dict to every unit.
+* sub-block hooks (for PAB / FORA style caches), with ``ctx`` = the embed outputs:
+  ``block_modulation(name, ctx) -> mods``; ``block_self_attention(name, x, mods, ctx) -> (out, gate)``;
+  ``block_cross_attention(name, x, ctx) -> out``; ``block_mlp(name, x, mods, ctx) -> (out, gate)``. Composition::
+
+      mods = block_modulation(name, ctx)
+      out, gate = block_self_attention(name, x, mods, ctx);  x = add_gated(x, out, gate)
+      x = x + block_cross_attention(name, x, ctx)             # only if "cross" in sub_blocks
+      out, gate = block_mlp(name, x, mods, ctx);              x = add_gated(x, out, gate)
+
+  equals the block's own forward (:meth:`block_forward_parts` does exactly this and is tested against it).
+  ``add_gated`` is the adapter's method: the same expression as the family's diffusers block (Wan adds in fp32 and
+  casts back, CogVideoX in the model dtype), so the composition is exact in every dtype; in fp32 both are
+  ``x + gate * out``. A reused output may be multiplied by the current step's gate (FORA) or its own (PAB).
+* ``block_modulated_input(name, x, ctx)``: the adaLN-modulated input of a block's self-attention (TeaCache's probe).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+SUB_BLOCKS_ALL = ("attn", "cross", "mlp")
+
+
+class DiffusersAdapter(nn.Module):
+    """Base class: wraps a diffusers transformer (kept as ``self.transformer``, weights shared, never copied)."""
+
+    family: str = ""
+    sub_blocks: tuple[str, ...] = SUB_BLOCKS_ALL
+    # VAE compression ratios of the family's pipelines (latent frames = (frames - 1) // t + 1, size // s)
+    temporal_ratio: int = 4
+    spatial_ratio: int = 8
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    # ------------------------------------------------------------------------------------------------- protocol
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def unit_names(self) -> list[str]:
+        return ["embed"] + [f"block_{i}" for i in range(len(self.blocks))] + ["final"]
+
+    @staticmethod
+    def unit_kind(name: str) -> str:
+        """'embed' | 'block' | 'final' for a unit name."""
+        if name in ("embed", "final"):
+            return name
+        if name.startswith("block_") and name[6:].isdigit():
+            return "block"
+        raise ValueError(f"not a unit name: {name!r}")
+
+    def block(self, name: str) -> nn.Module:
+        """The diffusers block module of block unit ``name``."""
+        if self.unit_kind(name) != "block" or int(name[6:]) >= len(self.blocks):
+            raise KeyError(f"no block unit {name!r}")
+        return self.blocks[int(name[6:])]
+
+    def iter_units(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name, module) of the block units in execution order."""
+        for i, b in enumerate(self.blocks):
+            yield f"block_{i}", b
+
+    def run_unit(self, name: str, inputs: dict[str, torch.Tensor], geometry) -> dict[str, torch.Tensor]:
+        kind = self.unit_kind(name)
+        if kind == "embed":
+            return self.embed(inputs, geometry)
+        if kind == "final":
+            return {"v": self.final(inputs, geometry)}
+        return {"x": self.run_block(name, inputs, geometry)}
+
+    def forward_units(self, inputs: dict[str, torch.Tensor], geometry) -> torch.Tensor:
+        """The model's forward unit by unit: what a step executor runs when it computes everything."""
+        ctx = self.run_unit("embed", inputs, geometry)
+        h = ctx["x"]
+        for name in self.unit_names()[1:-1]:
+            h = self.run_unit(name, {**ctx, "x": h}, geometry)["x"]
+        return self.run_unit("final", {**ctx, "x": h}, geometry)["v"]
+
+    @staticmethod
+    def add_gated(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """x + gate·out in the model dtype (families that add in fp32 override this)."""
+        return x + gate * out
+
+    def block_forward_parts(self, name: str, x: torch.Tensor, ctx: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One block composed from its sub-block hooks (see the module docstring); equals :meth:`run_block`."""
+        mods = self.block_modulation(name, ctx)
+        out, gate = self.block_self_attention(name, x, mods, ctx)
+        x = self.add_gated(x, out, gate)
+        if "cross" in self.sub_blocks:
+            x = x + self.block_cross_attention(name, x, ctx)
+        out, gate = self.block_mlp(name, x, mods, ctx)
+        return self.add_gated(x, out, gate)
+
+    # ----------------------------------------------------------------------------------- family-specific parts
+    def geometry_of(self, latent: torch.Tensor, **kw):
+        raise NotImplementedError
+
+    def embed(self, inputs: dict[str, torch.Tensor], g) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def run_block(self, name: str, inputs: dict[str, torch.Tensor], g) -> torch.Tensor:
+        raise NotImplementedError
+
+    def final(self, inputs: dict[str, torch.Tensor], g) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block_modulation(self, name: str, ctx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def block_modulated_input(self, name: str, x: torch.Tensor, ctx: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block_self_attention(self, name: str, x: torch.Tensor, mods: dict[str, torch.Tensor],
+                             ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def block_cross_attention(self, name: str, x: torch.Tensor, ctx: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError(f"{self.family} blocks have no cross-attention sub-block (sub_blocks = "
+                                  f"{self.sub_blocks})")
+
+    def block_mlp(self, name: str, x: torch.Tensor, mods: dict[str, torch.Tensor],
+                  ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
