@@ -38,7 +38,7 @@ def unit_flops(config: Any, geometry: Any) -> dict[str, dict[str, float]]:
 
 
 def _is_block(u: str) -> bool:
-    return u.startswith(("spatial_", "temporal_"))
+    return u.startswith(("spatial_", "temporal_", "block_"))
 
 
 def compute_fractions(steps: Iterable[Any], unit_names: Iterable[str],

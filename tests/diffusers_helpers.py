@@ -42,3 +42,23 @@ def randn(*shape: int, seed: int) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tiny_wan_pipeline(seed: int = 0):
+    """A WanPipeline of tiny random parts: transformer, Wan VAE and flow-matching scheduler. No text encoder (there is
+    no tokenizer without a hub): callers pass ``prompt_embeds`` / ``negative_prompt_embeds``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                           latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
+    return WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_wan(seed), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def run_wan_pipeline(pipe, steps: int = 6, seed: int = 0):
+    pe, ne = randn(1, 6, 16, seed=101), randn(1, 6, 16, seed=102)
+    return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=16, width=16, num_frames=5,
+                num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed),
+                output_type="pt").frames

@@ -111,8 +111,15 @@ def test_geometry_checks_and_model_spec():
         adapter_for(torch.nn.Linear(2, 2))
 
 
-def test_load_model_reads_local_diffusers_folders(tmp_path):
+@pytest.mark.parametrize("with_accelerate", [False, True])
+def test_load_model_reads_local_diffusers_folders(tmp_path, monkeypatch, with_accelerate):
+    """Both loading paths: diffusers' from_pretrained (needs accelerate for Wan) and our strict safetensors load."""
+    import qc_compile.models.diffusers_adapter as da
     from qc_compile.models import load_model
+
+    if with_accelerate:
+        pytest.importorskip("accelerate")
+    monkeypatch.setattr(da, "_accelerate_available", lambda: with_accelerate)
 
     m = tiny_wan(seed=11)
     m.save_pretrained(tmp_path / "pipe" / "transformer", safe_serialization=True)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from qc_compile.errors import UserError
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
 
-BLOCK_PREFIXES = ("spatial_", "temporal_")
+BLOCK_PREFIXES = ("spatial_", "temporal_", "block_")  # block_<i>: diffusers families (full 3-D attention)
 
 VARIANT_RANK: dict[str, int] = {"low": 0, "default": 1, "mid": 1, "high": 2, "fp": 3}
 """Precision variants by rank. ``default`` is the plan's main format for a unit; ``high`` its higher-precision

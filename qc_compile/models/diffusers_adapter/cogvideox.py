@@ -104,6 +104,20 @@ class CogVideoXAdapter(DiffusersAdapter):
             out["rope_cos"], out["rope_sin"] = self.rotary_embedding(g, device=x.device)
         return out
 
+    def call_inputs(self, args: dict) -> tuple[dict[str, torch.Tensor], DiffusersGeometry]:
+        """Embed inputs and geometry from the (bound) arguments of ``CogVideoXTransformer3DModel.forward``."""
+        x, y = args["hidden_states"], args["encoder_hidden_states"]
+        t = args["timestep"]
+        if not isinstance(t, torch.Tensor):
+            t = torch.tensor([t] * x.shape[0], device=x.device)
+        inputs = {"x": x, "timestep": t, "y": y}
+        for k in ("timestep_cond", "ofs"):
+            if args.get(k) is not None:
+                inputs[k] = args[k]
+        if args.get("image_rotary_emb") is not None:
+            inputs["rope_cos"], inputs["rope_sin"] = args["image_rotary_emb"]
+        return inputs, self.geometry_of(x, text_len=y.shape[1])
+
     @staticmethod
     def _rope(ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (ctx["rope_cos"], ctx["rope_sin"]) if "rope_cos" in ctx else None

@@ -134,6 +134,13 @@ class WanAdapter(DiffusersAdapter):
         return b.ffn(h), mods["gate_mlp"]
 
     # ------------------------------------------------------------------------------------------ calling helpers
+    def call_inputs(self, args: dict) -> tuple[dict[str, torch.Tensor], DiffusersGeometry]:
+        """Embed inputs and geometry from the (bound) arguments of ``WanTransformer3DModel.forward``."""
+        x = args["hidden_states"]
+        inputs = self.forward_inputs(x, args["timestep"], args["encoder_hidden_states"],
+                                     args.get("encoder_hidden_states_image"))
+        return inputs, self.geometry_of(x)
+
     def forward_inputs(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                        encoder_hidden_states_image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The embed inputs for the arguments of ``WanTransformer3DModel.forward``."""
