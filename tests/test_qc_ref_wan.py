@@ -21,13 +21,14 @@ TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_
 SMALL = qrw.SamplingDefaults(frames=4, height=8, width=8, steps=3, cfg=3.0, shift=4.0)
 
 
-def _tiny_folder(tmp_path: Path) -> Path:
+def _tiny_folder(tmp_path: Path, defaults: qrw.SamplingDefaults = SMALL, **config) -> Path:
+    """A qc-ref-wan folder with a tiny random transformer (weights moved off the init)."""
     torch.manual_seed(0)
-    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY})
+    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY, **config})
     with torch.no_grad():
         for p in tr.parameters():  # off the zero init, so outputs depend on the weights
             p.add_(0.05 * torch.randn_like(p))
-    return qrw.save_qc_ref_wan(tmp_path / "qc_ref_wan", tr, qrw.build_text_encoder(), defaults=SMALL,
+    return qrw.save_qc_ref_wan(tmp_path / "qc_ref_wan", tr, qrw.build_text_encoder(), defaults=defaults,
                                provenance={"test": True})
 
 

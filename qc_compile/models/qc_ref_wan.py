@@ -153,6 +153,7 @@ class QCRefWan:
         self.meta = meta or {}
         self.checkpoint = checkpoint
         self.model = WanAdapter(transformer)
+        self.current_timestep: torch.Tensor | None = None
 
     @property
     def config(self):
@@ -171,11 +172,16 @@ class QCRefWan:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], *, seed: int = 0, steps: int | None = None, cfg: float | None = None,
-               shift: float | None = None, progress: bool = False,
+               shift: float | None = None, cfg_batched: bool = False, progress: bool = False,
                on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
         """Videos (n, 3, F, H, W) in [-1, 1] for ``prompts``; prompt k starts from the noise of seed ``seed + k``
         (drawn on the CPU, so CPU and GPU runs start alike). The transformer is called as ``WanPipeline`` calls
-        it, so hooks installed on it (diffusers caches, ``qc_compile.enable``) act as they would there."""
+        it — CFG as two calls per step in ``cache_context("cond")`` / ``("uncond")`` — so hooks installed on it
+        (diffusers caches, cache-dit, ``qc_compile.enable``) act as they would there. ``cfg_batched`` instead runs
+        one call on the batch [uncond; cond] in ``cache_context("cond_uncond")``, as ``CogVideoXPipeline`` does
+        (what diffusers' FasterCache expects). ``self.current_timestep`` follows the loop (the pipelines'
+        ``current_timestep``, for hooks that take a timestep callback); stateful diffusers hooks are reset at the
+        end, as pipelines do."""
         from tqdm.auto import tqdm
 
         from qc_compile.runtime.sampler import noise
@@ -190,23 +196,31 @@ class QCRefWan:
         y = self.encode_prompts(prompts).to(dtype)
         y_null = self.null_captions(n).to(dtype)
         z = torch.cat([noise((1, 3, d.frames, d.height, d.width), seed + k) for k in range(n)]).to(self.device)
+        tr = self.transformer
         for i, t in enumerate(tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False)):
+            self.current_timestep = t
             x = with_frame_channel(z).to(dtype)
-            timestep = t.expand(n)
             ctx = {"step_index": i, "sigma": float(sched.sigmas[i]), "num_inference_steps": steps}
-            with self.transformer.cache_context("cond", **ctx):
-                v_c = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=y,
-                                       return_dict=False)[0].float()
-            if cfg != 1.0:
-                with self.transformer.cache_context("uncond", **ctx):
-                    v_u = self.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=y_null,
-                                           return_dict=False)[0].float()
+            if cfg != 1.0 and cfg_batched:
+                with tr.cache_context("cond_uncond", **ctx):
+                    out = tr(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * n),
+                             encoder_hidden_states=torch.cat([y_null, y]), return_dict=False)[0].float()
+                v_u, v_c = out.chunk(2)
                 v = v_u + cfg * (v_c - v_u)
             else:
-                v = v_c
+                with tr.cache_context("cond", **ctx):
+                    v = tr(hidden_states=x, timestep=t.expand(n), encoder_hidden_states=y, return_dict=False)[0].float()
+                if cfg != 1.0:
+                    with tr.cache_context("uncond", **ctx):
+                        v_u = tr(hidden_states=x, timestep=t.expand(n), encoder_hidden_states=y_null,
+                                 return_dict=False)[0].float()
+                    v = v_u + cfg * (v - v_u)
             z = sched.step(v, t, z, return_dict=False)[0]
             if on_step is not None:
                 on_step(i, float(t))
+        self.current_timestep = None
+        if hasattr(tr, "_reset_stateful_cache"):
+            tr._reset_stateful_cache()
         return z.clamp(-1.0, 1.0).float().cpu()
 
 
