@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qc_compile.errors import UserError
+from qc_compile.models.units import block_units
 
 INDEX_SCHEMA = 1
 PCT_SAMPLE = 1 << 16  # |x| elements sampled per row for the percentiles (exact below this)
@@ -106,7 +107,7 @@ class StepHooks:
 
         self.model = model
         self.linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        unit_of = {id(model.block(u)): u for u in model.unit_names() if u not in ("embed", "final")}
+        unit_of = {id(model.block(u)): u for u in block_units(model.unit_names())}
         self.blocks = [(unit_of[id(m)], m) for _, m in model.named_modules() if isinstance(m, STDiT3Block)]
         self.cur: dict[str, torch.Tensor] = {}
         self.prev_res: dict[str, torch.Tensor] = {}
@@ -179,7 +180,8 @@ def collect(loaded, captions: Captions, settings: CollectSettings, out_dir: str 
 
     from qc_compile.artifacts import sha256_file, write_bytes_atomic, write_json_atomic
     from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.executor import Conditioning, TorchExecutor
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.protocols import Conditioning
     from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig, noise
     from qc_compile.runtime.schedule import step_sizes
 
@@ -220,7 +222,7 @@ def collect(loaded, captions: Captions, settings: CollectSettings, out_dir: str 
     S = len(ts)
     todo = sum(1 for b in range(len(index["batches"])) for s in range(S) if shard_name(b, s) not in index["shards"])
     bar = tqdm(total=todo, desc="calibration statistics", unit="step", disable=not progress, leave=False)
-    executor = TorchExecutor(loaded.model, g)
+    executor = torch_executor(loaded.model, g)
     with torch.no_grad(), StepHooks(loaded.model, seed=settings.seed) as hooks:
         for b, members in enumerate(index["batches"]):
             done = [s for s in range(S) if shard_name(b, s) in index["shards"]]

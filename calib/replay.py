@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 
 from qc_compile.calib.collect import Captions, StatsStore
-from qc_compile.runtime.executor import Conditioning
+from qc_compile.models.units import block_units
+from qc_compile.runtime.protocols import Conditioning
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Replay:
             emb = m.run_unit("embed", {"x": torch.cat([self.z, self.z]), "timestep": self.timestep,
                                        "y": self.cond.y, "mask": self.cond.mask, "fps": self.cond.fps}, g)
             h = emb["x"]
-            blocks = [u for u in self.units if u not in ("embed", "final")]
+            blocks = list(block_units(self.units))
         else:
             emb = self.emb
             blocks = [] if start == "final" else self.units[self.units.index(start):-1]

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from qc_compile.calib.replay import Replay, rel_err
+from qc_compile.models.units import is_block
 from qc_compile.plan import LinearPlan, act_scale_for
 
 ALPHAS = (0.25, 0.5, 0.75)
@@ -68,7 +69,7 @@ def _install(mod, e: LinearPlan, s: torch.Tensor | None, rot: int | None):
 
 def _unit_error(rep: Replay, unit: str, model) -> float:
     out = rep.unit_output(unit, model)
-    if unit in ("embed", "final"):
+    if not is_block(unit):
         ref = rep.unit_output(unit)
         return rel_err(out, ref)
     return rel_err(out - rep.block_in[unit], rep.unit_output(unit) - rep.block_in[unit])

@@ -70,7 +70,7 @@ def fit(loaded, plan, captions, settings, fp_latents: torch.Tensor, policy_spec:
     import copy
 
     from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.executor import TorchExecutor
+    from qc_compile.runtime.generation import torch_executor
     from qc_compile.runtime.policies import get_policy
     from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig, noise
     from qc_compile.torch_package import apply_plan, package_tensors
@@ -91,7 +91,7 @@ def fit(loaded, plan, captions, settings, fp_latents: torch.Tensor, policy_spec:
     dev = loaded.model.x_embedder.proj.weight.device
     shape = (c.in_channels, g.frames, g.height, g.width)
     z = torch.stack([noise(shape, settings.seed + k) for k in range(n)]).to(dev)
-    ex = TorchExecutor(variant_models["default"], g, variant_models=variant_models)
+    ex = torch_executor(variant_models["default"], g, variant_models=variant_models)
     res = sampler.sample(ex, z, captions.y, captions.mask, captions.y_null, settings.fps,
                          video_size=(settings.frames, settings.height, settings.width), policy=wrapped,
                          progress=progress)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "calibrate": ("qc_compile.commands.calibrate", "calibrate", "Calibrate activation ranges and write plan.json."),
     "build": ("qc_compile.commands.build", "build", "Apply the plan's passes and build engines for a target."),
     "compare": ("qc_compile.commands.compare", "compare", "Accuracy of the compiled graphs (polygraphy, per unit and end to end)."),
+    "serve": ("qc_compile.commands.serve", "serve", "Serve a model or work dir behind Triton Inference Server (HTTP, gRPC, metrics)."),
 }
 
 

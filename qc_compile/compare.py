@@ -13,7 +13,7 @@ Per unit, on inputs captured from a real FP sampling run (a few steps: first, mi
 ``torch-fp`` vs ``onnxrt-fp`` is checked with ``CompareFunc.simple(atol, rtol)`` (the export is exact up to fp32
 rounding); ``onnxrt-fp`` vs ``onnxrt-q`` (and vs ``trt``) is a quantization error, reported as SNR in dB and
 relative L2, and checked against ``min_unit_snr``. End to end: the FP video (torch executor) against the video of
-the Q/DQ graphs (:class:`~qc_compile.runtime.ort_executor.OrtExecutor`), same seed and prompts: PSNR/SSIM, checked
+the Q/DQ graphs (the onnxruntime runner under the step executor), same seed and prompts: PSNR/SSIM, checked
 against ``min_psnr``; the FP ONNX graphs are run end to end as well (a sanity line, expected ~100 dB).
 """
 
@@ -86,13 +86,13 @@ def make_torch_runner(module: torch.nn.Module, io: dict, name: str):
 
 def capture_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int, pick: list[int]) -> dict:
     """Unit inputs (ONNX names -> numpy) at the steps in ``pick``, from an FP sampling run; also returns the video."""
-    from qc_compile.runtime.executor import TorchExecutor
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.generation import GenerationSettings, generate
 
     frames, height, width = info.video_size
     settings = GenerationSettings.defaults(loaded, steps=steps, seed=seed, frames=frames, height=height, width=width)
     g = info.geometry()
-    ex = TorchExecutor(loaded.model, g)
+    ex = torch_executor(loaded.model, g)
     captured: dict[str, list[dict]] = {u: [] for u in info.unit_names}
     io = {u["name"]: u for u in info.units}
     state = {"step": -1}
@@ -161,7 +161,8 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
     from qc_compile.metrics.fidelity import compare_videos
     from qc_compile.onnx_utils import load_onnx, ort_opt_level
     from qc_compile.passes.ort_twin import needs_twin, pass_ort_twin
-    from qc_compile.runtime.ort_executor import OrtExecutor
+    from qc_compile.runtime.runners.onnxruntime import OrtRunner
+    from qc_compile.runtime.step_executor import StepExecutor
     from qc_compile.trt_compat import parse_target, runnable_reason
     from qc_compile.workdir import load_model_for, read_model_info
 
@@ -246,12 +247,12 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
                                  "samples": len(captured[unit])}
     if opts.e2e:
         frames, height, width = info.video_size
-        from qc_compile.runtime.pipeline import GenerationSettings, generate
+        from qc_compile.runtime.generation import GenerationSettings, generate
 
         settings = GenerationSettings.defaults(loaded, steps=steps, seed=opts.seed, frames=frames, height=height,
                                                width=width)
-        for label, ex in (("onnx_fp", OrtExecutor.from_workdir(work, "fp")),
-                          ("onnx_q", OrtExecutor.from_workdir(work, "q", tname))):
+        for label, ex in (("onnx_fp", StepExecutor(OrtRunner.from_workdir(work, "fp"), info.geometry())),
+                          ("onnx_q", StepExecutor(OrtRunner.from_workdir(work, "q", tname), info.geometry()))):
             video, _ = generate(loaded, prompts, settings, executor=ex, progress=False)
             res = compare_videos(video, fp_video)
             ok = res["psnr_db"] >= opts.min_psnr if label == "onnx_q" else res["psnr_db"] >= 60.0

@@ -8,11 +8,14 @@
 
 How it works: the transformer's ``forward`` is replaced (on the instance; the class is untouched) by a
 :class:`QCSession` that turns each call into the adapter's units (:mod:`qc_compile.models.diffusers_adapter`) and
-runs them with :func:`qc_compile.runtime.unit_driver.run_step` under a step policy. The session also wraps the
+runs them with the runtime's one :class:`~qc_compile.runtime.step_executor.StepExecutor` (over the torch runner)
+under a step policy. The session also wraps the
 transformer's ``cache_context`` to learn, from pipelines that say so (Wan), which CFG branch and step a call is;
 otherwise a new step starts when the timestep changes, and calls within a step are branches in call order. One
-decision per step, shared by the branches; each branch keeps its own caches; the policy observes the branches'
-mean statistics when the next step starts (one device-to-host copy per step).
+decision per step, shared by the branches; each branch has its own executor (caches, gate references), so an
+in-step gate is evaluated per branch as diffusers' and cache-dit's hooks do per cache context. The policy observes
+the branches' mean statistics (the ``action`` column: the first branch's) when the next step starts (one
+device-to-host copy per step).
 """
 
 from __future__ import annotations
@@ -138,7 +141,11 @@ class QCSession:
         cur, self._cur = self._cur, None
         if cur is None or not cur["stats"]:
             return
-        host = torch.stack(cur["stats"]).nanmean(dim=0).cpu()  # the one device-to-host copy per step
+        from qc_compile.runtime.policy import STAT_INDEX
+
+        host = torch.stack(cur["stats"]).nanmean(dim=0)
+        host[:, STAT_INDEX["action"]] = cur["stats"][0][:, STAT_INDEX["action"]]  # what the first branch did
+        host = host.cpu()  # the one device-to-host copy per step
         stats = StepStats(self.unit_names, {u: {s: float(host[j, k]) for k, s in enumerate(STAT_NAMES)
                                                 if not math.isnan(float(host[j, k]))}
                                             for j, u in enumerate(self.unit_names)})
@@ -149,10 +156,19 @@ class QCSession:
                                      stats.values, cur["seconds"]))
 
     # ------------------------------------------------------------------------------------------------ forward
+    def _executor(self, branch: str, g):
+        """The branch's step executor (rebuilt, with empty caches, when the geometry changes)."""
+        from qc_compile.runtime.step_executor import StepExecutor
+
+        ex = self._caches.get(branch)
+        if ex is None or ex.g != g:
+            ex = self._caches[branch] = StepExecutor(_AdapterRunner(self.adapter, g), g)
+        return ex
+
     def forward(self, *args: Any, **kwargs: Any):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        from qc_compile.runtime.unit_driver import BranchCache, run_step
+        from qc_compile.runtime.protocols import Conditioning
 
         bound = self._signature.bind(self.transformer, *args, **kwargs)
         bound.apply_defaults()
@@ -171,9 +187,11 @@ class QCSession:
             cur = self._cur
         branch = name if name is not None else f"call{len(cur['branches'])}"
         cur["branches"].append(branch)
-        cache = self._caches.setdefault(branch, BranchCache())
+        ex = self._executor(branch, g)
+        ex.runner.extra = {k: v for k, v in inputs.items() if k not in ("x", "timestep", "y")}
         start = time.perf_counter()
-        v, stats, cur["gate_open"] = run_step(self.adapter, g, inputs, cur["decisions"], cache, cur["gate_open"])
+        v, stats = ex.step(inputs["x"], inputs["timestep"], Conditioning(y=inputs["y"], mask=None, fps=None),
+                           cur["decisions"])
         cur["seconds"] += time.perf_counter() - start
         cur["stats"].append(stats)
         if not a.get("return_dict", True):
@@ -199,6 +217,33 @@ class QCSession:
                            steps=self.steps, settings={"model": type(self.transformer).__name__,
                                                        "driver": "qc_compile.enable", "steps": len(self.steps)},
                            prompts=[], costs=None, seconds=sum(s.seconds for s in self.steps))
+
+
+class _AdapterRunner:
+    """The torch runner over a diffusers adapter, plus the embed inputs the runtime's ``Conditioning`` does not
+    carry (Wan I2V image features, CogVideoX's rotary table / ofs / timestep_cond): set per call in ``extra``."""
+
+    def __init__(self, adapter: Any, g: Any) -> None:
+        from qc_compile.runtime.runners.torch import TorchRunner
+
+        self._torch = TorchRunner(adapter, g)
+        self.backend, self.supports, self.stats = "torch", self._torch.supports, self._torch.stats
+        self.unit_names = self._torch.unit_names
+        self.extra: dict[str, torch.Tensor] = {}
+
+    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if unit == "embed":
+            inputs = {**inputs, **self.extra}
+        return self._torch.run_unit(unit, variant, inputs)
+
+    def block_steps(self, unit: str, variant: str, ctx: Mapping[str, torch.Tensor]):
+        return self._torch.block_steps(unit, variant, ctx)
+
+    def begin_step(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"runner": "torch", "model": type(self._torch.model.transformer).__name__}
 
 
 def _plan_of(work: str | Path | None):

@@ -18,18 +18,16 @@ PNG strips hold the frames side by side left to right; without our text chunk th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qc_compile.artifacts import atomic_write
+from qc_compile.artifacts import atomic_path, atomic_write
 from qc_compile.errors import UserError
 
 MP4_CRF = 12  # near-lossless h264; the 8x nearest upscale also keeps chroma subsampling inside one source pixel
@@ -83,33 +81,16 @@ def write_mp4(path: str | os.PathLike, video: torch.Tensor, fps: int = 8, upscal
     T, H, W, _ = frames.shape
     if H % 2 or W % 2:
         raise ValueError(f"yuv420p needs even frame sizes; {H}x{W} after upscale {upscale} is not (use an even upscale)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".mp4", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; videos get the usual permissions
+    with atomic_path(path, suffix=".mp4") as tmp:
         writer = imageio_ffmpeg.write_frames(
-            tmp, (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None, macro_block_size=2,
+            str(tmp), (W, H), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None, macro_block_size=2,
             output_params=["-crf", str(MP4_CRF), "-preset", "medium", "-movflags", "+faststart",
                            "-metadata", f"comment=qc-compile upscale={upscale}"])
         writer.send(None)
         for frame in frames:
             writer.send(frame)
         writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_png_strip(path: str | os.PathLike, video: torch.Tensor, upscale: int = 4) -> Path:

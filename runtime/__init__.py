@@ -1,7 +1,13 @@
-"""Sampler, unit executors and step policies. Import as ``qc_compile.runtime``.
+"""The runtime: sampler, step policies, one step executor over per-backend unit runners, and ``Pipeline``.
 
-``Pipeline`` and ``RunResult`` (:mod:`qc_compile.runtime.api`) are loaded on first use, so importing the package
-stays light.
+Owns: ``runners/`` (one module per backend + the registry), ``step_executor`` (compute / reuse / prune, caches,
+gates, statistics), ``sampler`` (rectified flow + CFG), ``policy`` + ``policies/`` (the decision interface and every
+policy), ``pipeline`` / ``result`` (the user API), ``trace`` and ``sweep``. It may import ``qc_compile.models``,
+``qc_compile.plugins``, ``qc_compile.plan``, ``qc_compile.workdir`` / ``qc_compile.manifest`` (to verify what it
+runs), ``qc_compile.artifacts``, ``qc_compile.metrics`` — never the compiler (``qc_compile.build``, ``export``,
+``passes``, onnx-graphsurgeon): ``tests/test_import_graph.py`` checks it.
+
+``Pipeline`` and ``RunResult`` are loaded on first use, so importing the package stays light.
 """
 
 from __future__ import annotations
@@ -10,8 +16,12 @@ __all__ = ["Pipeline", "RunResult"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from qc_compile.runtime import api
+    if name == "Pipeline":
+        from qc_compile.runtime.pipeline import Pipeline
 
-        return getattr(api, name)
+        return Pipeline
+    if name == "RunResult":
+        from qc_compile.runtime.result import RunResult
+
+        return RunResult
     raise AttributeError(f"module 'qc_compile.runtime' has no attribute {name!r}")

@@ -1,82 +1,212 @@
-"""Text-to-video generation with a loaded model: the code path shared by `generate`, calibration and evaluation."""
+"""The user-facing runtime API: ``Pipeline``.
+
+    from qc_compile.runtime import Pipeline
+
+    pipe = Pipeline.from_pretrained("qc-ref")                 # FP model, torch runner (no compilation needed)
+    pipe = Pipeline("WORK")                                   # a work dir: its model, plan thresholds, graphs
+    pipe = Pipeline("WORK", executor="onnxruntime")           # any registered backend (runtime/runners)
+    res = pipe("a red circle moving left on a black background", policy="quantcache", seed=0, reference=True)
+    res.compute_fraction, res.metrics()["reference"]["psnr_db"]
+    res.save("runs/demo")                                     # video.mp4, video.png, trace.json, metrics.json, decisions.png
+
+A run is: a backend's unit runner (:mod:`qc_compile.runtime.runners`) under the one
+:class:`~qc_compile.runtime.step_executor.StepExecutor`, driven by the sampler under a step policy.
+``qc-compile run`` is a thin shell over this class.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from qc_compile.errors import UserError
-from qc_compile.models import LoadedModel
-from qc_compile.models.stdit3 import Geometry
-from qc_compile.runtime.executor import TorchExecutor
-from qc_compile.runtime.policy import StepPolicy
-from qc_compile.runtime.sampler import RFlowSampler, SampleResult, SamplerConfig, noise
+from qc_compile.runtime.generation import GenerationSettings, generate, resolve_device
+from qc_compile.runtime.result import RunResult
+from qc_compile.runtime.runners import BACKENDS, RunnerRequest, check_backend, load_runner
+from qc_compile.runtime.step_executor import StepExecutor
+
+EXECUTORS = tuple(BACKENDS)
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    steps: int
-    cfg: float
-    seed: int
-    frames: int
-    height: int
-    width: int
-    fps: int
-    shift: float | None = None
+class Pipeline:
+    """Text-to-video with per-step policies. ``Pipeline(work_dir)`` uses a work dir (model.json, plan.json, graphs);
+    ``Pipeline.from_pretrained(name)`` the FP model directly with the torch executor."""
+
+    def __init__(self, work_dir: str | Path | None = None, *, model: str | None = None,
+                 checkpoint: str | Path | None = None, device: str = "cpu", executor: str = "torch",
+                 random_weights: bool = False, loaded: Any = None, fast: bool = False,
+                 executor_options: Mapping[str, Any] | None = None) -> None:
+        self.device = resolve_device(device)
+        if fast:  # --fast is the torch-fast backend (bf16 + the qc:: CUDA kernels)
+            if executor not in ("torch", "torch-fast"):
+                raise UserError(f"--fast runs the torch executor's fast path; it does not combine with --executor "
+                                f"{executor}. Drop one of the two.")
+            executor = "torch-fast"
+        check_backend(executor, self.device, work_dir is not None)
+        self.fast = executor == "torch-fast"
+        self.executor_options = dict(executor_options or {})
+        self._runner_cache: dict = {}
+        self.executor_kind = executor
+        self.work = Path(work_dir) if work_dir is not None else None
+        self.plan = None
+        self._workdir = None
+        self.video_size: tuple[int, int, int] | None = None
+        if self.work is not None:
+            from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+
+            wd = WorkDir(self.work)
+            info = read_model_info(wd)
+            if model is not None and model != info.name:
+                raise UserError(f"--model {model}: work dir {self.work} holds model {info.name!r}.")
+            self.loaded = load_model_for(info, device=self.device)
+            self.video_size = info.video_size
+            if wd.plan_json.is_file():
+                from qc_compile.plan import load_plan
+
+                self.plan = load_plan(wd.plan_json, model_info=info)
+            self._workdir = wd
+        else:
+            if loaded is not None:
+                self.loaded = loaded
+            else:
+                from qc_compile.models import load_model
+
+                self.loaded = load_model(model or "qc-ref", checkpoint, device=self.device,
+                                         random_weights=random_weights)
+        self._fp_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
+        self.fp_cache_size = 8  # FP reference runs kept (oldest dropped first)
 
     @classmethod
-    def defaults(cls, loaded: LoadedModel, **overrides) -> "GenerationSettings":
-        c = loaded.config
-        base = dict(steps=c.default_steps, cfg=c.default_cfg, seed=0, frames=c.default_frames,
-                    height=c.default_height, width=c.default_width, fps=c.default_fps, shift=c.timestep_shift)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        if base["steps"] < 1:
-            raise UserError(f"--steps must be at least 1, got {base['steps']}.")
-        if base["cfg"] < 0:
-            raise UserError(f"--cfg must be >= 0, got {base['cfg']}.")
-        return cls(**base)
+    def from_pretrained(cls, name: str = "qc-ref", checkpoint: str | Path | None = None, *, device: str = "cpu",
+                        random_weights: bool = False, fast: bool = False) -> "Pipeline":
+        return cls(None, model=name, checkpoint=checkpoint, device=device, random_weights=random_weights, fast=fast)
 
+    # ------------------------------------------------------------------------------------------------ internals
+    def settings(self, seed: int, steps: int | None, cfg: float | None, **kw) -> GenerationSettings:
+        if self.video_size is not None:  # a work dir's graphs have the geometry they were exported with
+            fixed = dict(zip(("frames", "height", "width"), self.video_size))
+            for k, v in kw.items():
+                if v is not None and k in fixed and v != fixed[k]:
+                    raise UserError(f"--{k} {v}: work dir {self.work} was exported for {k} {fixed[k]}; re-export "
+                                    "for another size.")
+            kw = {**kw, **fixed}
+        return GenerationSettings.defaults(self.loaded, steps=steps, cfg=cfg, seed=seed, **kw)
 
-def resolve_device(device: str) -> str:
-    """Validate a --device value, with a clear message when CUDA is asked for on a machine without it."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: this machine has no CUDA GPU visible to torch "
-                            f"(torch {torch.__version__}); use --device cpu.")
-        return device
-    if device != "cpu":
-        raise UserError(f"--device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}.")
-    return device
+    def make_executor(self, settings: GenerationSettings, quantized: bool = True) -> StepExecutor:
+        """The step executor for a run over this pipeline's backend: with a plan (and ``quantized``), the plan's
+        computation (fake-quantized torch copies per variant, the fast kernels, the build's Q/DQ graphs or
+        engines); ``quantized=False`` gives the FP reference computation."""
+        from qc_compile.models.stdit3 import Geometry
 
+        g = Geometry.for_model(self.loaded.config, settings.frames, settings.height, settings.width)
+        key = ("runner", quantized, g)  # runners are loaded once (sessions, engines, CUDA graphs) and reused
+        if key not in self._runner_cache:
+            req = RunnerRequest(loaded=self.loaded, geometry=g, device=self.device, plan=self.plan,
+                                work=self._workdir, quantized=quantized,
+                                options=self.executor_options, cache=self._runner_cache)
+            self._runner_cache[key] = load_runner(self.executor_kind, req)
+        return StepExecutor(self._runner_cache[key], g)
 
-def initial_noise(loaded: LoadedModel, settings: GenerationSettings, n: int) -> torch.Tensor:
-    """Per-prompt noise: prompt k uses seed + k, so a prompt's video does not depend on what else is in the batch."""
-    g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
-    shape = (loaded.config.in_channels, g.frames, g.height, g.width)
-    return torch.stack([noise(shape, settings.seed + k) for k in range(n)])
+    @property
+    def quantized(self) -> bool:
+        """Whether runs execute the plan's quantized computation (else the FP model)."""
+        if self.executor_kind in ("onnxruntime", "tensorrt"):
+            return self._workdir.manifest_json.is_file()
+        return self.plan is not None
 
+    def plan_models(self) -> dict:
+        """``{variant: model}`` of the torch backend: the plan applied to copies of the model (built once)."""
+        from qc_compile.runtime.runners import plan_models
 
-def generate(loaded: LoadedModel, prompts: list[str], settings: GenerationSettings, *,
-             policy: StepPolicy | None = None, executor: TorchExecutor | None = None,
-             progress: bool = True) -> tuple[torch.Tensor, SampleResult]:
-    """Sample one video per prompt: returns (videos (n, C, T, H, W) float32 on the CPU, the sampler's record)."""
-    if not prompts:
-        raise UserError("no prompts given.")
-    c = loaded.config
-    g = Geometry.for_model(c, settings.frames, settings.height, settings.width)
-    device = loaded.model.x_embedder.proj.weight.device
-    y, mask = loaded.encode_prompts(prompts)
-    z = initial_noise(loaded, settings, len(prompts)).to(device)
-    sampler = RFlowSampler(SamplerConfig(num_steps=settings.steps, cfg_scale=settings.cfg,
-                                         use_timestep_transform=c.use_timestep_transform, shift=settings.shift))
-    executor = executor or TorchExecutor(loaded.model, g)
-    result = sampler.sample(executor, z, y, mask, loaded.null_captions(len(prompts)).to(device), settings.fps,
-                            video_size=(settings.frames, settings.height, settings.width), policy=policy,
-                            progress=progress)
-    video = result.z.float().cpu()
-    if c.space == "pixel":
-        video = video.clamp(-1, 1)
-    return video, result
+        if "plan_models" not in self._runner_cache:
+            self._runner_cache["plan_models"] = plan_models(self.loaded, self.plan, self.device)
+        return self._runner_cache["plan_models"]
+
+    def build_policy(self, policy: Any, overrides: Mapping[str, Any] | None, seed: int):
+        from qc_compile.runtime.policies import get_policy, plan_policy_name
+
+        if policy is None:
+            policy = plan_policy_name(self.plan) or "none"
+        if isinstance(policy, str):
+            return policy, get_policy(policy, overrides, self.plan, seed=seed)
+        if overrides:
+            raise UserError("overrides apply to a policy given by name, not to a policy object.")
+        return getattr(policy, "name", type(policy).__name__), policy
+
+    def fp_reference(self, prompts: list[str], settings, progress: bool = False) -> tuple[torch.Tensor, float]:
+        """The FP videos (policy none) for these prompts and settings, cached per pipeline."""
+        return self._fp_run(prompts, settings, progress)[:2]
+
+    def _fp_run(self, prompts: list[str], settings, progress: bool = False, seeds: list[int] | None = None):
+        key = (tuple(prompts), settings, None if seeds is None else tuple(seeds))
+        if key not in self._fp_cache:
+            start = time.perf_counter()
+            videos, sample = generate(self.loaded, prompts, settings,
+                                      executor=self.make_executor(settings, quantized=False), progress=progress,
+                                      seeds=seeds)
+            while len(self._fp_cache) >= self.fp_cache_size:  # bounded: a server runs many prompts
+                self._fp_cache.pop(next(iter(self._fp_cache)))
+            self._fp_cache[key] = (videos, time.perf_counter() - start, sample.steps)
+        return self._fp_cache[key]
+
+    def clear_cache(self) -> None:
+        """Forget the cached FP reference runs."""
+        self._fp_cache.clear()
+
+    def __call__(self, prompt: str | Sequence[str], *, policy: Any = None, overrides: Mapping[str, Any] | None = None,
+                 seed: int = 0, steps: int | None = None, cfg: float | None = None, reference: bool = False,
+                 frames: int | None = None, height: int | None = None, width: int | None = None,
+                 progress: bool = False, seeds: Sequence[int] | None = None) -> RunResult:
+        """Generate one video per prompt under ``policy`` (a name such as ``quantcache``, ``hlc+srap``, or a policy
+        object; default: the plan's policy, else none). ``reference=True`` also runs the FP model with the same
+        seed for PSNR/SSIM and the caption-checker drop. ``seeds`` gives each prompt its own seed (default: prompt k
+        uses ``seed + k``); ``seed`` then only seeds the policy."""
+        from qc_compile.runtime.policies import NoPolicy
+        from qc_compile.runtime.trace import unit_flops
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        seeds = None if seeds is None else [int(s) for s in seeds]
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise UserError("give at least one non-empty prompt.")
+        if self.loaded.text_encoder is not None:
+            from qc_compile.models.caption_encoder import CaptionTokenizer
+
+            CaptionTokenizer().encode(prompts, max_length=self.loaded.config.model_max_length)
+        settings = self.settings(seed, steps, cfg, frames=frames, height=height, width=width)
+        name, pol = self.build_policy(policy, overrides, seed)
+        executor = self.make_executor(settings)
+        missing = set(getattr(pol, "requires", ())) - set(executor.supports)
+        if missing:
+            raise UserError(f"policy {name} needs executor features {sorted(missing)} (sub-block caches / in-step "
+                            f"gates) that the {self.executor_kind} executor does not have; run it with --executor "
+                            "torch.")
+        torch.set_grad_enabled(False)
+        if isinstance(pol, NoPolicy) and not self.quantized and not self.fast:
+            videos, seconds, steps_rec = self._fp_run(prompts, settings, progress, seeds)  # its own reference
+        else:
+            start = time.perf_counter()
+            videos, sample = generate(self.loaded, prompts, settings, policy=pol, executor=executor,
+                                      progress=progress, seeds=seeds)
+            seconds, steps_rec = time.perf_counter() - start, sample.steps
+        costs = unit_flops(self.loaded.config, executor.g)
+        desc = pol.describe() if hasattr(pol, "describe") else {"name": name}
+        desc = dict(desc, spec=name)
+        res = RunResult(prompts=prompts, videos=videos, policy=name, policy_config=desc, seed=seed,
+                        settings={"model": self.loaded.config.name, "steps": settings.steps, "cfg": settings.cfg,
+                                  "seed": settings.seed, "frames": settings.frames, "height": settings.height,
+                                  "width": settings.width, "fps": settings.fps, "shift": settings.shift,
+                                  "device": self.device, "work_dir": str(self.work) if self.work else None,
+                                  "plan": bool(self.plan is not None), "quantized": self.quantized},
+                        unit_names=tuple(executor.unit_names), steps=steps_rec, costs=costs, seconds=seconds,
+                        executor=self.executor_kind)
+        hist = getattr(pol, "history", None)
+        if hist:
+            res.extra["gate_history"] = [{k: (None if isinstance(v, float) and (math.isinf(v) or math.isnan(v))
+                                              else v) for k, v in h.items()} for h in hist]
+        if reference:
+            res.fp_videos, res.fp_seconds = self._fp_run(prompts, settings, progress, seeds)[:2]
+        return res

@@ -47,6 +47,26 @@ class Action(str, enum.Enum):
 ACTION_CODES: dict[str, float] = {"compute": 0.0, "reuse": 1.0, "prune": 2.0, "partial": 3.0}
 """Values of the ``action`` statistic; ``partial`` = computed with some sub-blocks taken from the cache (PAB, FORA)."""
 
+_TAKEN = {code: ("compute" if name == "partial" else name) for name, code in ACTION_CODES.items()}
+_CODE_TENSORS: dict = {}
+
+
+def decode_action(code: float) -> str | None:
+    """The action a trace records for an ``action`` statistic (``partial`` counts as computed); None if unknown."""
+    return _TAKEN.get(code)
+
+
+def action_code_tensor(device) -> dict:
+    """``{action: 0-d tensor on device}``, so an executor writes codes device-to-device (assigning a Python scalar
+    into a CUDA tensor is a host-to-device copy that synchronises inside the step)."""
+    import torch
+
+    key = str(device)
+    if key not in _CODE_TENSORS:
+        t = torch.tensor(list(ACTION_CODES.values()), device=device)
+        _CODE_TENSORS[key] = {name: t[i] for i, name in enumerate(ACTION_CODES)}
+    return _CODE_TENSORS[key]
+
 SUB_BLOCKS: tuple[str, ...] = ("attn", "cross", "mlp")
 """The sub-blocks of a block unit whose outputs a decision may take from the cache (``UnitDecision.parts``)."""
 
@@ -113,18 +133,3 @@ class StepPolicy(Protocol):
     def decide(self, step: StepInfo) -> Mapping[str, UnitDecision]: ...
 
     def observe(self, step: StepInfo, stats: StepStats) -> None: ...
-
-
-class ComputeAll:
-    """The FP baseline: every unit computed at every step."""
-
-    name = "none"
-
-    def reset(self, unit_names: tuple[str, ...], num_steps: int) -> None:
-        pass
-
-    def decide(self, step: StepInfo) -> Mapping[str, UnitDecision]:
-        return {}
-
-    def observe(self, step: StepInfo, stats: StepStats) -> None:
-        pass

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from qc_compile.runtime.executor import Conditioning, TorchExecutor
-from qc_compile.runtime.policy import STAT_NAMES, ComputeAll, StepInfo, StepPolicy, StepStats, UnitDecision
+from qc_compile.runtime.policy import STAT_NAMES, StepInfo, StepPolicy, StepStats, UnitDecision, decode_action
+from qc_compile.runtime.protocols import Conditioning, Executor
 from qc_compile.runtime.schedule import base_timesteps, sampling_timesteps, step_sizes, timestep_transform
 
 
@@ -40,21 +40,17 @@ class SampleResult:
     steps: list[StepRecord] = field(default_factory=list)
 
     def compute_fraction(self, unit_names: tuple[str, ...]) -> float:
-        """Fraction of block-unit evaluations actually computed."""
-        blocks = [u for u in unit_names if u not in ("embed", "final")]
-        total = len(blocks) * len(self.steps)
-        done = sum(1 for s in self.steps for u in blocks if s.decisions.get(u, {}).get("action", "compute") == "compute")
-        return done / total if total else 1.0
+        """Fraction of block-unit evaluations actually computed (:func:`~qc_compile.runtime.trace.compute_fractions`)."""
+        from qc_compile.runtime.trace import compute_fractions
 
-
-_TAKEN = {0.0: "compute", 1.0: "reuse", 2.0: "prune", 3.0: "compute"}
+        return compute_fractions(self.steps, unit_names)[0]
 
 
 def _record(d: UnitDecision, taken: float) -> dict:
     """A decision as recorded in the trace, with the action the executor actually took (its ``action`` statistic):
     a GATED decision shows what its gate chose (and ``gated: true``); a computation whose sub-blocks all came from
     the cache (FORA) shows as ``reuse``; ``parts`` lists the sub-blocks taken from the cache."""
-    rec = {"action": _TAKEN.get(taken, d.action.value), "variant": d.variant}
+    rec = {"action": decode_action(taken) or d.action.value, "variant": d.variant}
     if d.action.value == "gated":
         rec["gated"] = True
     if d.parts:
@@ -81,7 +77,7 @@ class RFlowSampler:
                                   scale=c.transform_scale)
 
     @torch.no_grad()
-    def sample(self, executor: TorchExecutor, z: torch.Tensor, y_cond: torch.Tensor, mask: torch.Tensor,
+    def sample(self, executor: Executor, z: torch.Tensor, y_cond: torch.Tensor, mask: torch.Tensor,
                y_null: torch.Tensor, fps: float, *, video_size: tuple[int, int, int],
                policy: StepPolicy | None = None, progress: bool = True,
                on_step: Callable[[StepRecord], None] | None = None) -> SampleResult:
@@ -92,7 +88,10 @@ class RFlowSampler:
         (frames, height, width) in pixels for the timestep transform.
         """
         c = self.config
-        policy = policy or ComputeAll()
+        if policy is None:
+            from qc_compile.runtime.policies import NoPolicy
+
+            policy = NoPolicy()
         n = z.shape[0]
         device = z.device
         frames, height, width = video_size

@@ -100,7 +100,7 @@ def _worker(args):
     if _WORKER_PIPE is None:
         import torch
 
-        from qc_compile.runtime.api import Pipeline
+        from qc_compile.runtime.pipeline import Pipeline
 
         torch.set_num_threads(1)
         _WORKER_PIPE = Pipeline(**pipe_kwargs)

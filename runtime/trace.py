@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
-from qc_compile.runtime.policy import SUB_BLOCKS
+from qc_compile.models.units import block_units, is_block
 
 TRACE_SCHEMA_VERSION = 1
 
@@ -37,14 +37,10 @@ def unit_flops(config: Any, geometry: Any) -> dict[str, dict[str, float]]:
     return out
 
 
-def _is_block(u: str) -> bool:
-    return u.startswith(("spatial_", "temporal_", "block_"))
-
-
 def compute_fractions(steps: Iterable[Any], unit_names: Iterable[str],
                       costs: Mapping[str, Mapping[str, float]] | None = None) -> tuple[float, float]:
     """(compute_fraction, flop_fraction) of a run's step records (``StepRecord`` or trace dicts)."""
-    blocks = [u for u in unit_names if _is_block(u)]
+    blocks = block_units(unit_names)
     done = total = flops = flops_total = 0.0
     for s in steps:
         dec = s.decisions if hasattr(s, "decisions") else s["decisions"]
@@ -79,7 +75,7 @@ def build_trace(*, policy: dict, unit_names: Iterable[str], steps: Iterable[Any]
         rows.append({
             "index": s.index, "t": round(float(s.t), 4), "seconds": round(float(s.seconds), 5),
             "decisions": {u: dict(s.decisions.get(u, {"action": "compute", "variant": "default"}))
-                          for u in units if _is_block(u)},
+                          for u in units if is_block(u)},
             "stats": {u: {k: _clean(v) for k, v in s.stats.get(u, {}).items()} for u in units if s.stats.get(u)},
         })
     step_secs = [r["seconds"] for r in rows]
@@ -136,7 +132,7 @@ def plot_decisions(trace: Mapping[str, Any], path, title: str | None = None) -> 
 
     from qc_compile.artifacts import atomic_write
 
-    units = [u for u in trace["units"] if _is_block(u)]
+    units = [u for u in trace["units"] if is_block(u)]
     steps = trace["steps"]
     grid = [[_category(s["decisions"].get(u, {})) for s in steps] for u in units]
     gated = [(j, i) for i, u in enumerate(units) for j, s in enumerate(steps) if s["decisions"].get(u, {}).get("gated")]

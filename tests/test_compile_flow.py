@@ -60,8 +60,10 @@ def test_export_refuses_a_work_dir_of_another_model(tmp_path):
 
 
 def test_ort_executor_fp_matches_torch_executor():
-    from qc_compile.runtime.executor import Conditioning, TorchExecutor
-    from qc_compile.runtime.ort_executor import OrtExecutor
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.protocols import Conditioning
+    from qc_compile.runtime.runners.onnxruntime import OrtRunner
+    from qc_compile.runtime.step_executor import StepExecutor
     from qc_compile.workdir import load_model_for
 
     work = WorkDir(exported())
@@ -72,10 +74,10 @@ def test_ort_executor_fp_matches_torch_executor():
     cond = Conditioning(y=y, mask=mask, fps=torch.full((2,), 8.0))
     z = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t = torch.full((2,), 700.0)
-    v0, s0 = TorchExecutor(loaded.model, g).step(z, t, cond, {})
-    ex = OrtExecutor.from_workdir(work, "fp")
+    v0, s0 = torch_executor(loaded.model, g).step(z, t, cond, {})
+    ex = StepExecutor(OrtRunner.from_workdir(work, "fp"), g)
     v1, s1 = ex.step(z, t, cond, {})
-    assert ex.unit_names == TorchExecutor(loaded.model, g).unit_names
+    assert ex.unit_names == torch_executor(loaded.model, g).unit_names
     torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s1[:, :2], s0[:, :2], rtol=1e-4, atol=1e-3, equal_nan=True)
 
@@ -142,10 +144,11 @@ def test_fp8_plan_builds_an_engine_per_unit_for_rtx_sm89():
 
 
 def test_qdq_graphs_run_in_onnxruntime_end_to_end():
-    """FP8 Q/DQ graphs in the sampler (OrtExecutor) against the torch FP video, and the torch package."""
+    """FP8 Q/DQ graphs in the sampler (onnxruntime runner) against the torch FP video, and the torch package."""
     from qc_compile.metrics.fidelity import compare_videos
-    from qc_compile.runtime.ort_executor import OrtExecutor
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.runners.onnxruntime import OrtRunner
+    from qc_compile.runtime.step_executor import StepExecutor
+    from qc_compile.runtime.generation import GenerationSettings, generate
     from qc_compile.torch_package import load_package
     from qc_compile.workdir import load_model_for
 
@@ -157,7 +160,8 @@ def test_qdq_graphs_run_in_onnxruntime_end_to_end():
     s = GenerationSettings.defaults(fp, steps=4, frames=4, height=16, width=16)
     prompts = ["a blue triangle moving left on a black background"]
     v_fp, _ = generate(fp, prompts, s, progress=False)
-    v_q, _ = generate(fp, prompts, s, executor=OrtExecutor.from_workdir(work, "q", "rtx:sm89"), progress=False)
+    v_q, _ = generate(fp, prompts, s, executor=StepExecutor(OrtRunner.from_workdir(work, "q", "rtx:sm89"), info.geometry()),
+                      progress=False)
     v_t, _ = generate(load_package(work), prompts, s, progress=False)
     p_q, p_t = compare_videos(v_q, v_fp)["psnr_db"], compare_videos(v_t, v_fp)["psnr_db"]
     assert 20 < p_q < 100 and 20 < p_t < 100
@@ -318,9 +322,10 @@ def test_precision_variants_get_their_own_engines():
     """A schedule that uses a second variant builds one more engine per unit that the variant changes."""
     from qc_compile.build import verify_manifest
     from qc_compile.plan import load_plan, save_plan
-    from qc_compile.runtime.executor import Conditioning
-    from qc_compile.runtime.ort_executor import OrtExecutor
     from qc_compile.runtime.policy import UnitDecision
+    from qc_compile.runtime.protocols import Conditioning
+    from qc_compile.runtime.runners.onnxruntime import OrtRunner
+    from qc_compile.runtime.step_executor import StepExecutor
 
     work = WorkDir(copy_of(calibrated("fp8_e4m3"), "variants"))
     info = read_model_info(work)
@@ -339,7 +344,7 @@ def test_precision_variants_get_their_own_engines():
             assert (work.root / v["engine"]["path"]).is_file()
         else:
             assert v["same_as"] == "default"
-    ex = OrtExecutor.from_workdir(work, "q", "rtx:sm89")
+    ex = StepExecutor(OrtRunner.from_workdir(work, "q", "rtx:sm89"), info.geometry())
     loaded_y = torch.randn(2, 1, 12, 64)
     cond = Conditioning(y=loaded_y, mask=torch.ones(2, 12, dtype=torch.bool), fps=torch.full((2,), 8.0))
     z, ts = torch.randn(2, 3, 4, 16, 16), torch.full((2,), 500.0)

@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 from diffusers_helpers import randn, rel_err, tiny_cogvideox, tiny_wan  # noqa: E402
 
 from qc_compile.errors import UserError  # noqa: E402
+from qc_compile.runtime.protocols import BlockSteps  # noqa: E402
 from qc_compile.models.diffusers_adapter import (CogVideoXAdapter, DiffusersGeometry, WanAdapter,  # noqa: E402
                                                  adapter_for, parse_model_spec)
 
@@ -27,6 +28,12 @@ def _check_units_and_parts(adapter, inputs, ref, g):
             whole = adapter.run_unit(name, {**ctx, "x": h}, g)["x"]
             parts = adapter.block_forward_parts(name, h, {**ctx, "x": h})
             assert rel_err(parts, whole) < TOL, name
+            steps = adapter.block_steps(name, {**ctx, "x": h}, g)  # the runtime's BlockSteps, composed as the
+            assert isinstance(steps, BlockSteps)                  # step executor composes it
+            y = h + steps.gate_attn * steps.self_attention(h)
+            y = y + steps.cross_attention(y)
+            y = y + steps.gate_mlp * steps.feed_forward(y)
+            assert rel_err(y, whole) < TOL, name
             assert rel_err(whole, h) > 1e-3  # the block does something (no test that cannot fail)
             h = whole
         v2 = adapter.run_unit("final", {**ctx, "x": h}, g)["v"]

@@ -1,5 +1,5 @@
 """The fast torch path on the CPU (the qc:: ops' reference kernels): fast linears against float quant->GEMM math,
-fast blocks and the fast executor in FP mode against STDiT3Block / TorchExecutor (fp32, ~1e-5), quantized mode at
+fast blocks and the fast runner in FP mode against STDiT3Block / the torch runner (fp32, ~1e-5), quantized mode at
 the FP8 error level, and the refusals."""
 
 from __future__ import annotations
@@ -14,10 +14,16 @@ from qc_compile.models.stdit3 import Geometry
 from qc_compile.plan import LinearPlan
 from qc_compile.plugins import formats as Fm
 from qc_compile.runtime import fast_linear as fl
-from qc_compile.runtime.executor import Conditioning, TorchExecutor
-from qc_compile.runtime.fast_executor import (FastBlock, FastExecutor, block_forward, check_fast_available,
-                                              fp8_block_plan)
+from qc_compile.runtime.fast_blocks import FastBlock, FastModel, block_forward, fp8_block_plan
+from qc_compile.runtime.generation import torch_executor
 from qc_compile.runtime.policy import STAT_NAMES, Action, UnitDecision
+from qc_compile.runtime.protocols import Conditioning
+from qc_compile.runtime.runners.fast import FastRunner, check_fast_available
+from qc_compile.runtime.step_executor import StepExecutor
+
+
+def fast_executor(model, g, plan=None, **kw) -> StepExecutor:
+    return StepExecutor(FastRunner(model, g, plan, **kw), g)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,12 +155,14 @@ def test_fast_block_fp_equals_stdit3_block(qcref, unit):
     fb = FastBlock(m.block(unit), m.rope.freqs)
     out = fb(x, t_mlp, y, mask, g.T, g.S)
     assert rel(out - x, ref - x) < 1e-5
-    # sub-block API (PAB/FORA caches) against the module's sub-blocks
-    blk = m.block(unit)
+    # the sub-steps (PAB/FORA caches, TeaCache's probe) against the model's own
+    ctx = {"t_mlp": t_mlp, "y": y, "mask": mask}
+    fast = FastModel(m, {unit: fb}).block_steps(unit, ctx, g)
+    ref_steps = m.block_steps(unit, ctx, g)
     h = torch.randn(B, g.N, C)
-    assert rel(fb._self_attention(h, g.T, g.S), blk._self_attention(h, g.T, g.S)) < 1e-5
-    assert rel(fb.cross_attn(x, y, mask), blk.cross_attn(x, y, mask)) < 1e-5
-    assert rel(fb.mlp(h), blk.mlp(h)) < 1e-5
+    for part in ("attention_input", "self_attention", "cross_attention", "feed_forward"):
+        assert rel(getattr(fast, part)(h), getattr(ref_steps, part)(h)) < 1e-5, part
+    assert torch.equal(fast.gate_attn, ref_steps.gate_attn) and torch.equal(fast.gate_mlp, ref_steps.gate_mlp)
 
 
 # ---------------------------------------------------------------------------------------------------- executor
@@ -180,8 +188,8 @@ def _run(ex, loaded, g, steps=2):
 
 def test_fast_executor_fp_equals_torch_executor(qcref):
     g = _geometry(qcref)
-    ref = _run(TorchExecutor(qcref.model, g), qcref, g)
-    fast = _run(FastExecutor(qcref.model, g), qcref, g)
+    ref = _run(torch_executor(qcref.model, g), qcref, g)
+    fast = _run(fast_executor(qcref.model, g), qcref, g)
     for (v0, s0), (v1, s1) in zip(ref, fast):
         assert rel(v1, v0) < 1e-5
         nan0, nan1 = torch.isnan(s0), torch.isnan(s1)
@@ -195,15 +203,16 @@ def test_fast_executor_quantized_fp8(qcref):
     g = _geometry(qcref)
     plan = fp8_block_plan(qcref.model, rotation=32)
     plan.variants = {"high": {"*.mlp.fc2": {"weight": "bf16", "activation": "bf16"}}}
-    ex = FastExecutor(qcref.model, g, plan)
-    assert set(ex.variant_models) == {"default", "high", "fp"}
-    assert ex._model_for("fp") is ex.fp_model and ex._model_for("low") is ex.variant_models["default"]
-    blk = ex.variant_models["default"].block("temporal_1")
+    ex = fast_executor(qcref.model, g, plan)
+    runner = ex.runner
+    assert set(runner.variant_models) == {"default", "high", "fp"}
+    assert runner.model_for("fp") is runner.fp_model and runner.model_for("low") is runner.variant_models["default"]
+    blk = runner.variant_models["default"].block("temporal_1")
     assert blk.quantized == ["qkv", "proj", "q_linear", "kv_linear", "cproj", "fc1", "fc2"]
-    assert ex.variant_models["high"].block("temporal_1").quantized[-1] == "fc1"
+    assert runner.variant_models["high"].block("temporal_1").quantized[-1] == "fc1"
     d = ex.describe()
-    assert d["plan"] and not d["plan_linears_run_unquantized"]
-    fp = _run(FastExecutor(qcref.model, g), qcref, g)
+    assert d["plan"] and not d["plan_linears_run_unquantized"] and d["runner"] == "torch-fast"
+    fp = _run(fast_executor(qcref.model, g), qcref, g)
     q = _run(ex, qcref, g)
     for (v0, _), (v1, s1) in zip(fp, q):
         err = rel(v1, v0)
@@ -217,14 +226,14 @@ def test_fast_executor_quantized_fp8(qcref):
 
 
 def test_fast_executor_drives_the_sampler(qcref):
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.generation import GenerationSettings, generate
 
     settings = GenerationSettings.defaults(qcref, steps=3, seed=0, frames=4)
     g = Geometry.for_model(qcref.config, settings.frames, settings.height, settings.width)
     v0, r0 = generate(qcref, ["a red circle moving right on a black background"], settings,
-                      executor=TorchExecutor(qcref.model, g), progress=False)
+                      executor=torch_executor(qcref.model, g), progress=False)
     v1, r1 = generate(qcref, ["a red circle moving right on a black background"], settings,
-                      executor=FastExecutor(qcref.model, g), progress=False)
+                      executor=fast_executor(qcref.model, g), progress=False)
     assert rel(v1, v0) < 1e-5
     assert len(r1.steps) == 3 and r1.steps[-1].stats["spatial_0"]["res_norm"] > 0
 
@@ -233,14 +242,14 @@ def test_cuda_graphs_need_cuda(qcref):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
     with pytest.raises(UserError, match="CUDA"):
-        FastExecutor(qcref.model, _geometry(qcref), cuda_graphs=True)
+        FastRunner(qcref.model, _geometry(qcref), cuda_graphs=True)
 
 
 # ---------------------------------------------------------------------------------------------------- user API
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_pipeline_and_cli_refuse_fast_without_cuda(capsys, tmp_path):
     from qc_compile.cli import main
-    from qc_compile.runtime.api import Pipeline
+    from qc_compile.runtime.pipeline import Pipeline
 
     with pytest.raises(UserError, match="needs a CUDA GPU"):
         Pipeline.from_pretrained("qc-ref", fast=True)

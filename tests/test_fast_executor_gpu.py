@@ -16,8 +16,11 @@ from qc_compile.models.config import OPENSORA_V12
 from qc_compile.models.stdit3 import STDiT3, Geometry
 from qc_compile.plan import LinearPlan
 from qc_compile.runtime import fast_linear as fl
-from qc_compile.runtime.executor import Conditioning, TorchExecutor
-from qc_compile.runtime.fast_executor import FastBlock, FastExecutor, fp8_block_plan
+from qc_compile.runtime.fast_blocks import FastBlock, fp8_block_plan
+from qc_compile.runtime.generation import torch_executor
+from qc_compile.runtime.protocols import Conditioning
+from qc_compile.runtime.runners.fast import FastRunner
+from qc_compile.runtime.step_executor import StepExecutor
 from qc_compile.runtime.policy import Action, UnitDecision
 
 pytestmark = [
@@ -128,15 +131,15 @@ def _steps(ex, g, n=3, seed=4):
 def test_cuda_graphs_equal_eager_and_no_sync(xl):
     gpu, _, g = xl
     plan = fp8_block_plan(gpu)
-    eager_ex = FastExecutor(gpu, g, plan)
+    eager_ex = StepExecutor(FastRunner(gpu, g, plan), g)
     eager = _steps(eager_ex, g)
-    graphed_ex = FastExecutor(gpu, g, plan, cuda_graphs=True)
+    graphed_ex = StepExecutor(FastRunner(gpu, g, plan, cuda_graphs=True), g)
     graphed = _steps(graphed_ex, g)
     for (v0, s0), (v1, s1) in zip(eager, graphed):
         assert rel(v1, v0) < 1e-3
         ok = ~torch.isnan(s0)
         assert torch.equal(ok, ~torch.isnan(s1)) and torch.allclose(s1[ok], s0[ok], rtol=1e-3, atol=1e-5)
-    fp = _steps(TorchExecutor(gpu, g), g)
+    fp = _steps(torch_executor(gpu, g), g)
     err = rel(eager[-1][0], fp[-1][0])
     assert 1e-3 < err < 0.2, err
     # no host synchronisation inside a step (after the warm-up/capture step above)
@@ -156,6 +159,6 @@ def test_cuda_graphs_equal_eager_and_no_sync(xl):
 def test_compiled_equals_eager(xl):
     gpu, _, g = xl
     plan = fp8_block_plan(gpu)
-    eager = _steps(FastExecutor(gpu, g, plan), g, n=1)
-    comp = _steps(FastExecutor(gpu, g, plan, compile=True), g, n=1)
+    eager = _steps(StepExecutor(FastRunner(gpu, g, plan), g), g, n=1)
+    comp = _steps(StepExecutor(FastRunner(gpu, g, plan, compile=True), g), g, n=1)
     assert rel(comp[0][0], eager[0][0]) < 2e-2

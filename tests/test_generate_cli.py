@@ -67,7 +67,7 @@ def test_shipped_qc_ref_follows_its_captions():
     from qc_compile.data.shapes import sample_captions
     from qc_compile.metrics.caption_checker import score_videos
     from qc_compile.models import load_model
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.generation import GenerationSettings, generate
 
     loaded = load_model("qc-ref")
     captions = [c.text() for c in sample_captions(4, seed=7)]

@@ -10,8 +10,9 @@ import torch
 
 from qc_compile.models import load_model
 from qc_compile.models.stdit3 import Geometry
-from qc_compile.runtime.executor import Conditioning, TorchExecutor
-from qc_compile.runtime.pipeline import GenerationSettings, generate
+from qc_compile.runtime.generation import torch_executor
+from qc_compile.runtime.protocols import Conditioning
+from qc_compile.runtime.generation import GenerationSettings, generate
 from qc_compile.runtime.policies import get_policy
 from qc_compile.runtime.policy import SUB_BLOCKS, Action, Gate, UnitDecision
 
@@ -44,7 +45,7 @@ def _executor(tiny):
     g = Geometry(4, 8, 8, m.config.patch_size, 8, 8)
     L, Cy = m.config.model_max_length, m.config.caption_channels
     cond = Conditioning(torch.randn(2, 1, L, Cy), torch.ones(2, L, dtype=torch.bool), torch.full((2,), 8.0))
-    return TorchExecutor(m, g), cond
+    return torch_executor(m, g), cond
 
 
 def test_sub_block_path_matches_the_whole_unit_and_reuses_parts(tiny):

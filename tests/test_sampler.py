@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qc_compile.models import load_model
-from qc_compile.runtime.pipeline import GenerationSettings, generate
+from qc_compile.runtime.generation import GenerationSettings, generate
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
 from qc_compile.runtime.schedule import (base_timesteps, sampling_timesteps, step_sizes, timestep_transform,
                                          transform_ratio)
@@ -118,11 +118,12 @@ def test_policy_hooks_see_every_step_and_steer_it(tiny_model):
 def test_reuse_applies_cached_residual_to_current_input(tiny_model):
     """REUSE must add the cached residual to the *current* input, not return the stale output."""
     from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.executor import Conditioning, TorchExecutor
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.protocols import Conditioning
 
     m = tiny_model.model
     g = Geometry(4, 8, 8, m.config.patch_size, 8, 8)
-    ex = TorchExecutor(m, g)
+    ex = torch_executor(m, g)
     L, Cy = m.config.model_max_length, m.config.caption_channels
     cond = Conditioning(torch.randn(2, 1, L, Cy), torch.ones(2, L, dtype=torch.bool), torch.full((2,), 8.0))
     z1, z2 = torch.randn(2, 3, 4, 8, 8), torch.randn(2, 3, 4, 8, 8)

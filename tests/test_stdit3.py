@@ -208,3 +208,29 @@ def test_position_embedding_first_half_encodes_columns():
     # tokens (r, c) in row-major order; first half depends on the column only
     assert torch.allclose(pe[0, :8], pe[3, :8]) and not torch.allclose(pe[0, :8], pe[1, :8])
     assert torch.allclose(pe[0, 8:], pe[1, 8:]) and not torch.allclose(pe[0, 8:], pe[3, 8:])
+
+
+def test_block_sub_steps_compose_to_the_block_forward():
+    """The public sub-steps (what the step executor's sub-block caches and TeaCache's probe run) are the block."""
+    from qc_compile.models.units import block_units, unit_kind
+
+    cfg = QC_REF
+    m = STDiT3(cfg).eval()
+    g = Geometry.for_model(cfg, 4, 16, 16)
+    gen = torch.Generator().manual_seed(11)
+    B, C, L = 2, cfg.hidden_size, cfg.model_max_length
+    x, t_mlp, y = (torch.randn(B, g.N, C, generator=gen), torch.randn(B, 6 * C, generator=gen),
+                   torch.randn(B, L, C, generator=gen))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 3:] = False
+    for unit in block_units(m.unit_names()):
+        assert unit_kind(unit) == "block"
+        steps = m.block_steps(unit, {"t_mlp": t_mlp, "y": y, "mask": mask}, g)
+        h = x + steps.gate_attn * steps.self_attention(x)
+        h = h + steps.cross_attention(h)
+        h = h + steps.gate_mlp * steps.feed_forward(h)
+        ref = m.run_unit(unit, {"x": x, "t_mlp": t_mlp, "y": y, "mask": mask}, g)["x"]
+        assert torch.equal(h, ref), unit
+    assert [unit_kind(u) for u in ("embed", "final", "block_3")] == ["embed", "final", "block"]
+    with pytest.raises(ValueError, match="not a unit name"):
+        unit_kind("blocks.0")

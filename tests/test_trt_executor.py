@@ -1,4 +1,4 @@
-"""The TensorRT executor's binding logic (engine lookup, shapes, dtypes, addresses, outputs, variants) against a
+"""The TensorRT runner's binding logic (engine lookup, shapes, dtypes, addresses, outputs, variants) against a
 stand-in TensorRT runtime whose "engines" run the unit's Q/DQ graph in onnxruntime, reading and writing the bound
 host addresses. Real engines cannot execute on these machines (no GPU here; the TensorRT-RTX runtime refuses Hopper)."""
 
@@ -15,11 +15,16 @@ import torch
 
 from compile_helpers import built, copy_of
 from qc_compile.errors import ArtifactError, UserError
-from qc_compile.runtime.ort_executor import OrtExecutor, _session_for
-from qc_compile.runtime.pipeline import GenerationSettings, generate
+from qc_compile.runtime.generation import GenerationSettings, generate
 from qc_compile.runtime.policy import Action, UnitDecision
-from qc_compile.runtime.trt_executor import TrtExecutor, torch_dtype
+from qc_compile.runtime.runners.onnxruntime import OrtRunner, session_for
+from qc_compile.runtime.runners.tensorrt import TrtRunner, torch_dtype
+from qc_compile.runtime.step_executor import StepExecutor
 from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+
+
+def _executor(runner, work) -> StepExecutor:
+    return StepExecutor(runner, read_model_info(work).geometry())
 
 _NP = {"FLOAT": np.float32, "BOOL": np.bool_}
 
@@ -74,7 +79,7 @@ class FakeContext:
 
 class FakeEngine:
     def __init__(self, onnx_path: Path, max_batch: int) -> None:
-        self.session, self.max_batch = _session_for(onnx_path), max_batch
+        self.session, self.max_batch = session_for(onnx_path), max_batch
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.dtypes = {i.name: DataType.BOOL if "bool" in i.type else DataType.FLOAT for i in self.session.get_inputs()}
@@ -137,13 +142,15 @@ class FakeTrt:
 def test_trt_executor_binds_engines_like_onnxruntime_runs_the_graphs() -> None:
     work = WorkDir(built("fp8_e4m3", "rtx:sm89"))
     fake = FakeTrt(work.root, "rtx:sm89")
-    ex = TrtExecutor.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False)
-    assert len(fake.engines) == 10 and set(ex.unit_names) == set(ex.sessions)
+    runner = TrtRunner.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False)
+    assert len(fake.engines) == 10 and set(runner.unit_names) == set(runner.units)
+    ex = _executor(runner, work)
     fp = load_model_for(read_model_info(work))
     s = GenerationSettings.defaults(fp, steps=3, frames=4, height=16, width=16)
     prompts = ["a red circle moving up on a gray background"]  # CFG batch 2 = the build's --max-batch
     v_trt, _ = generate(fp, prompts, s, executor=ex, progress=False)
-    v_ort, _ = generate(fp, prompts, s, executor=OrtExecutor.from_workdir(work, "q", "rtx:sm89"), progress=False)
+    v_ort, _ = generate(fp, prompts, s, executor=_executor(OrtRunner.from_workdir(work, "q", "rtx:sm89"), work),
+                        progress=False)
     assert torch.equal(v_trt, v_ort)  # same graphs, same inputs: bit-identical through the address bindings
     assert all(e.calls == 3 for e in fake.engines)  # every unit once per step (CFG batch of 2 in one call)
     ctx = fake.engines[1].contexts[0]
@@ -155,7 +162,7 @@ def test_trt_executor_binds_engines_like_onnxruntime_runs_the_graphs() -> None:
 def test_trt_executor_reuse_skips_the_engine() -> None:
     work = WorkDir(built("fp8_e4m3", "rtx:sm89"))
     fake = FakeTrt(work.root, "rtx:sm89")
-    ex = TrtExecutor.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False)
+    ex = _executor(TrtRunner.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False), work)
     fp = load_model_for(read_model_info(work))
     s = GenerationSettings.defaults(fp, steps=3, frames=4, height=16, width=16)
 
@@ -180,18 +187,18 @@ def test_trt_executor_reuse_skips_the_engine() -> None:
 def test_trt_executor_errors(tmp_path: Path) -> None:
     work = WorkDir(copy_of(built("fp8_e4m3", "rtx:sm89"), "trt-errors"))
     with pytest.raises(UserError, match="cannot run here"):  # this machine: no GPU
-        TrtExecutor.from_workdir(work, "rtx:sm89")
+        TrtRunner.from_workdir(work, "rtx:sm89")
     fake = FakeTrt(work.root, "rtx:sm89")
     eng = next((work.root / "engines" / "rtx-sm89").glob("spatial_0*.engine"))
     eng.write_bytes(b"\x00" * 64)  # changed after the build: the manifest check refuses it before TensorRT sees it
     with pytest.raises(ArtifactError, match="spatial_0"):
-        TrtExecutor.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False)
+        TrtRunner.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False)
     onnx_only = WorkDir(copy_of(built("fp8_e4m3", "rtx:sm89"), "trt-none"))
     man = json.loads(onnx_only.manifest_json.read_text())
     man["targets"]["rtx:sm89"]["engines"] = False
     onnx_only.manifest_json.write_text(json.dumps(man))
     with pytest.raises(UserError, match="no TensorRT engines"):
-        TrtExecutor.from_workdir(onnx_only, check_runnable=False, trt=fake)
+        TrtRunner.from_workdir(onnx_only, check_runnable=False, trt=fake)
     assert torch_dtype(DataType.FLOAT) is torch.float32
     with pytest.raises(ArtifactError, match="binds only"):
         torch_dtype(enum.Enum("D", "FP8").FP8)

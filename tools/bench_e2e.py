@@ -112,9 +112,11 @@ def run_qcref(args) -> None:
     from qc_compile.metrics.fidelity import compare_videos
     from qc_compile.models import load_model
     from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.executor import TorchExecutor
-    from qc_compile.runtime.fast_executor import FastExecutor, fp8_block_plan
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.fast_blocks import fp8_block_plan
+    from qc_compile.runtime.runners.fast import FastRunner
+    from qc_compile.runtime.step_executor import StepExecutor
+    from qc_compile.runtime.generation import GenerationSettings, generate
     from qc_compile.runtime.policies import get_policy
     from qc_compile.torch_package import apply_plan
 
@@ -133,7 +135,7 @@ def run_qcref(args) -> None:
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
         return videos, sample.steps
 
-    fp_videos, _ = run("fp", TorchExecutor(model, g))
+    fp_videos, _ = run("fp", torch_executor(model, g))
 
     def record(name: str, videos: torch.Tensor, steps: list, what: str) -> dict:
         per = [compare_videos(v, r) for v, r in zip(videos, fp_videos)]
@@ -146,22 +148,22 @@ def run_qcref(args) -> None:
         print(name, {k: v for k, v in results[name].items() if k != "what"}, flush=True)
         return {"grid": grid}
 
-    v, st = run("cached", TorchExecutor(model, g), get_policy("quantcache", None, None, seed=0))
+    v, st = run("cached", torch_executor(model, g), get_policy("quantcache", None, None, seed=0))
     grid = record("cached_only", v, st, "quantcache on the FP model (torch executor); its decisions are replayed")
     plan = fp8_block_plan(model)
-    v, st = run("quant", FastExecutor(model, g, plan))
+    v, st = run("quant", StepExecutor(FastRunner(model, g, plan), g))
     record("quantized_only", v, st, "our fast path: W8A8 FP8 on all block linears, dynamic per-token activation "
                                    "scales (qc:: ops, CPU reference kernels), fp32 model")
-    v, st = run("both", FastExecutor(model, g, plan), get_policy("quantcache", None, None, seed=0))
+    v, st = run("both", StepExecutor(FastRunner(model, g, plan), g), get_policy("quantcache", None, None, seed=0))
     both = record("both", v, st, "our FP8 fast path under quantcache (decisions from the quantized model's "
                                  "statistics)")
     # the static per-tensor scales of the plan (what the Q/DQ graphs / torch_package compute), calibrated on
     # other prompts: the comparison the dynamic scales are measured against
     with RangeCollector(model) as rc:
-        generate(loaded, calib_prompts, settings, executor=TorchExecutor(model, g), progress=False)
+        generate(loaded, calib_prompts, settings, executor=torch_executor(model, g), progress=False)
     static_plan = fp8_block_plan(model, rc.reduce())
     qmodel = apply_plan(copy.deepcopy(loaded), static_plan, device=args.device).model
-    v, st = run("static", TorchExecutor(qmodel, g))
+    v, st = run("static", torch_executor(qmodel, g))
     record("quantized_static_scales", v, st, "the same W8A8 FP8 plan with static per-tensor activation scales "
                                             f"(max ranges over {len(calib_prompts)} other prompts x 30 steps; "
                                             "torch_package fake quantization = the Q/DQ graphs' numerics)")
@@ -222,8 +224,10 @@ def compile_blocks(model) -> None:
 
 
 def run_xl(args) -> None:
-    from qc_compile.runtime.executor import TorchExecutor
-    from qc_compile.runtime.fast_executor import FastExecutor, fp8_block_plan
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.fast_blocks import fp8_block_plan
+    from qc_compile.runtime.runners.fast import FastRunner
+    from qc_compile.runtime.step_executor import StepExecutor
     from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
 
     torch.set_grad_enabled(False)
@@ -264,14 +268,14 @@ def run_xl(args) -> None:
             continue
         t_build = time.perf_counter()
         if kind == "plain":
-            ex = TorchExecutor(model, g)
+            ex = torch_executor(model, g)
         elif kind == "compiled":
             if compiled_model is None:
                 compiled_model = model  # the blocks' forwards are swapped in place; restored below
                 compile_blocks(model)
-            ex = TorchExecutor(model, g)
+            ex = torch_executor(model, g)
         else:
-            ex = FastExecutor(model, g, p, compile=not args.no_compile, cuda_graphs=args.cuda_graphs)
+            ex = StepExecutor(FastRunner(model, g, p, compile=not args.no_compile, cuda_graphs=args.cuda_graphs), g)
         build_s = time.perf_counter() - t_build
         try:
             warm_s, _ = sample(ex, ReplayPolicy(gr), steps_override=min(2, args.steps))  # compile, autotune, capture
@@ -356,14 +360,15 @@ def profile_step(model, g, z, y, mask, y_null, plan, grid_both, args) -> dict:
     """GPU time by kernel class for one 2-step sampling of BF16 eager and of ours (both), after warm-up."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qc_compile.runtime.executor import TorchExecutor
-    from qc_compile.runtime.fast_executor import FastExecutor
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.runners.fast import FastRunner
+    from qc_compile.runtime.step_executor import StepExecutor
     from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
 
     out = {}
     s = RFlowSampler(SamplerConfig(num_steps=args.profile_steps, cfg_scale=7.0))
-    for key, ex, gr in (("bf16_eager", TorchExecutor(model, g), None),
-                        ("ours_both", FastExecutor(model, g, plan, compile=not args.no_compile), grid_both)):
+    for key, ex, gr in (("bf16_eager", torch_executor(model, g), None),
+                        ("ours_both", StepExecutor(FastRunner(model, g, plan, compile=not args.no_compile), g), grid_both)):
         pol = ReplayPolicy(gr[: args.profile_steps]) if gr else None
         kw = dict(video_size=(XL_FRAMES, XL_HEIGHT, XL_WIDTH), progress=False)
         s.sample(ex, z, y, mask, y_null, 24, policy=pol, **kw)

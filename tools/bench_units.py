@@ -50,12 +50,12 @@ def unit_inputs(model, g, z, y, mask):
 def build_configs(model, unit: str, g, x, t_mlp, y, mask, rotation: int | None) -> dict:
     from qc_compile.models.stdit3 import STDiT3Block
     from qc_compile.plan import LinearPlan
-    from qc_compile.runtime.fast_executor import FastBlock, _compiled_block_forward, block_forward
+    from qc_compile.runtime.fast_blocks import FastBlock, block_forward, compiled_block_forward
 
     blk = model.block(unit)
     e = LinearPlan(unit=unit, weight="fp8_e4m3", activation="fp8_e4m3", rotation=rotation)
     entries = {r: (e, e, None) for r in ROLES}
-    cfn = _compiled_block_forward()
+    cfn = compiled_block_forward()
     comp = torch.compile(STDiT3Block.forward, dynamic=False)
     cblk = types.MethodType(comp, blk)
     fast_q = FastBlock(blk, model.rope.freqs, entries, fn=block_forward)

@@ -42,8 +42,8 @@ def evaluate(loaded, plan, captions, seeds, fp_cache, policy_spec=None, steps=30
     from qc_compile.metrics.caption_checker import score_videos
     from qc_compile.metrics.fidelity import compare_videos
     from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.executor import TorchExecutor
-    from qc_compile.runtime.pipeline import GenerationSettings, generate
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.generation import GenerationSettings, generate
     from qc_compile.runtime.policies import get_policy
 
     models = variant_models(loaded, plan) if plan is not None else None
@@ -53,7 +53,7 @@ def evaluate(loaded, plan, captions, seeds, fp_cache, policy_spec=None, steps=30
         g = Geometry.for_model(loaded.config, s.frames, s.height, s.width)
         if seed not in fp_cache:
             fp_cache[seed] = generate(loaded, captions, s, progress=False)[0]
-        ex = TorchExecutor(models["default"], g, variant_models=models) if models else TorchExecutor(loaded.model, g)
+        ex = torch_executor(models["default"], g, variant_models=models) if models else torch_executor(loaded.model, g)
         pol = get_policy(policy_spec, None, plan, seed=seed) if policy_spec else None
         v, rec = generate(loaded, captions, s, executor=ex, policy=pol, progress=False)
         for a, b in zip(v, fp_cache[seed]):
@@ -91,7 +91,7 @@ def qc_ref(args, out: dict, save) -> None:
     from qc_compile.data.shapes import sample_captions
     from qc_compile.linears import model_linears
     from qc_compile.models import load_model
-    from qc_compile.runtime.pipeline import GenerationSettings
+    from qc_compile.runtime.generation import GenerationSettings
 
     dev = args.device
     loaded = load_model("qc-ref", device=dev)

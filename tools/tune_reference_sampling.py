@@ -17,7 +17,7 @@ import torch
 from qc_compile.data.shapes import sample_captions
 from qc_compile.metrics.caption_checker import score_videos
 from qc_compile.models import load_model
-from qc_compile.runtime.pipeline import GenerationSettings, generate
+from qc_compile.runtime.generation import GenerationSettings, generate
 
 TUNE_SEED = 7
 EVAL_SEED = 20261122

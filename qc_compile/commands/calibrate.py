@@ -17,7 +17,7 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     caption vocabulary) and the sampling settings at the exported geometry."""
     from qc_compile.calib.ranges import default_prompts, read_prompts
     from qc_compile.models.caption_encoder import CaptionTokenizer
-    from qc_compile.runtime.pipeline import GenerationSettings
+    from qc_compile.runtime.generation import GenerationSettings
     from qc_compile.workdir import WorkDir, load_model_for, read_model_info
 
     work = WorkDir(work_dir)
@@ -153,7 +153,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     from qc_compile.calib.ranges import RangeCollector
     from qc_compile.export import tool_versions
     from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan
-    from qc_compile.runtime.pipeline import generate
+    from qc_compile.runtime.generation import generate
 
     fmt = {"fp8": "fp8_e4m3", "int4": "int4_b128", "fp4": "nvfp4"}.get(fmt, fmt)
     if fmt not in WEIGHT_FORMATS:

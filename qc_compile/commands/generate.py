@@ -35,7 +35,7 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
 
     from qc_compile.models import load_model
     from qc_compile.models.caption_encoder import CaptionTokenizer
-    from qc_compile.runtime.pipeline import GenerationSettings, generate as run_generation, resolve_device
+    from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
     from qc_compile.video_io import write_mp4, write_png_strip
 
     if output.suffix.lower() != ".mp4":

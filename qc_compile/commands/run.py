@@ -92,7 +92,7 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
 
     Without WORK it runs the FP model (--model, default qc-ref) on the torch executor.
     """
-    from qc_compile.runtime.api import Pipeline
+    from qc_compile.runtime.pipeline import Pipeline
 
     all_prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file else [])
     if not all_prompts:

@@ -77,7 +77,7 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     """
     from qc_compile.artifacts import atomic_write, write_json_atomic
     from qc_compile.commands.run import parse_sets, read_prompt_file
-    from qc_compile.runtime.api import Pipeline
+    from qc_compile.runtime.pipeline import Pipeline
     from qc_compile.runtime.sweep import expand_configs, parse_grid, plot_pareto, run_sweep, to_markdown
 
     specs = [s.strip() for s in policies.split(",") if s.strip()]

@@ -21,13 +21,14 @@ final          x (B,N,C), t (B,C)                                      v (B,Cout
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from qc_compile.errors import UserError
 from qc_compile.models.config import STDiT3Config
+from qc_compile.models.units import unit_kind  # noqa: F401  (re-exported: the one rule)
 from qc_compile.models.layers import (Attention, CaptionEmbedder, Mlp, MultiHeadCrossAttention, PatchEmbed3D,
                                       PositionEmbedding2D, RotaryEmbedding, SizeEmbedder, TimestepEmbedder,
                                       t2i_modulate)
@@ -42,15 +43,6 @@ UNIT_OUTPUTS: dict[str, tuple[str, ...]] = {
     "block": ("x",),
     "final": ("v",),
 }
-
-
-def unit_kind(name: str) -> str:
-    """'embed' | 'block' | 'final' for a unit name."""
-    if name in ("embed", "final"):
-        return name
-    if name.startswith(("spatial_", "temporal_")):
-        return "block"
-    raise ValueError(f"not a unit name: {name!r}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +95,17 @@ class Geometry:
         return cls(t_lat, height // 8, width // 8, cfg.patch_size, height, width)
 
 
+class Modulation(NamedTuple):
+    """adaLN-Zero modulation of one block for one step (each (B, 1, C))."""
+
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    shift_mlp: torch.Tensor
+    scale_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
+
+
 class STDiT3Block(nn.Module):
     """One spatial or temporal block. Rows of the modulation table: shift/scale/gate for attention, then MLP."""
 
@@ -117,11 +120,29 @@ class STDiT3Block(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size ** 0.5)
 
-    def modulation(self, t_mlp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # The block's sub-steps, public so that the step executor's sub-block caches (PAB, FORA) and the fast path
+    # compose the same pieces the forward does. ``x`` is the block's residual stream; the attention and MLP parts
+    # return their output *before* the adaLN gate (``mods.gate_msa`` / ``mods.gate_mlp``), the cross part after.
+    def modulation(self, t_mlp: torch.Tensor) -> "Modulation":
         B = t_mlp.shape[0]
-        return (self.scale_shift_table[None] + t_mlp.reshape(B, 6, -1)).chunk(6, dim=1)
+        return Modulation(*(self.scale_shift_table[None] + t_mlp.reshape(B, 6, -1)).chunk(6, dim=1))
 
-    def _self_attention(self, h: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    def attention_input(self, x: torch.Tensor, mods: "Modulation") -> torch.Tensor:
+        """The adaLN-modulated input of self-attention (TeaCache's indicator reads it)."""
+        return t2i_modulate(self.norm1(x), mods.shift_msa, mods.scale_msa)
+
+    def self_attention(self, x: torch.Tensor, mods: "Modulation", T: int, S: int) -> torch.Tensor:
+        return self.attend(self.attention_input(x, mods), T, S)
+
+    def cross_attention(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                        y_lens: list[int] | None = None) -> torch.Tensor:
+        return self.cross_attn(x, y, mask, y_lens)
+
+    def feed_forward(self, x: torch.Tensor, mods: "Modulation") -> torch.Tensor:
+        return self.mlp(t2i_modulate(self.norm2(x), mods.shift_mlp, mods.scale_mlp))
+
+    def attend(self, h: torch.Tensor, T: int, S: int) -> torch.Tensor:
+        """Self-attention over frames (temporal) or over the tokens of each frame (spatial) of a modulated ``h``."""
         B, N, C = h.shape
         if self.temporal:  # attend over the T frames at each spatial location
             h = h.view(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)
@@ -133,30 +154,27 @@ class STDiT3Block(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, t_mlp: torch.Tensor, T: int, S: int,
                 mask: torch.Tensor | None = None, y_lens: list[int] | None = None,
                 x_mask: torch.Tensor | None = None, t0_mlp: torch.Tensor | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp)
-        if x_mask is not None:  # conditioning frames (i2v/extension) are modulated with the t=0 embedding
-            z = self.modulation(t0_mlp)
-            B, N, C = x.shape
+        mods = self.modulation(t_mlp)
+        if x_mask is None:
+            x = x + mods.gate_msa * self.self_attention(x, mods, T, S)
+            x = x + self.cross_attention(x, y, mask, y_lens)
+            return x + mods.gate_mlp * self.feed_forward(x, mods)
+        # conditioning frames (i2v/extension) are modulated with the t=0 embedding
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        z = self.modulation(t0_mlp)
+        B, N, C = x.shape
 
-            def pick(a: torch.Tensor, b: torch.Tensor, v: torch.Tensor, fn) -> torch.Tensor:
-                va, vb = fn(v, a), fn(v, b)
-                m = x_mask[:, :, None, None]
-                return torch.where(m, va.view(B, T, S, C), vb.view(B, T, S, C)).view(B, N, C)
-        h = self.norm1(x)
-        if x_mask is None:
-            h = t2i_modulate(h, shift_msa, scale_msa)
-        else:
-            h = pick((shift_msa, scale_msa), (z[0], z[1]), h, lambda v, p: t2i_modulate(v, *p))
-        h = self._self_attention(h, T, S)
-        x = x + (gate_msa * h if x_mask is None else pick(gate_msa, z[2], h, lambda v, g: g * v))
-        x = x + self.cross_attn(x, y, mask, y_lens)
-        h = self.norm2(x)
-        if x_mask is None:
-            h = t2i_modulate(h, shift_mlp, scale_mlp)
-        else:
-            h = pick((shift_mlp, scale_mlp), (z[3], z[4]), h, lambda v, p: t2i_modulate(v, *p))
+        def pick(a, b, v: torch.Tensor, fn) -> torch.Tensor:
+            va, vb = fn(v, a), fn(v, b)
+            m = x_mask[:, :, None, None]
+            return torch.where(m, va.view(B, T, S, C), vb.view(B, T, S, C)).view(B, N, C)
+        h = pick((shift_msa, scale_msa), (z[0], z[1]), self.norm1(x), lambda v, p: t2i_modulate(v, *p))
+        h = self.attend(h, T, S)
+        x = x + pick(gate_msa, z[2], h, lambda v, g: g * v)
+        x = x + self.cross_attention(x, y, mask, y_lens)
+        h = pick((shift_mlp, scale_mlp), (z[3], z[4]), self.norm2(x), lambda v, p: t2i_modulate(v, *p))
         h = self.mlp(h)
-        return x + (gate_mlp * h if x_mask is None else pick(gate_mlp, z[5], h, lambda v, g: g * v))
+        return x + pick(gate_mlp, z[5], h, lambda v, g: g * v)
 
 
 class T2IFinalLayer(nn.Module):
@@ -289,6 +307,11 @@ class STDiT3(nn.Module):
             return {"v": self.final(inputs["x"], inputs["t"], g)}
         return {"x": self.run_block(name, *(inputs[k] for k in UNIT_INPUTS["block"]), g)}
 
+    def block_steps(self, name: str, ctx: dict[str, torch.Tensor], g: Geometry) -> "BlockSteps":
+        """The sub-steps of block unit ``name`` bound to this step's embed outputs ``ctx`` (``t_mlp``, ``y``,
+        ``mask``): what the step executor's sub-block caches run (the model-family protocol)."""
+        return BlockSteps(self.block(name), ctx, g)
+
     def unit_module(self, name: str, g: Geometry) -> nn.Module:
         """An ``nn.Module`` whose forward takes the unit's inputs positionally (for ONNX export and tracing)."""
         return _UnitModule(self, name, g)
@@ -345,6 +368,37 @@ class STDiT3(nn.Module):
         for name in self.unit_names()[1:-1]:
             h = self.run_unit(name, {"x": h, "t_mlp": state["t_mlp"], "y": state["y"], "mask": mask}, g)["x"]
         return self.run_unit("final", {"x": h, "t": state["t"]}, g)["v"]
+
+
+class BlockSteps:
+    """One block's sub-steps for one step: modulation computed once, parts callable on the residual stream ``x``.
+
+    ``x + gate_attn * self_attention(x)``, then ``+ cross_attention``, then ``+ gate_mlp * feed_forward`` is the
+    block's forward (tested equal)."""
+
+    def __init__(self, block: STDiT3Block, ctx: dict[str, torch.Tensor], g: Geometry) -> None:
+        self.block, self.ctx, self.g = block, ctx, g
+        self.mods = block.modulation(ctx["t_mlp"])
+
+    @property
+    def gate_attn(self) -> torch.Tensor:
+        return self.mods.gate_msa
+
+    @property
+    def gate_mlp(self) -> torch.Tensor:
+        return self.mods.gate_mlp
+
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.attention_input(x, self.mods)
+
+    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.self_attention(x, self.mods, self.g.T, self.g.S)
+
+    def cross_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.cross_attention(x, self.ctx["y"], self.ctx.get("mask"))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.feed_forward(x, self.mods)
 
 
 class _UnitModule(nn.Module):

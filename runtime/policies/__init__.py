@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from qc_compile.errors import UserError
-from qc_compile.runtime.policy import Action, ComputeAll, StepInfo, StepStats, UnitDecision
+from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
 from qc_compile.runtime.policies.base import BasePolicy, Param, variant_rank
 from qc_compile.runtime.policies.hlc import HLC
 from qc_compile.runtime.policies.peers import DBCache, FBCache, FORA, PAB, StaticInterval, TeaCache
@@ -46,7 +46,7 @@ from qc_compile.runtime.policies.vc import VarianceCompensation
 
 
 class NoPolicy(BasePolicy):
-    """The FP baseline as a registry entry (same behaviour as :class:`ComputeAll`)."""
+    """The FP baseline: every unit computed at every step (the one "none" policy; the sampler's default)."""
 
     name = "none"
 
@@ -249,5 +249,5 @@ def get_policy(spec: str, overrides: Mapping[str, Any] | None = None, plan: Any 
 
 __all__ = ["POLICIES", "COMBINATIONS", "get_policy", "policy_names", "merge_decisions", "Compose", "BasePolicy",
            "Param", "HLC", "SRAP", "AIGQ", "PrecisionSchedule", "DMPQ", "TDC", "VarianceCompensation",
-           "StaticInterval", "FORA", "TeaCache", "FBCache", "DBCache", "PAB", "ComputeAll", "plan_sections",
+           "StaticInterval", "FORA", "TeaCache", "FBCache", "DBCache", "PAB", "plan_sections",
            "plan_policy_name"]

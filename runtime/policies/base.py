@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from qc_compile.errors import UserError
-from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
-
-BLOCK_PREFIXES = ("spatial_", "temporal_", "block_")  # block_<i>: diffusers families (full 3-D attention)
+from qc_compile.models.units import is_block
+from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision, decode_action
 
 VARIANT_RANK: dict[str, int] = {"low": 0, "default": 1, "mid": 1, "high": 2, "fp": 3}
 """Precision variants by rank. ``default`` is the plan's main format for a unit; ``high`` its higher-precision
@@ -24,10 +23,6 @@ When combined policies disagree, the higher rank wins (a refresh in high precisi
 
 def variant_rank(v: str) -> int:
     return VARIANT_RANK.get(v, 1)
-
-
-def is_block(unit: str) -> bool:
-    return unit.startswith(BLOCK_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -146,8 +141,23 @@ def computed(stats: StepStats, unit: str) -> bool:
     """Whether the executor computed (all or part of) ``unit`` in the step these statistics describe."""
     a = stats.get(unit, "action")
     if not math.isnan(a):
-        return a in (0.0, 3.0)
+        return decode_action(a) == "compute"  # whole or partial computation
     return not math.isnan(stats.get(unit, "res_norm"))
+
+
+def residual_change_rates(stats: StepStats, step: StepInfo, units, last_computed: dict[str, int]) -> dict[str, float]:
+    """Per computed unit, its residual's relative L1 change per step since its last computation (``res_rel_l1``
+    divided by the steps in between); updates ``last_computed``. Units computed for the first time give no rate."""
+    rates = {}
+    for u in units:
+        if not computed(stats, u):
+            continue
+        last = last_computed.get(u)
+        rel = stats.get(u, "res_rel_l1")
+        if last is not None and not math.isnan(rel):
+            rates[u] = rel / max(step.index - last, 1)
+        last_computed[u] = step.index
+    return rates
 
 
 class BasePolicy:

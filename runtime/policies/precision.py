@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from qc_compile.errors import UserError
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
-from qc_compile.runtime.policies.base import BasePolicy, Param, computed, require_order
+from qc_compile.runtime.policies.base import BasePolicy, Param, computed, require_order, residual_change_rates
 
 
 def _check_variant_list(field: str, seq: Any, num_steps: int) -> list[str]:
@@ -120,15 +120,7 @@ class AIGQ(BasePolicy):
         return out
 
     def observe(self, step: StepInfo, stats: StepStats) -> None:
-        rates = []
-        for u in self.blocks:
-            if not computed(stats, u):
-                continue
-            last = self.last_computed.get(u)
-            rel = stats.get(u, "res_rel_l1")
-            if last is not None and not math.isnan(rel):
-                rates.append(rel / max(step.index - last, 1))
-            self.last_computed[u] = step.index
+        rates = list(residual_change_rates(stats, step, self.blocks, self.last_computed).values())
         if rates:
             self.d_t = sum(rates) / len(rates)
 

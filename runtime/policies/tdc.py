@@ -26,7 +26,7 @@ import math
 from typing import Mapping
 
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
-from qc_compile.runtime.policies.base import BasePolicy, Param, computed
+from qc_compile.runtime.policies.base import BasePolicy, Param, computed, residual_change_rates
 
 
 class TDC(BasePolicy):
@@ -72,16 +72,12 @@ class TDC(BasePolicy):
         return out
 
     def observe(self, step: StepInfo, stats: StepStats) -> None:
+        self.stability.update(residual_change_rates(stats, step, self.blocks, self.last_computed))
         for u in self.blocks:
             if not computed(stats, u):
                 continue
-            last = self.last_computed.get(u)
-            rel = stats.get(u, "res_rel_l1")
-            if last is not None and not math.isnan(rel):
-                self.stability[u] = rel / max(step.index - last, 1)
             o = stats.get(u, "in_outlier")
             if not math.isnan(o):
                 self.outlier[u] = o
             self.acc[u] = 0.0
             self.run[u] = 0
-            self.last_computed[u] = step.index

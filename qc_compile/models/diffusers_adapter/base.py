@@ -23,6 +23,8 @@ The model-side protocol (the same one :class:`qc_compile.models.stdit3.STDiT3` f
   casts back, CogVideoX in the model dtype), so the composition is exact in every dtype; in fp32 both are
   ``x + gate * out``. A reused output may be multiplied by the current step's gate (FORA) or its own (PAB).
 * ``block_modulated_input(name, x, ctx)``: the adaLN-modulated input of a block's self-attention (TeaCache's probe).
+* ``block_steps(name, ctx, geometry)``: the same hooks bound to one step, as the step executor's
+  :class:`~qc_compile.runtime.protocols.BlockSteps` (what STDiT3 offers too).
 """
 
 from __future__ import annotations
@@ -32,7 +34,40 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from qc_compile.models.units import unit_kind as _unit_kind
+
 SUB_BLOCKS_ALL = ("attn", "cross", "mlp")
+
+
+class AdapterBlockSteps:
+    """The runtime's ``BlockSteps`` over an adapter's sub-block hooks, for one block and one step.
+
+    The step executor composes ``x + gate_attn * self_attention(x)``, ``+ cross_attention(x)``,
+    ``+ gate_mlp * feed_forward(x)`` in the model dtype, so the gates are given in ``x``'s dtype (Wan keeps them in
+    fp32 and adds in fp32: with a bf16 model the sub-block path rounds the gate to bf16; fp32 is exact). A family
+    without cross-attention (CogVideoX) returns a zero scalar for it.
+    """
+
+    def __init__(self, adapter: "DiffusersAdapter", name: str, ctx: dict[str, torch.Tensor]) -> None:
+        self.adapter, self.name, self.ctx = adapter, name, ctx
+        self.mods = adapter.block_modulation(name, ctx)
+        dtype = ctx["x"].dtype
+        self.gate_attn = self.mods["gate_msa"].to(dtype)
+        self.gate_mlp = self.mods["gate_mlp"].to(dtype)
+
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.block_modulated_input(self.name, x, self.ctx, self.mods)
+
+    def self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.block_self_attention(self.name, x, self.mods, self.ctx)[0]
+
+    def cross_attention(self, x: torch.Tensor) -> torch.Tensor:
+        if "cross" not in self.adapter.sub_blocks:
+            return x.new_zeros(())
+        return self.adapter.block_cross_attention(self.name, x, self.ctx)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.block_mlp(self.name, x, self.mods, self.ctx)[0]
 
 
 class DiffusersAdapter(nn.Module):
@@ -66,16 +101,12 @@ class DiffusersAdapter(nn.Module):
 
     @staticmethod
     def unit_kind(name: str) -> str:
-        """'embed' | 'block' | 'final' for a unit name."""
-        if name in ("embed", "final"):
-            return name
-        if name.startswith("block_") and name[6:].isdigit():
-            return "block"
-        raise ValueError(f"not a unit name: {name!r}")
+        """'embed' | 'block' | 'final' for a unit name (the shared rule of :mod:`qc_compile.models.units`)."""
+        return _unit_kind(name)
 
     def block(self, name: str) -> nn.Module:
         """The diffusers block module of block unit ``name``."""
-        if self.unit_kind(name) != "block" or int(name[6:]) >= len(self.blocks):
+        if not name.startswith("block_") or self.unit_kind(name) != "block" or int(name[6:]) >= len(self.blocks):
             raise KeyError(f"no block unit {name!r}")
         return self.blocks[int(name[6:])]
 
@@ -99,6 +130,10 @@ class DiffusersAdapter(nn.Module):
         for name in self.unit_names()[1:-1]:
             h = self.run_unit(name, {**ctx, "x": h}, geometry)["x"]
         return self.run_unit("final", {**ctx, "x": h}, geometry)["v"]
+
+    def block_steps(self, name: str, ctx: dict[str, torch.Tensor], g=None) -> AdapterBlockSteps:
+        """Block ``name``'s sub-steps bound to this step's embed outputs ``ctx`` (the runtime's BlockSteps)."""
+        return AdapterBlockSteps(self, name, ctx)
 
     @staticmethod
     def add_gated(x: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,8 @@
-"""Unit executor over TensorRT engines: the engines of ``qc-compile build`` (one per unit and precision variant) in
-the sampler, on the deploy GPU.
+"""The TensorRT runner: the engines of ``qc-compile build`` (one per unit and precision variant) on the deploy GPU.
 
-Same step semantics as :class:`~qc_compile.runtime.ort_executor.OrtExecutor` (it reuses its ``step``): whole-unit
-COMPUTE / REUSE / PRUNE, ``UnitDecision.variant`` picks the variant's engine, statistics stay on the device until the
-sampler's one copy per step. Only how one unit runs differs: inputs are bound by device address
-(``set_input_shape`` + ``set_tensor_address``), outputs are allocated from the shapes the context infers, and the
-engine is enqueued on torch's current CUDA stream with ``execute_async_v3`` — no host synchronisation inside a step.
+Inputs are bound by device address (``set_input_shape`` + ``set_tensor_address``), outputs allocated from the shapes
+the context infers, and the engine enqueued on torch's current CUDA stream with ``execute_async_v3`` — no host
+synchronisation inside a step. Whole units only.
 
 Both TensorRT flavours expose this runtime API under the same names; which module to import for a target and whether
 this GPU can run its engines are decided in :mod:`qc_compile.trt_compat` (``load_trt``, ``runnable_reason``).
@@ -21,7 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from qc_compile.errors import ArtifactError, UserError
-from qc_compile.runtime.ort_executor import OrtExecutor
+from qc_compile.runtime.runners.sources import variant_sources
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "BOOL": torch.bool,
                  "INT32": torch.int32, "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8}
@@ -31,12 +28,12 @@ def torch_dtype(trt_dtype: Any) -> torch.dtype:
     """torch dtype of a ``trt.DataType`` (by member name, identical in both flavours)."""
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
     if name not in _TORCH_DTYPES:
-        raise ArtifactError(f"engine I/O tensor of TensorRT type {name}: the executor binds only "
+        raise ArtifactError(f"engine I/O tensor of TensorRT type {name}: the runner binds only "
                             f"{', '.join(_TORCH_DTYPES)}.")
     return _TORCH_DTYPES[name]
 
 
-class _Unit:
+class EngineUnit:
     """One engine and its execution context, with the engine's I/O names split by direction."""
 
     def __init__(self, trt: Any, engine: Any, path: Path) -> None:
@@ -49,62 +46,55 @@ class _Unit:
         self.outputs = [n for n in names if n not in self.inputs]
 
 
-class TrtExecutor(OrtExecutor):
-    """``units[unit][variant]`` engines; ``io`` and ``unit_names`` as for :class:`OrtExecutor`."""
+class TrtRunner:
+    """``units[unit][variant]`` engines; ``io`` and ``unit_names`` as for the onnxruntime runner."""
 
-    def __init__(self, units: Mapping[str, Mapping[str, _Unit]], io: Mapping[str, dict],
+    backend = "tensorrt"
+    supports: frozenset[str] = frozenset()
+    stats = "torch"
+
+    def __init__(self, units: Mapping[str, Mapping[str, EngineUnit]], io: Mapping[str, dict],
                  unit_names: tuple[str, ...], device: str = "cuda") -> None:
-        super().__init__(units, io, unit_names)
+        self.units = {u: dict(v) for u, v in units.items()}
+        self.io = dict(io)
+        self.unit_names = tuple(unit_names)
         self.device = torch.device(device)
+        missing = [u for u in self.unit_names if "default" not in self.units.get(u, {})]
+        if missing:
+            raise ValueError(f"no default engine for unit(s) {missing}")
 
     @classmethod
     def from_workdir(cls, work, target: str | None = None, *, trt: Any = None, device: str = "cuda",
-                     check_runnable: bool = True) -> "TrtExecutor":
+                     check_runnable: bool = True) -> "TrtRunner":
         """Deserialize every engine of ``target`` (default: the first target with engines) after the manifest's
         sha256 checks. ``trt`` (the TensorRT module) and ``check_runnable`` exist for tests with a stand-in."""
         from qc_compile import trt_compat
-        from qc_compile.build import verify_manifest
-        from qc_compile.workdir import WorkDir, read_model_info
 
-        work = work if isinstance(work, WorkDir) else WorkDir(work)
-        info = read_model_info(work)
-        manifest = verify_manifest(work, target, info=info)
-        targets = manifest["targets"]
-        name = target or next((t for t, r in targets.items() if r.get("engines")), None)
-        if name is None or name not in targets or not targets[name].get("engines"):
-            built = ", ".join(targets) or "none"
-            raise UserError(f"{work.root}: no TensorRT engines to run (targets built: {built}; a target built with "
-                            "--onnx-only or --target torch has none). Run `qc-compile build WORK --target trt` on "
-                            "the deploy machine.")
-        t = trt_compat.parse_target(name)
+        src = variant_sources(work, stage="q", target=target, need="engine")
+        t = trt_compat.parse_target(src.target)
         if check_runnable:
             why = trt_compat.runnable_reason(t)
             if why:
-                raise UserError(f"--executor tensorrt: the {name} engines in {work.root} cannot run here: {why}.")
+                raise UserError(f"--executor tensorrt: the {src.target} engines in {work} cannot run here: {why}.")
         trt = trt if trt is not None else trt_compat.load_trt(t)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        units: dict[str, dict[str, _Unit]] = {}
-        for u, rec in targets[name]["units"].items():
+        units: dict[str, dict[str, EngineUnit]] = {}
+        for u, variants in src.files.items():
             units[u] = {}
-            for v, vrec in rec["variants"].items():
-                src = rec["variants"][vrec["same_as"]] if "same_as" in vrec else vrec
-                if not src.get("engine"):
-                    raise UserError(f"{work.root}: unit {u} variant {v} of {name} has no engine; re-run build.")
-                path = work.root / src["engine"]["path"]
+            for v, path in variants.items():
                 engine = runtime.deserialize_cuda_engine(path.read_bytes())
                 if engine is None:
                     raise ArtifactError(f"{path}: TensorRT could not deserialize this engine (built by another "
                                         f"TensorRT version or for another GPU?); rebuild it with `qc-compile build "
-                                        f"WORK --target {name}` here.")
-                units[u][v] = _Unit(trt, engine, path)
-        return cls(units, {u["name"]: {"inputs": u["inputs"], "outputs": u["outputs"]} for u in info.units},
-                   tuple(info.unit_names), device=device)
+                                        f"WORK --target {src.target}` here.")
+                units[u][v] = EngineUnit(trt, engine, path)
+        return cls(units, src.io, src.unit_names, device=device)
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
-    def _run(self, unit: str, variant: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        u: _Unit = self.sessions[unit].get(variant) or self.sessions[unit]["default"]
+    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        u = self.units[unit].get(variant) or self.units[unit]["default"]
         ctx, engine = u.context, u.engine
         keep = []  # the bound tensors must outlive the enqueue
         for rec in self.io[unit]["inputs"]:
@@ -127,3 +117,13 @@ class TrtExecutor(OrtExecutor):
         if not ctx.execute_async_v3(self._stream()):
             raise RuntimeError(f"unit {unit} ({variant}): TensorRT execute_async_v3 failed; see the TensorRT log.")
         return {k: v.float() for k, v in outs.items()}
+
+    def block_steps(self, unit, variant, ctx):
+        raise NotImplementedError("the TensorRT runner runs whole unit engines")
+
+    def begin_step(self, h: torch.Tensor, ctx) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"runner": self.backend, "device": str(self.device),
+                "variants": sorted({v for s in self.units.values() for v in s})}

@@ -1,0 +1,77 @@
+"""The onnxruntime runner: the per-unit ONNX graphs of a work dir (the exported FP graphs, or the Q/DQ graphs of a
+build, one per precision variant), for end-to-end numerics of the compiled graphs on a machine without a GPU.
+
+Whole units only (no block sub-steps, no in-step gates). Q/DQ graphs holding TensorRT-only ops (NVFP4) run through
+their onnxruntime twin.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from qc_compile.runtime.runners.sources import unit_io, variant_sources
+
+
+def session_for(path, twin: bool = True):
+    import onnx_graphsurgeon as gs
+
+    from qc_compile.onnx_utils import load_onnx, ort_session
+    from qc_compile.passes.ort_twin import needs_twin, pass_ort_twin
+
+    proto = load_onnx(path, what="unit graph")
+    graph = gs.import_onnx(proto)
+    if twin and needs_twin(graph):
+        proto = gs.export_onnx(pass_ort_twin(graph))
+    return ort_session(proto)
+
+
+class OrtRunner:
+    """``sessions[unit][variant]``; ``io[unit]`` = {"inputs": [...], "outputs": [...]} records from model.json."""
+
+    backend = "onnxruntime"
+    supports: frozenset[str] = frozenset()
+    stats = "torch"
+
+    def __init__(self, sessions: Mapping[str, Mapping[str, object]], io: Mapping[str, dict],
+                 unit_names: tuple[str, ...]) -> None:
+        self.sessions = {u: dict(v) for u, v in sessions.items()}
+        self.io = dict(io)
+        self.unit_names = tuple(unit_names)
+        missing = [u for u in self.unit_names if "default" not in self.sessions.get(u, {})]
+        if missing:
+            raise ValueError(f"no default graph for unit(s) {missing}")
+
+    @classmethod
+    def from_workdir(cls, work, stage: str = "q", target: str | None = None) -> "OrtRunner":
+        """``stage="fp"``: the exported graphs; ``"q"``: the graphs of a build (``target``: which manifest entry;
+        default the first built). Every file's sha256 is checked first."""
+        src = variant_sources(work, stage=stage, target=target, need="onnx")
+        sessions = {u: {v: session_for(p, twin=stage != "fp") for v, p in vs.items()} for u, vs in src.files.items()}
+        return cls(sessions, src.io, src.unit_names)
+
+    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sess = self.sessions[unit].get(variant) or self.sessions[unit]["default"]
+        names = {i.name for i in sess.get_inputs()}
+        feed = {}
+        for rec in self.io[unit]["inputs"]:
+            if rec["onnx_name"] in names:
+                t = inputs[rec["name"]]
+                feed[rec["onnx_name"]] = t.detach().cpu().numpy().astype(
+                    np.bool_ if rec["dtype"] == "bool" else np.float32)
+        outs = sess.run([r["onnx_name"] for r in self.io[unit]["outputs"]], feed)
+        return {r["name"]: torch.from_numpy(np.asarray(o)) for r, o in zip(self.io[unit]["outputs"], outs)}
+
+    def block_steps(self, unit, variant, ctx):
+        raise NotImplementedError("the onnxruntime runner runs whole unit graphs")
+
+    def begin_step(self, h: torch.Tensor, ctx) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"runner": self.backend, "variants": sorted({v for s in self.sessions.values() for v in s})}
+
+
+__all__ = ["OrtRunner", "session_for", "unit_io"]

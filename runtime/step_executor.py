@@ -1,0 +1,167 @@
+"""The one step executor: drives any :class:`~qc_compile.runtime.protocols.UnitRunner` through a denoising step.
+
+It owns everything that is about *steps* rather than about a backend: compute / reuse / prune per block unit,
+residual caches, the sub-block caches (``UnitDecision.parts``: PAB, FORA), in-step gates (``Action.GATED``:
+TeaCache, First-Block Cache, DBCache), and the per-unit statistics (one row per unit, on the device, copied to the
+host by the sampler once per step). The runner only runs units.
+
+What runs where:
+
+* ``parts``: the block is run sub-block by sub-block through ``runner.block_steps`` (self-attention, cross-attention,
+  MLP); the listed sub-blocks come from the cache filled at the unit's last sub-block-wise run. The cache keeps the
+  attention and MLP outputs *before* their adaLN gate together with the gate used, so a reuse applies either the
+  gate of the step that computed them (``regate=False``: PAB) or the current step's gate (``regate=True``: FORA).
+* gates: ``"modulated_input"`` probes the first block's adaLN-modulated input right after ``embed``;
+  ``"residual"`` the residual from the stack input to the first gated unit. One scalar device-to-host copy, as in
+  the original methods.
+* the ``action`` statistic records what was actually done, written device-to-device (a Python scalar assigned into
+  a CUDA tensor would be a host-to-device copy and synchronise inside the step).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from qc_compile.models.units import block_units
+from qc_compile.runtime.policy import (COMPUTE, STAT_INDEX, STAT_NAMES, SUB_BLOCKS, Action, UnitDecision,
+                                      action_code_tensor)
+from qc_compile.runtime.protocols import BlockSteps, Conditioning, UnitRunner
+from qc_compile.runtime.step_stats import STATS_IMPLS, STATS_LEVELS
+
+
+class StepExecutor:
+    """``StepExecutor(runner, geometry)``: the sampler's :class:`~qc_compile.runtime.protocols.Executor`."""
+
+    def __init__(self, runner: UnitRunner, geometry, *, stats: str = "full") -> None:
+        if stats not in STATS_LEVELS:
+            raise ValueError(f"stats must be one of {', '.join(STATS_LEVELS)}, got {stats!r}")
+        self.runner = runner
+        self.g = geometry
+        self.unit_names = tuple(runner.unit_names)
+        self.block_units = block_units(self.unit_names)
+        self.supports = frozenset(runner.supports)
+        self.stats_level = stats
+        self._unit_stats = STATS_IMPLS[runner.stats]
+        self._prefix = int(getattr(geometry, "prefix_tokens", 0))  # tokens before the video tokens (CogVideoX)
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.parts: dict[str, dict[str, tuple]] = {}  # unit -> sub-block -> (last output, gate used)
+        self._prev_z: torch.Tensor | None = None
+        self._prev_mod: torch.Tensor | None = None
+        self._gate_ref: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.residuals.clear()
+        self.parts.clear()
+        self._prev_z = self._prev_mod = self._gate_ref = None
+
+    def describe(self) -> dict:
+        return dict(self.runner.describe(), stats=self.stats_level)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _rel_l1(cur: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor | float:
+        if ref is None or ref.shape != cur.shape:
+            return math.inf
+        return (cur.float() - ref.float()).abs().mean() / ref.float().abs().mean().clamp_min(1e-12)
+
+    def _run_parts(self, steps: BlockSteps, name: str, x: torch.Tensor, reuse: tuple[str, ...],
+                   regate: bool) -> torch.Tensor:
+        cache = self.parts.setdefault(name, {})
+        missing = [p for p in reuse if p not in cache]
+        if missing:
+            raise RuntimeError(f"policy asked to reuse {missing} of {name} before they were ever computed")
+        if "attn" not in reuse:
+            cache["attn"] = (steps.self_attention(x), steps.gate_attn)
+        out, gate = cache["attn"]
+        x = x + (steps.gate_attn if regate else gate) * out
+        if "cross" not in reuse:
+            cache["cross"] = (steps.cross_attention(x), None)
+        x = x + cache["cross"][0]
+        if "mlp" not in reuse:
+            cache["mlp"] = (steps.feed_forward(x), steps.gate_mlp)
+        out, gate = cache["mlp"]
+        return x + (steps.gate_mlp if regate else gate) * out
+
+    def _check(self, name: str, d: UnitDecision) -> None:
+        if d.parts is not None and "parts" not in self.supports:
+            raise NotImplementedError(f"the {self.runner.backend} runner runs whole unit graphs: sub-block parts "
+                                      f"({name}) need a runner with block sub-steps (torch)")
+        if d.action is Action.GATED and "gate" not in self.supports:
+            raise NotImplementedError(f"the {self.runner.backend} runner has no in-step gates ({name}); use torch")
+
+    # ----------------------------------------------------------------------------------------------- the step
+    @torch.no_grad()
+    def step(self, z: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+             decisions: Mapping[str, UnitDecision]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model evaluation. Returns the velocity and a (units, len(STAT_NAMES)) stats tensor on the device."""
+        run, S = self.runner, STAT_INDEX
+        stats = torch.full((len(self.unit_names), len(STAT_NAMES)), float("nan"), device=z.device)
+        codes = action_code_tensor(z.device)
+        emb = run.run_unit("embed", decisions.get("embed", COMPUTE).variant,
+                           {"x": z, "timestep": timestep, "y": cond.y, "mask": cond.mask, "fps": cond.fps})
+        ctx = {**emb, "mask": cond.mask}
+        h = h0 = emb["x"]
+        zf = z.float()
+        if self._prev_z is not None and self._prev_z.shape == zf.shape:
+            stats[0, S["latent_rel_l1"]] = ((zf - self._prev_z).abs().sum()
+                                            / self._prev_z.abs().sum().clamp_min(1e-12))
+        self._prev_z = zf
+        gates = {id(d.gate): d.gate for d in decisions.values() if d.action is Action.GATED}
+        if len(gates) > 1 or (gates and None in gates.values()):
+            raise RuntimeError("GATED decisions of one step must share one Gate")
+        gate = next(iter(gates.values()), None)
+        gate_open: bool | None = None
+        if gate is not None:
+            self._check(self.block_units[0], UnitDecision(Action.GATED, gate=gate))
+        if gate is not None and gate.probe == "modulated_input":
+            mod = run.block_steps(self.block_units[0], "default", ctx).attention_input(h)
+            val = self._rel_l1(mod, self._prev_mod)
+            self._prev_mod = mod
+            stats[0, S["gate_rel_l1"]] = val
+            stats[1, S["mod_rel_l1"]] = val
+            gate_open = bool(gate.opens(float(val)))
+        elif gate is not None and gate.probe != "residual":
+            raise RuntimeError(f"unknown gate probe {gate.probe!r}")
+        run.begin_step(h, ctx)
+        has_prev = False
+        for i, name in enumerate(self.block_units, start=1):
+            d = decisions.get(name, COMPUTE)
+            self._check(name, d)
+            action = d.action
+            row = stats[i]
+            if action is Action.GATED:
+                if gate_open is None:  # residual probe, at the first gated unit
+                    probe = h - h0
+                    val = self._rel_l1(probe, self._gate_ref)
+                    stats[0, S["gate_rel_l1"]] = val
+                    gate_open = bool(gate.opens(float(val)))
+                    if not gate_open:
+                        self._gate_ref = probe
+                action = Action.REUSE if gate_open and name in self.residuals else Action.COMPUTE
+            if action is Action.PRUNE:
+                row[S["action"]] = codes["prune"]
+                continue
+            if action is Action.REUSE:
+                if name not in self.residuals:
+                    raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
+                h = h + self.residuals[name]
+                has_prev = True
+                row[S["action"]] = codes["reuse"]
+                continue
+            if d.parts is None:
+                out = run.run_unit(name, d.variant, {**ctx, "x": h})["x"]
+            else:
+                out = self._run_parts(run.block_steps(name, d.variant, ctx), name, h, tuple(d.parts), d.regate)
+            if d.parts and set(d.parts) >= set(SUB_BLOCKS):  # nothing heavy ran: a reuse of the sub-block caches
+                row[S["action"]] = codes["reuse"]
+                h, has_prev = out, True
+                continue
+            row[S["action"]] = codes["partial" if d.parts else "compute"]
+            self.residuals[name] = self._unit_stats(row, h, out, self.residuals.get(name), has_prev, self.g.T,
+                                                    self.stats_level, self._prefix)
+            h, has_prev = out, True
+        v = run.run_unit("final", decisions.get("final", COMPUTE).variant, {**ctx, "x": h})["v"]
+        return v.to(z.device), stats

@@ -1,0 +1,86 @@
+"""Behaviour lock for the runtime: decisions and bit-exact videos of every policy on a fixed seed, per backend.
+
+The expected values in ``tests/data/runtime_golden.json`` were recorded with the runtime as it was *before* the
+runner / step-executor split (issue 10), by ``python tests/test_runtime_golden.py --record``; a refactor that changes
+what any policy decides or any output bit fails here. Re-record only for an intended behaviour change, and say so in
+the commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compile_helpers import built, calibrated  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "data" / "runtime_golden.json"
+PROMPTS = ["a red circle moving right on a black background", "a blue square moving up on a gray background"]
+STEPS = 12
+SEED = 3
+SMALL = dict(frames=4, height=16, width=16)
+# Whole-unit policies run on every backend; sub-block (parts) and in-step gate policies need the torch executor.
+WHOLE_UNIT = ("none", "hlc", "srap", "aigq", "quantcache", "tdc", "dmpq", "6bit", "interval")
+TORCH_ONLY = ("fora", "pab", "fbcache", "dbcache", "teacache")
+
+
+def _digest(res) -> dict:
+    videos = res.videos.contiguous().float().numpy()
+    return {
+        "video_sha256": hashlib.sha256(videos.tobytes()).hexdigest(),
+        "video_mean": float(videos.mean()),
+        "decisions": [[s.decisions.get(u, {}).get("action", "compute") + ":" + s.decisions.get(u, {}).get("variant",
+                                                                                                            "default")
+                       for u in res.unit_names] for s in res.steps],
+    }
+
+
+def _cases():
+    """(case id, pipeline factory, policy, settings) for every recorded run."""
+    from qc_compile.runtime import Pipeline
+
+    cases = []
+    for pol in WHOLE_UNIT + TORCH_ONLY:
+        cases.append((f"torch-fp/{pol}", lambda: Pipeline.from_pretrained("qc-ref"), pol, SMALL))
+    for pol in WHOLE_UNIT:
+        cases.append((f"torch-plan/{pol}", lambda: Pipeline(calibrated("fp8_e4m3")), pol, {}))
+        cases.append((f"onnxruntime/{pol}",
+                      lambda: Pipeline(built("fp8_e4m3", "rtx:sm89"), executor="onnxruntime"), pol, {}))
+    return cases
+
+
+_PIPES: dict[str, object] = {}
+
+
+def _run(case_id: str, factory, policy: str, settings: dict) -> dict:
+    kind = case_id.split("/")[0]
+    if kind not in _PIPES:
+        _PIPES[kind] = factory()
+    res = _PIPES[kind](PROMPTS, policy=policy, seed=SEED, steps=STEPS, **settings)
+    return _digest(res)
+
+
+def record() -> None:
+    out = {cid: _run(cid, f, p, s) for cid, f, p, s in _cases()}
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"recorded {len(out)} runs -> {GOLDEN}")
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
+def test_same_decisions_and_bit_identical_video(case):
+    cid, factory, policy, settings = case
+    expected = json.loads(GOLDEN.read_text())[cid]
+    got = _run(cid, factory, policy, settings)
+    assert got["decisions"] == expected["decisions"], f"{cid}: decisions changed"
+    assert got["video_sha256"] == expected["video_sha256"], (
+        f"{cid}: video changed (mean {got['video_mean']!r} vs recorded {expected['video_mean']!r})")
+
+
+if __name__ == "__main__":
+    if "--record" in sys.argv:
+        record()
