@@ -122,3 +122,43 @@ def test_shipped_qc_ref_wan_passes_the_checker_on_held_out_captions():
     caps = [c.text() for c in sample_captions(32, seed=eval_reference_wan.EVAL_SEED)]
     _, s, _ = eval_reference_wan.evaluate(loaded, caps, seed=0, steps=None, cfg=None, shift=None, batch=32)
     assert s["color"] >= 0.9 and s["shape"] >= 0.9 and s["direction"] >= 0.9, s
+
+
+@torch.no_grad()
+def test_enable_on_the_qc_ref_wan_sampler(tmp_path):
+    """qc_compile.enable on the transformer under the WanPipeline-style loop: policy none changes nothing, a
+    caching policy computes fewer blocks; the batched-CFG mode gives the same videos as two calls per step."""
+    import qc_compile
+
+    loaded = load_model("qc-ref-wan", checkpoint=_tiny_folder(tmp_path, qrw.SamplingDefaults(
+        frames=4, height=8, width=8, steps=10, cfg=3.0), num_layers=3))
+    caps = ["a red circle moving left on a black background"]
+    ref = loaded.sample(caps, seed=1)
+    assert torch.allclose(loaded.sample(caps, seed=1, cfg_batched=True), ref, atol=1e-5)
+    session = qc_compile.enable(loaded.transformer, policy="none")
+    assert torch.equal(loaded.sample(caps, seed=1), ref)
+    qc_compile.disable(loaded.transformer)
+    session = qc_compile.enable(loaded.transformer, policy="fbcache", overrides={"threshold": 1.0})
+    out = loaded.sample(caps, seed=1)
+    qc_compile.disable(loaded.transformer)
+    assert session.compute_fraction < 1.0 and not torch.equal(out, ref)
+    assert len(session.steps) == 10 and session.runs == 1
+
+
+def _readme_block(marker: str) -> str:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = text.split("```python\n")[1:]
+    found = [b.split("```", 1)[0] for b in blocks if marker in b]
+    assert len(found) == 1, f"README has {len(found)} python blocks with {marker!r}"
+    return found[0]
+
+
+@pytest.mark.slow
+def test_readme_enable_example_on_the_shipped_qc_ref_wan():
+    """The README's qc-ref-wan example, verbatim (needs the shipped weights; about 90 s on 2 CPU cores)."""
+    code = _readme_block('load_model("qc-ref-wan")')
+    if not (qrw.ASSET_DIR / qrw.META_FILE).is_file():
+        pytest.skip("qc-ref-wan weights are not shipped in this checkout yet")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["videos"].shape == (1, 3, 16, 32, 32) and 0 < scope["session"].compute_fraction <= 1
