@@ -63,7 +63,7 @@ class QCSession:
         self.runs = 0
         self.steps: list = []  # StepRecords of the current (or last) run
         self._cur: dict | None = None  # the step in progress
-        self._caches: dict[str, Any] = {}
+        self._executors: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------ patching
     def install(self) -> None:
@@ -123,14 +123,14 @@ class QCSession:
         if new_run:
             self.runs += 1
             self.steps = []
-            self._caches = {}
+            self._executors = {}
             self.policy.reset(self.unit_names, num_steps)
             index = 0 if idx_given is None else int(idx_given)
         else:
             index = cur["info"].index + 1 if idx_given is None else int(idx_given)
         info = StepInfo(index=index, num_steps=num_steps, t=t, dt=self._dt(index, num_steps),
                         unit_names=self.unit_names)
-        self._cur = {"info": info, "decisions": dict(self.policy.decide(info)), "gate_open": None, "branches": [],
+        self._cur = {"info": info, "decisions": dict(self.policy.decide(info)), "branches": [],
                      "stats": [], "seconds": 0.0}
 
     def finish(self) -> None:
@@ -160,9 +160,9 @@ class QCSession:
         """The branch's step executor (rebuilt, with empty caches, when the geometry changes)."""
         from qc_compile.runtime.step_executor import StepExecutor
 
-        ex = self._caches.get(branch)
+        ex = self._executors.get(branch)
         if ex is None or ex.g != g:
-            ex = self._caches[branch] = StepExecutor(_AdapterRunner(self.adapter, g), g)
+            ex = self._executors[branch] = StepExecutor(_AdapterRunner(self.adapter, g), g)
         return ex
 
     def forward(self, *args: Any, **kwargs: Any):
