@@ -162,3 +162,18 @@ def test_readme_enable_example_on_the_shipped_qc_ref_wan():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["videos"].shape == (1, 3, 16, 32, 32) and 0 < scope["session"].compute_fraction <= 1
+
+
+@torch.no_grad()
+def test_bf16_load_keeps_diffusers_fp32_modules_and_samples(tmp_path):
+    """Loaded in bf16, diffusers keeps Wan's scale/shift tables and norms in fp32: the sampler and the adapter take
+    the compute dtype from the linears, and the sub-block path (bf16 gates) runs."""
+    import qc_compile
+
+    loaded = load_model("qc-ref-wan", checkpoint=_tiny_folder(tmp_path, num_layers=3), dtype=torch.bfloat16)
+    assert loaded.transformer.scale_shift_table.dtype == torch.float32 and loaded.model.dtype == torch.bfloat16
+    ref = loaded.sample(["a red circle moving left on a black background"], seed=0)
+    qc_compile.enable(loaded.transformer, policy="fora")
+    out = loaded.sample(["a red circle moving left on a black background"], seed=0)
+    qc_compile.disable(loaded.transformer)
+    assert torch.isfinite(out).all() and out.shape == ref.shape

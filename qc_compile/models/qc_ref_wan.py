@@ -192,7 +192,7 @@ class QCRefWan:
         sched = flow_scheduler(d.shift if shift is None else shift)
         sched.set_timesteps(steps, device=self.device)
         n = len(prompts)
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = self.transformer.patch_embedding.weight.dtype  # diffusers keeps some modules in fp32
         y = self.encode_prompts(prompts).to(dtype)
         y_null = self.null_captions(n).to(dtype)
         z = torch.cat([noise((1, 3, d.frames, d.height, d.width), seed + k) for k in range(n)]).to(self.device)

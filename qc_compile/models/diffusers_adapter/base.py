@@ -90,7 +90,8 @@ class DiffusersAdapter(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        """The compute dtype: that of the blocks' linear layers (diffusers keeps some modules in fp32)."""
+        return next(m.weight.dtype for m in self.blocks.modules() if isinstance(m, nn.Linear))
 
     @property
     def device(self) -> torch.device:
