@@ -12,7 +12,7 @@ from qc_compile.errors import UserError
 
 
 def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts: int, *, steps, cfg, seed,
-                         hint: str):
+                         hint: str, device: str = "cpu"):
     """Shared by both calibration methods: the work dir's model, the calibration prompts (each checked against the
     caption vocabulary) and the sampling settings at the exported geometry."""
     from qc_compile.calib.ranges import default_prompts, read_prompts
@@ -25,7 +25,9 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)
     if not prompts:
         raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
-    loaded = load_model_for(info)
+    from qc_compile.runtime.generation import resolve_device
+
+    loaded = load_model_for(info, device=resolve_device(device))
     if loaded.text_encoder is None:
         raise UserError(f"model {info.name} takes T5 caption features, which qc-compile does not ship, so it cannot "
                         f"be calibrated from text prompts here; {hint}")
@@ -134,12 +136,13 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--target", default="any", show_default=True,
               help="Target the plan is made for; aigq takes its format menu from it (torch/any/trt: int4_b128, "
                    "int6_sim (simulated, torch/any only), fp8_e4m3, bf16; rtx:sm120 adds nvfp4).")
+@click.option("--device", default="cpu", show_default=True, help="Where the calibration passes run (cpu, cuda, auto).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
               act_high_fraction: float, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
-              exclude: tuple[str, ...], target: str, quiet: bool) -> None:
+              exclude: tuple[str, ...], target: str, device: str, quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
     if (fmt is None) == (method is None):
@@ -152,7 +155,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
                         num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,
-                        seed=seed, target=target, quiet=quiet)
+                        seed=seed, target=target, device=device, quiet=quiet)
     import torch
     from safetensors.torch import save
 
@@ -178,7 +181,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     start = time.perf_counter()
     work, info, loaded, prompts, settings = load_for_calibration(
         work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
-        hint="calibrate qc-ref, or supply a plan written elsewhere.")
+        hint="calibrate qc-ref, or supply a plan written elsewhere.", device=device)
     torch.set_grad_enabled(False)
     rc = RangeCollector(loaded.model, percentile=percentile)
     _, signals = runtime_params.measure(loaded, prompts, settings, progress=not quiet, contexts=[rc])
