@@ -164,6 +164,7 @@ def test_readme_enable_example_on_the_shipped_qc_ref_wan():
     assert scope["videos"].shape == (1, 3, 16, 32, 32) and 0 < scope["session"].compute_fraction <= 1
 
 
+@pytest.mark.slow  # bf16 kernels are slow on CPU (about 25 s)
 @torch.no_grad()
 def test_bf16_load_keeps_diffusers_fp32_modules_and_samples(tmp_path):
     """Loaded in bf16, diffusers keeps Wan's scale/shift tables and norms in fp32: the sampler and the adapter take
