@@ -15,13 +15,14 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
              srap_max_error: float, sampling: str,
              calib_samples: int, replay_samples: int, smoothing: bool, vc: bool, vc_policy: str, predictor: bool,
              num_prompts: int | None, fresh: bool, prompts_file: Path | None, steps: int | None, cfg: float | None,
-             seed: int, target: str, quiet: bool, device: str = "cpu") -> None:
+             seed: int, target: str, quiet: bool, text_encoder: Path | None = None,
+             caption_cache: Path | None = None, device: str = "cpu") -> None:
     import torch
 
     from qc_compile.calib import aigq, allocate, report
     from qc_compile.calib.collect import CollectSettings, text_captions
     from qc_compile.commands.calibrate import load_for_calibration
-    from qc_compile.export import tool_versions
+    from qc_compile.manifest import tool_versions
     from qc_compile.linears import model_linears
     from qc_compile.plan import save_plan, validate
     from qc_compile.runtime.policies import expand
@@ -39,7 +40,7 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
     work, info, loaded, prompts, gs = load_for_calibration(
         work_dir, prompts_file, num_prompts or 8, steps=steps, cfg=cfg, seed=seed,
         hint="see tools/eval_calibration.py for a run on synthetic caption features (speed and memory only).",
-        device=device)
+        text_encoder=text_encoder, caption_cache=caption_cache, device=device)
     frames, height, width = info.video_size
     settings = CollectSettings(steps=gs.steps, cfg=gs.cfg, seed=gs.seed, frames=frames, height=height, width=width,
                                fps=gs.fps, shift=gs.shift)
