@@ -42,7 +42,7 @@ class Options:
     predictor_high_fraction: float = 0.25
     post_skip: int = 3
     seed: int = 0
-    srap: bool = True
+    srap: bool = False  # opt-in (calibrate --srap-thresholds)
     srap_quantile: float = 0.9
     srap_max_error: float = 0.5
 

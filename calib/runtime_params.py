@@ -30,7 +30,7 @@ class RuntimeOptions:
     act_high_fraction: float = 0.3
     act_reading: str = "distance"
     low_activation: str | None = None
-    srap: bool = True
+    srap: bool = False  # opt-in (calibrate --srap-thresholds): it hurt qc-ref badly at the default quantile
     srap_quantile: float = srap_calib.DEFAULT_QUANTILE
     srap_max_error: float = srap_calib.DEFAULT_MAX_ERROR
     srap_samples: int = 2

@@ -102,9 +102,10 @@ def test_uniform_plan_carries_variants_schedule_and_srap():
     assert plan.variants["high"] == {"*": {"activation": "bf16"}}
     assert len(plan.schedule) == 3 and set(plan.schedule) <= {"high", "default"} and "high" in plan.schedule
     params = plan.cache_policy["params"]
-    assert "srap" in params and params["aigq"]["post_skip"] >= 1
+    # SRAP thresholds are opt-in (calibrate --srap-thresholds): at the default quantile they cost qc-ref ~17 dB
+    assert "srap" not in params and params["aigq"]["post_skip"] >= 1
     rt = json.loads((work / "plan.json").read_text())["provenance"]["calibration"]["runtime"]
-    assert "redundancy" in rt and "srap" in rt
+    assert "redundancy" in rt
 
 
 def test_plan_schedule_changes_executed_precision_torch():

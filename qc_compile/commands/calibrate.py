@@ -112,6 +112,9 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--act-high-fraction", type=float, default=0.3, show_default=True,
               help="Fraction of steps whose activations run the plan's `high` variant (bf16): those with the largest "
                    "feature change (both methods; the plan's schedule).")
+@click.option("--srap-thresholds", is_flag=True,
+              help="Also calibrate per-unit SRAP thresholds into the plan. Off by default: on qc-ref (H200 sweep, "
+                   "bench/results/methods_qc_ref_h200) calibrated SRAP cost 17 dB and most caption-checker points.")
 @click.option("--srap-quantile", type=float, default=0.9, show_default=True,
               help="SRAP: per unit, prune above this quantile of its calibrated block-to-block cosine (both methods).")
 @click.option("--srap-max-error", type=float, default=0.5, show_default=True,
@@ -151,7 +154,7 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--device", default="cpu", show_default=True, help="Where the calibration passes run (cpu, cuda, auto).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
-              act_high_fraction: float, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
+              act_high_fraction: float, srap_thresholds: bool, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
               exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
@@ -164,7 +167,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
         from qc_compile.commands.calibrate_aigq import run_aigq
 
         return run_aigq(work_dir, budget=budget, act_format=act_format, act_high_fraction=act_high_fraction,
-                        srap_quantile=srap_quantile, srap_max_error=srap_max_error,
+                        srap=srap_thresholds, srap_quantile=srap_quantile, srap_max_error=srap_max_error,
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
                         num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,
@@ -212,7 +215,8 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                   "calibration": calib}
     plan, kept = uniform_plan(info, fmt, ranges, target=target, exclude=list(exclude), provenance=provenance)
     rt = runtime_params.add_runtime_params(plan, signals, runtime_params.RuntimeOptions(
-        act_high_fraction=act_high_fraction, srap_quantile=srap_quantile, srap_max_error=srap_max_error))
+        act_high_fraction=act_high_fraction, srap=srap_thresholds, srap_quantile=srap_quantile,
+        srap_max_error=srap_max_error))
     calib["runtime"] = rt
     from qc_compile.plan import validate
 

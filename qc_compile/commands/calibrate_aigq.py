@@ -11,7 +11,7 @@ import click
 from qc_compile.errors import UserError
 
 
-def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction: float, srap_quantile: float,
+def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction: float, srap: bool, srap_quantile: float,
              srap_max_error: float, sampling: str,
              calib_samples: int, replay_samples: int, smoothing: bool, vc: bool, vc_policy: str, predictor: bool,
              num_prompts: int | None, fresh: bool, prompts_file: Path | None, steps: int | None, cfg: float | None,
@@ -48,7 +48,7 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
     opts = aigq.Options(budget=budget, target=target, act_format=act_format, act_high_fraction=act_high_fraction,
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor, seed=seed,
-                        srap_quantile=srap_quantile, srap_max_error=srap_max_error)
+                        srap=srap, srap_quantile=srap_quantile, srap_max_error=srap_max_error)
     cmd = f"qc-compile calibrate --method aigq --budget {budget} --target {target} --sampling {sampling}" + \
         (" --vc" if vc else "") + (" --predictor" if predictor else "")
     calib = {"prompts": prompts, "steps": gs.steps, "cfg": gs.cfg, "seed": gs.seed, "video": [frames, height, width],
