@@ -141,6 +141,7 @@ class Pipeline:
         """The FP videos (policy none) for these prompts and settings, cached per pipeline."""
         return self._fp_run(prompts, settings, progress)[:2]
 
+    @torch.no_grad()
     def _fp_run(self, prompts: list[str], settings, progress: bool = False, seeds: list[int] | None = None):
         key = (tuple(prompts), settings, None if seeds is None else tuple(seeds))
         if key not in self._fp_cache:
@@ -157,6 +158,7 @@ class Pipeline:
         """Forget the cached FP reference runs."""
         self._fp_cache.clear()
 
+    @torch.no_grad()  # local, not global: a library must not switch autograd off in its caller's process
     def __call__(self, prompt: str | Sequence[str], *, policy: Any = None, overrides: Mapping[str, Any] | None = None,
                  seed: int = 0, steps: int | None = None, cfg: float | None = None, reference: bool = False,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -184,7 +186,6 @@ class Pipeline:
             raise UserError(f"policy {name} needs executor features {sorted(missing)} (sub-block caches / in-step "
                             f"gates) that the {self.executor_kind} executor does not have; run it with --executor "
                             "torch.")
-        torch.set_grad_enabled(False)
         if isinstance(pol, NoPolicy) and not self.quantized and not self.fast:
             videos, seconds, steps_rec = self._fp_run(prompts, settings, progress, seeds)  # its own reference
         else:
