@@ -72,6 +72,22 @@ class UnitRunner(Protocol):
 
 
 @runtime_checkable
+class StatsReducer(Protocol):
+    """Combines what the processes sharing one video measured (:mod:`qc_compile.runtime.parallel`), on the device
+    and without a host sync, so that every process decides from the statistics of the whole video. A runner whose
+    units see a part of the video (a batch half, a token shard) carries one as ``runner.reducer``."""
+
+    def partials(self, p: torch.Tensor) -> torch.Tensor:
+        """The step's partials ``(units, K)`` of every process combined (:func:`..step_stats.combine`): one
+        collective per step."""
+        ...
+
+    def sums(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes (a gate probe's two sums)."""
+        ...
+
+
+@runtime_checkable
 class Executor(Protocol):
     """What the sampler needs: the unit names, a reset between videos, and one evaluation per step."""
 
