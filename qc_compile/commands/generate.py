@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
 
@@ -27,19 +28,28 @@ from qc_compile.errors import UserError
 @click.option("--width", type=int, default=None, help="Width in pixels (model default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@gpu_options
 def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
-             quiet: bool) -> None:
-    """Generate videos from text prompts with the FP model."""
+             quiet: bool, gpus: int, parallel_mode: str) -> None:
+    """Generate videos from text prompts with the FP model (--gpus N: one video split over N GPUs)."""
+    if output.suffix.lower() != ".mp4":
+        raise UserError(f"--output {output}: expected a path ending in .mp4.")
+    on_gpus(_generate, dict(prompts=prompts, output=output, model=model, checkpoint=checkpoint, steps=steps, cfg=cfg,
+                            seed=seed, frames=frames, height=height, width=width, device=device, quiet=quiet),
+            gpus, parallel_mode, device)
+
+
+def _generate(prompts, output, model, checkpoint, steps, cfg, seed, frames, height, width, device, quiet) -> None:
+    """The generation on this process (every rank of a --gpus run; rank 0 writes the videos)."""
     import torch
 
     from qc_compile.models import load_model
     from qc_compile.models.caption_encoder import CaptionTokenizer
     from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
+    from qc_compile.runtime.parallel import current_mesh, is_rank0
     from qc_compile.video_io import write_mp4, write_png_strip
 
-    if output.suffix.lower() != ".mp4":
-        raise UserError(f"--output {output}: expected a path ending in .mp4.")
     device = resolve_device(device)
     loaded = load_model(model, checkpoint, device=device)
     if loaded.text_encoder is not None:  # check every prompt before any work
@@ -48,8 +58,13 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
                                            width=width)
     torch.set_grad_enabled(False)
     start = time.perf_counter()
-    videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet)
+    videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet and is_rank0())
     seconds = time.perf_counter() - start
+    if not is_rank0():
+        return
+    mesh = current_mesh()
+    if mesh is not None:
+        device = f"{mesh.world_size} x {device} ({mesh.describe()['backend']})"
     for k, video in enumerate(videos):
         path = output if len(videos) == 1 else output.with_name(f"{output.stem}_{k}{output.suffix}")
         write_mp4(path, video, fps=settings.fps)
