@@ -164,3 +164,22 @@ def test_any_number_of_processes_every_policy(tmp_path, config):
 def test_eight_processes(tmp_path):
     """CFG x sequence 4 = 8 gloo processes (8 frames, so every sequence rank holds a frame in the T-layout)."""
     _run(tmp_path, ParallelConfig(True, 4), ("quantcache", "fora", "teacache:teacache.rel_l1_thresh=0.6"), frames=8)
+
+
+@pytest.mark.slow
+def test_bench_parallel_quick_on_gloo(tmp_path):
+    """tools/bench_parallel.py's machinery (launch per GPU count, timing, comm timer, agreement, JSON/md/png)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+    import bench_parallel
+
+    out = tmp_path / "p.json"
+    assert bench_parallel.main(["run", "--quick", "--device", "cpu", "--gpus", "1,2", "--frames", "8",
+                                "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {(r["config"], r["gpus"]): r for r in doc["rows"]}
+    assert set(rows) == {("bf16", 1), ("bf16", 2), ("headline", 1), ("headline", 2)}
+    for (c, n), r in rows.items():
+        assert r["decisions_identical_across_ranks"] and r["weights_identical_across_ranks"] and r["latent_finite"]
+        assert len(r["seconds_per_rank"]) == n and r["speedup"] > 0
+        assert (r["comm_share_max"] > 0) == (n > 1)
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
