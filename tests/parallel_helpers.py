@@ -27,7 +27,8 @@ def decisions_of(res) -> list[list[str]]:
              for u in res.unit_names] for s in res.steps]
 
 
-def run_policies(out: str, policies: list[str], frames: int | None = None, steps: int | None = None) -> None:
+def run_policies(out: str, policies: list[str], frames: int | None = None, steps: int | None = None,
+                 device: str = "cpu") -> None:
     from safetensors.torch import save_file
 
     from qc_compile.runtime import Pipeline
@@ -37,7 +38,7 @@ def run_policies(out: str, policies: list[str], frames: int | None = None, steps
     rank = mesh.rank if mesh else 0
     d = Path(out, str(rank))
     d.mkdir(parents=True, exist_ok=True)
-    pipe = Pipeline.from_pretrained("qc-ref")
+    pipe = Pipeline.from_pretrained("qc-ref", device=device)
     small = dict(SMALL, frames=frames or SMALL["frames"], steps=steps or SMALL["steps"])
     for spec in policies:
         name, overrides = policy_spec(spec)
@@ -58,7 +59,7 @@ def run_shapes(out: str, policy: str = "quantcache", frames: int = 4) -> None:
     from qc_compile.runtime.policies import get_policy
 
     mesh = current_mesh()
-    pipe = Pipeline.from_pretrained("qc-ref")
+    pipe = Pipeline.from_pretrained("qc-ref", device=device)
     small = dict(SMALL, frames=frames)
     settings = pipe.settings(small["seed"], small["steps"], None, frames=frames, height=small["height"],
                              width=small["width"])
