@@ -225,11 +225,6 @@ def run(args) -> None:
 
 
 def render(path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     doc = json.loads(Path(path).read_text())
     rows = doc["rows"]
     envs = doc.get("env", {})
@@ -254,6 +249,14 @@ def render(path: Path) -> None:
                      f"{100 * r['compute_fraction']:.1f}% |")
     md = Path(path).with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {md} (no matplotlib here: run `render` where it is installed for the plot)")
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for (c, f) in sorted({(r["config"], r["frames"]) for r in rows}):
         pts = sorted((r["gpus"], r["speedup"]) for r in rows if r["config"] == c and r["frames"] == f
