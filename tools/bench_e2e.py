@@ -69,7 +69,8 @@ ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's 
     RowSpec("plain_bf16_eager", "plain STDiT3.forward, bf16, eager", "plain", fidelity="plain_bf16"),
     RowSpec("plain_bf16_compile", "plain STDiT3.forward, bf16, every block torch.compile'd", "plain_compile",
             fidelity="plain_bf16"),
-    RowSpec("plain_bf16_compile_100", "plain STDiT3.forward, bf16, every block torch.compile'd, 100 steps", "plain_compile", long=True, fidelity="plain_bf16_100"),
+    RowSpec("plain_bf16_compile_100", "plain STDiT3.forward, bf16, every block torch.compile'd, 100 steps",
+            "plain_compile", long=True, fidelity="plain_bf16_100"),
     RowSpec("ours_fp8", "ours: FP8 W8A8 plan, torch-fast runner, compiled, every unit computed", "ours", fp8=True,
             fidelity="ours_fp8"),
     RowSpec("ours_cached", "ours: bf16 torch-fast, quantcache decisions (replayed grid)", "ours", grid="cached_30",
@@ -408,14 +409,16 @@ def gpu_stem() -> str:
     return "e2e_" + "".join(c if c.isalnum() else "_" for c in name)[:24]
 
 
-def run_bench(args) -> dict:
+def run_bench(args, keep_latents: bool = False) -> dict:
+    """The timed rows -> OUT/<stem>.json and .md; ``keep_latents`` (tests) adds ``_latents`` after writing."""
     torch.set_grad_enabled(False)
     torch.backends.cuda.matmul.allow_tf32 = True
     meter = B.Meter(args.device)
     setup = make_setup(args)
     grids = load_grids(args.grids, setup.depth)
     specs = [s for s in ROWS if not args.rows or s.key in args.rows]
-    rows, overheads = run_rows(setup, specs, grids, args, meter)
+    rows, overheads = run_rows(setup, specs, grids, args, meter, keep_latents)
+    latents = {r["key"]: r.pop("_latent") for r in rows if "_latent" in r}
     fid_path = Path(args.fidelity_json) if args.fidelity_json else None
     fidelity = json.loads(fid_path.read_text()) if fid_path and fid_path.is_file() else None
     add_ratios_and_fidelity(rows, fidelity)
@@ -439,6 +442,8 @@ def run_bench(args) -> dict:
     path.write_text(json.dumps(doc, indent=1))
     render(path)
     print(f"wrote {path} and .md")
+    if keep_latents:
+        doc["_latents"] = latents
     return doc
 
 
