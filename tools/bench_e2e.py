@@ -297,8 +297,23 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
             runners[fp8] = build_fast_runner(setup, plan if fp8 else None, args, meter, overheads)
         return runners[fp8]
 
+    graphs_measured = False
+
+    def measure_graphs() -> None:  # before torchao rewrites the block linears the runner would quantize
+        nonlocal graphs_measured
+        if plan is None or graphs_measured or args.no_graph_overhead:
+            return
+        graphs_measured = True
+        try:
+            overheads.extend(graph_pool_overhead(setup, plan, args, meter))
+        except Exception as err:  # noqa: BLE001
+            overheads.append(skipped_overhead("cuda_graph_pool_gib", f"failed: {type(err).__name__}: {err}"[:500],
+                                              "device memory held by per-unit CUDA graphs"))
+
     for spec in specs:
         steps = setup.long_steps if spec.long else setup.steps
+        if spec.path == "torchao_compile":
+            measure_graphs()
         row: dict[str, Any] = {"key": spec.key, "label": spec.label, "steps": steps}
         if compiled is not None and spec.path != "plain_compile":
             compiled.__exit__(None, None, None)
@@ -352,12 +367,7 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
             torch.cuda.empty_cache()
     if compiled is not None:
         compiled.__exit__(None, None, None)
-    if plan is not None and not args.no_graph_overhead:
-        try:
-            overheads += graph_pool_overhead(setup, plan, args, meter)
-        except Exception as err:  # noqa: BLE001
-            overheads.append(skipped_overhead("cuda_graph_pool_gib", f"failed: {type(err).__name__}: {err}"[:500],
-                                              "device memory held by per-unit CUDA graphs"))
+    measure_graphs()
     for r in rows:  # the first compile a user waits for, per path
         if r.get("warmup_s") is not None and r["key"] in ("plain_bf16_compile", "ours_fp8", "torchao_fp8_compile"):
             overheads.append(overhead(f"compile_warmup_s.{r['key']}", r["warmup_s"], "s",
@@ -376,6 +386,16 @@ def add_ratios_and_fidelity(rows: list[dict], fidelity: dict | None) -> None:
         r["speedup_vs_plain_bf16_compile"] = None if not base else base / r["seconds"]
         conf = (fidelity or {}).get("configs", {}).get(spec[r["key"]].fidelity)
         r["fidelity"] = None if conf is None else {**conf, "config": spec[r["key"]].fidelity}
+
+
+def attach_fidelity(path: Path, fid_path: Path) -> None:
+    """Put a --fidelity JSON beside the rows of an existing result (the runs may come in either order)."""
+    doc = json.loads(path.read_text())
+    fidelity = json.loads(fid_path.read_text())
+    add_ratios_and_fidelity(doc["rows"], fidelity)
+    doc["fidelity_source"] = {"file": str(fid_path), "env": fidelity.get("env"), "reference": fidelity.get("reference")}
+    validate_doc(doc)
+    path.write_text(json.dumps(doc, indent=1))
 
 
 def quick_config():
@@ -591,8 +611,9 @@ def _fid(f: dict | None) -> str:
         return "not measured"
     if "skipped" in f:
         return f"skipped: {f['skipped'][:80]}"
+    cf = "" if f.get("compute_fraction", 1.0) == 1.0 else f", {100 * f['compute_fraction']:.0f}% computed"
     return (f"{f['psnr_db']:.2f} dB / {f['ssim']:.3f} / checker {100 * f['checker']:.0f}% "
-            f"({-f['checker_drop_points']:+.1f} pt)")
+            f"(drop {f['checker_drop_points']:.1f} pt{cf})")
 
 
 def render(path: Path) -> None:
@@ -618,7 +639,9 @@ def render(path: Path) -> None:
                  f"| {r['median_step_ms']:.0f} | {r['warmup_s']:.1f} | {peak} | {100 * r['compute_fraction']:.1f}% "
                  f"| {_fid(r['fidelity'])} |")
     L += ["", "Rows: " + "; ".join(f"`{r['key']}` = {r['label']}" for r in doc["rows"]) + ".", "",
-          f"Options: {json.dumps(doc.get('options', {}))}. Grids: {doc['grids'].get('mapping', '')}.", "",
+          f"Options: {json.dumps(doc.get('options', {}))}. Grids: {doc['grids'].get('mapping', '')}; replayed "
+          "from qc-ref `quantcache` runs (random weights make adaptive statistics meaningless); AIGQ's precision "
+          "requests in them (`high`) run the one FP8 plan (the plan has no variants), as in the fidelity runs.", "",
           "## Overheads a user pays", "", "| what | value |", "|---|---|"]
     for o in doc["overheads"]:
         val = f"skipped: {o['skipped']}" if "skipped" in o else f"{o['value']:.3g} {o['unit']}"
@@ -689,6 +712,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
+        if args.fidelity_json:
+            attach_fidelity(Path(args.render), Path(args.fidelity_json))
         render(Path(args.render))
     elif args.mode_grids:
         run_grids(args)
