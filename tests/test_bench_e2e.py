@@ -197,3 +197,30 @@ def test_quick_gpu_run_all_rows(tmp_path):
     assert rows["ours_fp8"]["profile_per_block"]["ms_by_class"].get("quantization", 0) > 0
     ov = {o["key"]: o for o in doc["overheads"]}
     assert ov["cuda_graph_pool_gib"]["value"] > 0 and ov["weight_quantization_s"]["value"] > 0
+
+
+def test_fidelity_attaches_by_configuration(run, tmp_path):
+    """Each row gets the fidelity entry of its configuration (eager and compiled share plain_bf16's)."""
+    _, _, _, tmp = run
+    res = tmp_path / "e2e.json"
+    res.write_text((tmp / "e2e_test.json").read_text())
+    entry = {"steps": STEPS, "psnr_db": 31.0, "psnr_db_min": 30.0, "ssim": 0.9, "checker": 0.5,
+             "checker_reference": 0.5, "checker_drop_points": 0.0, "compute_fraction": 1.0, "videos": 1}
+    fid = tmp_path / "fid.json"
+    fid.write_text(json.dumps({"configs": {"plain_bf16": entry, "ours_cached": {**entry, "psnr_db": 35.0}}}))
+    E.attach_fidelity(res, fid)
+    rows = {r["key"]: r for r in json.loads(res.read_text())["rows"]}
+    assert rows["plain_bf16_eager"]["fidelity"]["config"] == rows["plain_bf16_compile"]["fidelity"]["config"]
+    assert rows["ours_cached"]["fidelity"]["psnr_db"] == 35.0
+
+
+@pytest.mark.slow
+def test_fidelity_mode_writes_every_configuration(tmp_path):
+    """--fidelity on qc-ref (1 caption, 1 step): PSNR/SSIM/checker per configuration; torchao skipped on a CPU."""
+    out = tmp_path / "fid.json"
+    E.main(["--fidelity", "--device", "cpu", "--captions", "1", "--steps", "1", "--long-steps", "2",
+            "--configs", "plain_bf16", "ours_fp8", "ours_both_100", "torchao_fp8", "--out-fidelity", str(out)])
+    c = json.loads(out.read_text())["configs"]
+    assert c["plain_bf16"]["psnr_db"] > c["ours_fp8"]["psnr_db"] > 15.0  # bf16 closer to fp32 than FP8
+    assert c["ours_both_100"]["steps"] == 2 and 0 < c["ours_both_100"]["compute_fraction"] <= 1
+    assert "skipped" in c["torchao_fp8"] or "psnr_db" in c["torchao_fp8"]
