@@ -40,7 +40,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import ReplayPolicy, _commit, compute_fraction, map_grid, xl_model  # noqa: E402
+from bench_lib import ReplayPolicy, map_grid, xl_model  # noqa: E402
+from bench_lib import commit as _commit  # noqa: E402
+
+
+def compute_fraction(grid: list[dict[str, dict]], units: list[str]) -> float:
+    """Share of (step, block unit) pairs the replayed grid computes."""
+    done = sum(1 for s in grid for u in units if s.get(u, {}).get("action", "compute") == "compute")
+    return done / (len(grid) * len(units))
 
 HEIGHT, WIDTH = 720, 1280
 GRID = Path(__file__).resolve().parent.parent / "bench" / "results" / "e2e_qcref.json"
