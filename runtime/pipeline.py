@@ -170,8 +170,9 @@ class Pipeline:
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = None if seeds is None else [int(s) for s in seeds]
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise UserError("give at least one non-empty prompt.")
+        from qc_compile.prompts import check_prompts
+
+        prompts = check_prompts(prompts)
         if self.loaded.text_encoder is not None:
             from qc_compile.models.caption_encoder import CaptionTokenizer
 

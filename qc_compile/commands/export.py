@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
+
 from qc_compile.errors import UserError
 
 
@@ -37,11 +39,11 @@ def _prepare_workdir(work, model_name: str, force: bool) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors). Default: qc-ref's shipped checkpoint; random weights for others.")
 @click.option("--random-weights", is_flag=True, help="Use random weights (seeded) even where a checkpoint exists.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
-@click.option("--frames", type=int, default=None, help="Video frames (model default).")
-@click.option("--height", type=int, default=None, help="Video height in pixels (model default).")
-@click.option("--width", type=int, default=None, help="Video width in pixels (model default).")
-@click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset of the FP graphs (17-21).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--frames", type=V.FRAMES, default=None, help="Video frames (model default).")
+@click.option("--height", type=V.SIZE, default=None, help="Video height in pixels (model default).")
+@click.option("--width", type=V.SIZE, default=None, help="Video width in pixels (model default).")
+@click.option("--opset", type=V.BoundedInt(17, 21), default=19, show_default=True, help="ONNX opset of the FP graphs (17-21).")
 @click.option("--force", is_flag=True, help="Replace an existing export in the work dir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weights: bool, seed: int,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
+
 from qc_compile.errors import UserError
 
 
@@ -19,17 +21,18 @@ from qc_compile.errors import UserError
 @click.option("--model", default="qc-ref", show_default=True, help="Model configuration name.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors). Default for qc-ref: the checkpoint shipped with qc-compile.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (model default: 30).")
-@click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (model default).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (prompt k uses seed + k).")
-@click.option("--frames", type=int, default=None, help="Frames (model default).")
-@click.option("--height", type=int, default=None, help="Height in pixels (model default).")
-@click.option("--width", type=int, default=None, help="Width in pixels (model default).")
+@click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default: 30).")
+@click.option("--cfg", type=V.CFG, default=None, help="Classifier-free guidance scale (model default).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed (prompt k uses seed + k).")
+@click.option("--frames", type=V.FRAMES, default=None, help="Frames (model default).")
+@click.option("--height", type=V.SIZE, default=None, help="Height in pixels (model default).")
+@click.option("--width", type=V.SIZE, default=None, help="Width in pixels (model default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
-             quiet: bool) -> None:
+             overwrite: bool, quiet: bool) -> None:
     """Generate videos from text prompts with the FP model."""
     import torch
 
@@ -38,8 +41,17 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
     from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
     from qc_compile.video_io import write_mp4, write_png_strip
 
+    from qc_compile.outputs import check_output_file
+    from qc_compile.prompts import check_prompts
+
     if output.suffix.lower() != ".mp4":
         raise UserError(f"--output {output}: expected a path ending in .mp4.")
+    prompts = tuple(check_prompts(prompts, "--prompt"))
+    outputs = [output] if len(prompts) == 1 else [output.with_name(f"{output.stem}_{k}{output.suffix}")
+                                                   for k in range(len(prompts))]
+    for path in outputs:  # every output checked before any work
+        check_output_file(path, "--output", overwrite)
+        check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
     device = resolve_device(device)
     loaded = load_model(model, checkpoint, device=device)
     if loaded.text_encoder is not None:  # check every prompt before any work
@@ -51,7 +63,7 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
     videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet)
     seconds = time.perf_counter() - start
     for k, video in enumerate(videos):
-        path = output if len(videos) == 1 else output.with_name(f"{output.stem}_{k}{output.suffix}")
+        path = outputs[k]
         write_mp4(path, video, fps=settings.fps)
         strip = write_png_strip(path.with_suffix(".png"), video)
         click.echo(f"wrote {path} and {strip}")
