@@ -56,10 +56,11 @@ class Pipeline:
         self._workdir = None
         self.video_size: tuple[int, int, int] | None = None
         if self.work is not None:
-            from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+            from qc_compile.workdir import WorkDir, check_no_interrupted_build, load_model_for, read_model_info
 
             wd = WorkDir(self.work)
             info = read_model_info(wd)
+            check_no_interrupted_build(wd)  # every executor refuses a half-finished build
             if model is not None and model != info.name:
                 raise UserError(f"--model {model}: work dir {self.work} holds model {info.name!r}.")
             self.loaded = load_model_for(info, device=self.device)

@@ -141,6 +141,11 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     --method aigq (mixed precision per layer and per step)."""
     if (fmt is None) == (method is None):
         raise UserError("give exactly one of --uniform FORMAT or --method aigq.")
+    from qc_compile.locks import workdir_lock
+    from qc_compile.workdir import WorkDir
+
+    WorkDir(work_dir).require()
+    click.get_current_context().with_resource(workdir_lock(work_dir, "calibrate"))  # one writer of WORK at a time
     if method == "aigq":
         from qc_compile.commands.calibrate_aigq import run_aigq
 

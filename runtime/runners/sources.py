@@ -29,11 +29,16 @@ def variant_sources(work, *, stage: str, target: str | None, need: str) -> Sourc
 
     work = work if isinstance(work, WorkDir) else WorkDir(work)
     info = read_model_info(work)
+    from qc_compile.workdir import check_no_interrupted_build
+
+    check_no_interrupted_build(work)
     io, names = unit_io(info), tuple(info.unit_names)
     if stage == "fp":
         from qc_compile.export import check_fp_graph
+        from qc_compile.workdir import verify_unit_files
 
         for u in names:
+            verify_unit_files(work, info, u)  # the bytes model.json recorded at export
             check_fp_graph(work.fp_onnx(u), info.name, info.config_sha256, u)
         return Sources(io, names, {u: {"default": work.fp_onnx(u)} for u in names}, None)
     manifest = verify_manifest(work, target, info=info)
