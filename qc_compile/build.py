@@ -219,8 +219,8 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
             register_plugins(trt)
     engine_builder = engine_builder or build_engine
     for unit in info.unit_names:  # bad inputs are refused before anything is written
-        verify_unit_files(work, info, unit)
         check_fp_graph(work.fp_onnx(unit), info.name, info.config_sha256, unit)
+        verify_unit_files(work, info, unit)
     recover_interrupted_build(work)
     backup = _Backup.take(work, target)
     start = time.perf_counter()

@@ -195,8 +195,6 @@ def check_no_interrupted_build(work: WorkDir) -> None:
 def verify_unit_files(work: WorkDir, info: ModelInfo, unit: str) -> None:
     """The FP graph files of ``unit`` hash to what model.json recorded at export (edited weight bytes are caught
     here, before a stage trusts them)."""
-    from qc_compile.artifacts import verify_sha256
-
     recs = info.unit(unit)["onnx"]
     if not any(r["path"] == work.rel(work.fp_onnx(unit)) for r in recs):
         raise ArtifactError(f"{info.path}: unit {unit} records no graph {work.rel(work.fp_onnx(unit))}; the file "
@@ -206,10 +204,11 @@ def verify_unit_files(work: WorkDir, info: ModelInfo, unit: str) -> None:
         if work.root.resolve() not in p.parents:
             raise ArtifactError(f"{info.path}: unit {unit} records a file outside the work dir ({r['path']}); the "
                                 "file was edited. Re-run qc-compile export.")
-        try:
-            verify_sha256(p, r["sha256"])
-        except ArtifactError as e:
-            raise ArtifactError(f"FP graph of unit {unit}: {e} (recorded in model.json at export)") from None
+        if not p.is_file():
+            raise ArtifactError(f"{p}: FP graph file of unit {unit} is missing. Re-run qc-compile export.")
+        if sha256_file(p) != r["sha256"]:
+            raise ArtifactError(f"{p}: FP graph file of unit {unit} does not hash to the sha256 that model.json "
+                                "recorded at export; it was modified or truncated since. Re-run qc-compile export.")
 
 
 def state_digest(model: torch.nn.Module) -> str:

@@ -38,8 +38,8 @@ def variant_sources(work, *, stage: str, target: str | None, need: str) -> Sourc
         from qc_compile.workdir import verify_unit_files
 
         for u in names:
-            verify_unit_files(work, info, u)  # the bytes model.json recorded at export
             check_fp_graph(work.fp_onnx(u), info.name, info.config_sha256, u)
+            verify_unit_files(work, info, u)  # the bytes model.json recorded at export
         return Sources(io, names, {u: {"default": work.fp_onnx(u)} for u in names}, None)
     manifest = verify_manifest(work, target, info=info)
     targets = manifest["targets"]
