@@ -65,7 +65,7 @@ class Pipeline:
                 raise UserError(f"--model {model}: work dir {self.work} holds model {info.name!r}.")
             self.loaded = load_model_for(info, device=self.device)
             self.video_size = info.video_size
-            if wd.plan_json.is_file():
+            if wd.plan_json.exists() or wd.plan_json.is_symlink():  # a plan that is not a file is refused
                 from qc_compile.plan import load_plan
 
                 self.plan = load_plan(wd.plan_json, model_info=info)
