@@ -9,7 +9,9 @@ from __future__ import annotations
 import errno
 import importlib
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -102,6 +104,23 @@ def main(argv: list[str] | None = None) -> None:
       its traceback.
     """
     _DEBUG["on"] = os.environ.get("QC_COMPILE_DEBUG", "") not in ("", "0")
+    interrupted = {"on": False}
+
+    def on_sigint(signum, frame):  # remembered, so an interrupt that a C extension turns into another error
+        interrupted["on"] = True  # (e.g. ImportError from an interrupted module init) still exits as one
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        _run(argv, interrupted)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(argv: list[str] | None, interrupted: dict) -> None:
     try:
         cli.main(args=argv, prog_name="qc-compile", standalone_mode=False)
     except UserError as e:
@@ -130,6 +149,10 @@ def main(argv: list[str] | None = None) -> None:
                    err=True)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001  (the boundary: everything else is a bug)
+        if interrupted["on"]:
+            click.echo("interrupted; nothing half-written is trusted by later stages (see README: Errors and "
+                       "safety).", err=True)
+            sys.exit(130)
         if _DEBUG["on"]:
             raise
         if type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError (a RuntimeError)
