@@ -94,9 +94,29 @@ class RangeCollector:
         return t
 
 
+# Built-in calibration prompts for opensora-v1.2 (written for qc-compile: varied subjects, motion and camera work, in
+# the style of Open-Sora's own sample prompts; each gets " aesthetic score: 6.5." before T5, as at sampling time).
+OPENSORA_PROMPTS = (
+    "A drone shot of waves crashing against rugged cliffs at sunset, golden light on the wet rocks.",
+    "A close-up of a cat slowly blinking on a sunny windowsill, dust floating in the warm light.",
+    "A busy city street at night in the rain, neon signs reflected in puddles, people with umbrellas walking by.",
+    "A timelapse of clouds rolling over snowy mountain peaks under a deep blue sky.",
+    "A red sports car driving fast along a coastal highway, the camera tracking beside it.",
+    "An astronaut floating inside a space station, Earth turning slowly in the window behind.",
+    "A chef chopping vegetables in a bright kitchen, steam rising from a pot on the stove.",
+    "A field of sunflowers swaying in the wind, the camera panning slowly to the right.",
+    "A school of colourful fish swimming through a coral reef, sunlight rippling through the water.",
+    "An old steam train crossing a stone bridge in autumn, smoke drifting over red and orange trees.",
+    "A child running along a sandy beach flying a kite, seagulls overhead.",
+    "A candle flame flickering in a dark room, wax slowly dripping down its side.",
+)
+
+
 def default_prompts(model_name: str, n: int = 4, seed: int = 1234) -> list[str]:
     if model_name == "qc-ref":
         from qc_compile.data.shapes import sample_captions
 
         return [c.text() for c in sample_captions(n, seed)]
+    if model_name == "opensora-v1.2":
+        return list(OPENSORA_PROMPTS[:n])
     return []

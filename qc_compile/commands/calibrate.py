@@ -14,9 +14,10 @@ from qc_compile.errors import UserError
 
 
 def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts: int, *, steps, cfg, seed,
-                         hint: str):
+                         hint: str, text_encoder: Path | None = None, caption_cache: Path | None = None):
     """Shared by both calibration methods: the work dir's model, the calibration prompts (each checked against the
-    caption vocabulary) and the sampling settings at the exported geometry."""
+    caption vocabulary) and the sampling settings at the exported geometry. ``text_encoder``: opensora-v1.2's T5
+    folder (prompts go through Open-Sora's conventions and T5, optionally through a caption cache)."""
     from qc_compile.calib.ranges import default_prompts
     from qc_compile.prompts import read_prompt_file
     from qc_compile.models.caption_encoder import CaptionTokenizer
@@ -29,13 +30,18 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     if not prompts:
         raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
     loaded = load_model_for(info)
-    if loaded.text_encoder is None:
-        raise UserError(f"model {info.name} takes T5 caption features, which qc-compile does not ship, so it cannot "
-                        f"be calibrated from text prompts here; {hint}")
-    try:
-        CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
-    except UserError as e:
-        raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
+    if loaded.text_encoder is None and text_encoder is None:
+        raise UserError(f"model {info.name} takes T5 caption features: pass --text-encoder with the folder of its T5 "
+                        f"(T5 v1.1 XXL) to calibrate from text prompts; {hint}")
+    if text_encoder is not None or caption_cache is not None:
+        from qc_compile.models.opensora_parts import attach_opensora_parts
+
+        attach_opensora_parts(loaded, text_encoder=text_encoder, caption_cache=caption_cache, need_vae=False)
+    if loaded.text_encoder is not None:
+        try:
+            CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
+        except UserError as e:
+            raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
     frames, height, width = info.video_size
     settings = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
                                            width=width)
@@ -131,12 +137,18 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--target", default="any", show_default=True,
               help="Target the plan is made for; aigq takes its format menu from it (torch/any/trt: int4_b128, "
                    "int6_sim (simulated, torch/any only), fp8_e4m3, bf16; rtx:sm120 adds nvfp4).")
+@click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
+              help="opensora-v1.2: folder of its T5 v1.1 XXL; prompts get Open-Sora's conventions (aesthetic score "
+                   "6.5) and go through T5.")
+@click.option("--caption-cache", type=click.Path(path_type=Path), default=None,
+              help="opensora-v1.2: safetensors file of T5 features, read and extended (T5 runs only on new prompts).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
               act_high_fraction: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
-              exclude: tuple[str, ...], target: str, quiet: bool) -> None:
+              exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
+              quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
     if (fmt is None) == (method is None):
@@ -153,7 +165,8 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
                         num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,
-                        seed=seed, target=target, quiet=quiet)
+                        seed=seed, target=target, quiet=quiet, text_encoder=text_encoder,
+                        caption_cache=caption_cache)
     import torch
     from safetensors.torch import save
 
@@ -174,7 +187,8 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     start = time.perf_counter()
     work, info, loaded, prompts, settings = load_for_calibration(
         work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
-        hint="calibrate qc-ref, or supply a plan written elsewhere.")
+        hint="calibrate qc-ref, or supply a plan written elsewhere.", text_encoder=text_encoder,
+        caption_cache=caption_cache)
     torch.set_grad_enabled(False)
     with RangeCollector(loaded.model, percentile=percentile) as rc:
         generate(loaded, prompts, settings, progress=not quiet)

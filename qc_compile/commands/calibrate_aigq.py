@@ -14,7 +14,8 @@ from qc_compile.errors import UserError
 def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction: float, sampling: str,
              calib_samples: int, replay_samples: int, smoothing: bool, vc: bool, vc_policy: str, predictor: bool,
              num_prompts: int | None, fresh: bool, prompts_file: Path | None, steps: int | None, cfg: float | None,
-             seed: int, target: str, quiet: bool) -> None:
+             seed: int, target: str, quiet: bool, text_encoder: Path | None = None,
+             caption_cache: Path | None = None) -> None:
     import torch
 
     from qc_compile.calib import aigq, allocate, report
@@ -37,7 +38,8 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
     start = time.perf_counter()
     work, info, loaded, prompts, gs = load_for_calibration(
         work_dir, prompts_file, num_prompts or 8, steps=steps, cfg=cfg, seed=seed,
-        hint="see tools/eval_calibration.py for a run on synthetic caption features (speed and memory only).")
+        hint="see tools/eval_calibration.py for a run on synthetic caption features (speed and memory only).",
+        text_encoder=text_encoder, caption_cache=caption_cache)
     frames, height, width = info.video_size
     settings = CollectSettings(steps=gs.steps, cfg=gs.cfg, seed=gs.seed, frames=frames, height=height, width=width,
                                fps=gs.fps, shift=gs.shift)

@@ -16,7 +16,7 @@ from qc_compile.errors import UserError
 @click.option("-p", "--prompt", "prompts", multiple=True, required=True,
               help='Caption, e.g. "a red circle moving right on a black background". Repeat for several videos.')
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.mp4"), show_default=True,
-              help="Output .mp4; a PNG strip of the frames is written beside it. With several prompts, "
+              help="Output .mp4 (qc-ref: a PNG strip of the frames is written beside it). With several prompts, "
                    "a suffix _<k> is added.")
 @click.option("--model", default="qc-ref", show_default=True, help="Model configuration name.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -28,21 +28,35 @@ from qc_compile.errors import UserError
 @click.option("--height", type=V.SIZE, default=None, help="Height in pixels (model default).")
 @click.option("--width", type=V.SIZE, default=None, help="Width in pixels (model default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
+@click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
+              help="opensora-v1.2: folder of its T5 v1.1 XXL (e.g. DeepFloyd/t5-v1_1-xxl: config.json, "
+                   "*.safetensors, tokenizer).")
+@click.option("--vae", type=click.Path(path_type=Path), default=None,
+              help="opensora-v1.2: the OpenSora-VAE-v1.2 folder or its model.safetensors (latents -> frames).")
+@click.option("--caption-cache", type=click.Path(path_type=Path), default=None,
+              help="opensora-v1.2: safetensors file of T5 features, read and extended (T5 runs only on new prompts).")
+@click.option("--aes", type=V.FiniteFloat(-100.0, 100.0), default=6.5, show_default=True,
+              help="opensora-v1.2: ' aesthetic score: X.' appended to each prompt, as Open-Sora's sampling config "
+                   "does (negative: none).")
+@click.option("--flow", type=V.FiniteFloat(-100.0, 100.0), default=None, help="opensora-v1.2: ' motion score: X.' appended (default none).")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="DiT and VAE precision; auto = bf16 for opensora-v1.2 on CUDA (as Open-Sora runs it), else fp32.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
-             overwrite: bool, quiet: bool) -> None:
+             text_encoder: Path | None, vae: Path | None, caption_cache: Path | None, aes: float,
+             flow: float | None, dtype: str, overwrite: bool, quiet: bool) -> None:
     """Generate videos from text prompts with the FP model."""
     import torch
 
-    from qc_compile.models import load_model
+    from qc_compile.models import get_config, load_model
     from qc_compile.models.caption_encoder import CaptionTokenizer
-    from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
-    from qc_compile.video_io import write_mp4, write_png_strip
-
+    from qc_compile.models.opensora_parts import attach_opensora_parts
     from qc_compile.outputs import check_output_file
     from qc_compile.prompts import check_prompts
+    from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
+    from qc_compile.video_io import write_mp4, write_png_strip
 
     if output.suffix.lower() != ".mp4":
         raise UserError(f"--output {output}: expected a path ending in .mp4.")
@@ -51,19 +65,33 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
                                                    for k in range(len(prompts))]
     for path in outputs:  # every output checked before any work
         check_output_file(path, "--output", overwrite)
-        check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
+        if vae is None:  # with a VAE the full-size frames get no PNG strip
+            check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
     device = resolve_device(device)
-    loaded = load_model(model, checkpoint, device=device)
+    latent = get_config(model).space == "latent"
+    torch_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and latent and device != "cpu") \
+        else torch.float32
+    loaded = load_model(model, checkpoint, device=device, dtype=torch_dtype)
+    decoder = attach_opensora_parts(loaded, text_encoder=text_encoder, vae=vae, caption_cache=caption_cache,
+                                    aes=aes, flow=flow, dtype=torch_dtype)
     if loaded.text_encoder is not None:  # check every prompt before any work
         CaptionTokenizer().encode(list(prompts), max_length=loaded.config.model_max_length)
     settings = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
                                            width=width)
+    if decoder is not None:
+        decoder.check_geometry(loaded.config, settings.frames, settings.height, settings.width)
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet)
+    if decoder is not None:  # latents -> frames in [-1, 1] (Open-Sora 1.2's VAE)
+        videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu").clamp(-1, 1)
     seconds = time.perf_counter() - start
     for k, video in enumerate(videos):
         path = outputs[k]
+        if decoder is not None:  # full-size frames: no upscale (x2 only if a side is odd), no PNG strip
+            write_mp4(path, video, fps=settings.fps, upscale=2 if (video.shape[-1] | video.shape[-2]) % 2 else 1)
+            click.echo(f"wrote {path}")
+            continue
         write_mp4(path, video, fps=settings.fps)
         strip = write_png_strip(path.with_suffix(".png"), video)
         click.echo(f"wrote {path} and {strip}")

@@ -27,15 +27,20 @@ class LoadedModel:
     model: STDiT3
     text_encoder: torch.nn.Module | None  # qc-ref's caption encoder; None for models fed by an external T5
     checkpoint: str | None
+    # Open-Sora 1.2: T5 + its prompt conventions (+ caption cache), set by prompt_encoder.attach_text_encoder.
+    prompt_encoder: object | None = None
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption features (n, 1, L, Cy) and mask (n, L) bool, on the model's device."""
+        device = self.model.x_embedder.proj.weight.device
+        if self.prompt_encoder is not None:
+            y, mask = self.prompt_encoder.encode(list(prompts))
+            return y.to(device, torch.float32), mask.to(device).bool()
         if self.text_encoder is None:
-            raise UserError(f"model {self.config.name} takes T5 caption features, which qc-compile does not ship; "
-                            "text prompts work with qc-ref only.")
+            raise UserError(f"model {self.config.name} takes T5 caption features: pass --text-encoder with the "
+                            "folder of its T5 (T5 v1.1 XXL, e.g. DeepFloyd/t5-v1_1-xxl) to use text prompts.")
         from qc_compile.models.caption_encoder import CaptionTokenizer
 
-        device = self.model.x_embedder.proj.weight.device
         ids, mask = CaptionTokenizer().encode(prompts, max_length=self.config.model_max_length)
         with torch.no_grad():
             y = self.text_encoder(ids.to(device), mask.to(device))
