@@ -322,3 +322,21 @@ def test_killed_build_is_refused_then_restored_by_the_next_build(work: Path) -> 
     assert code == 0, out
     verify_manifest(WorkDir(work), TARGET)
     assert not (work / ".build-backup").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_3_nonfinite_latent_detected_on_gpu_without_extra_sync() -> None:
+    """On CUDA the finite flag rides the step's one stats copy; the error still names the step and the unit."""
+    from qc_compile.models import load_model
+    from qc_compile.runtime.generation import GenerationSettings, generate
+    from qc_compile.validate import NonFiniteError
+
+    loaded = load_model("qc-ref", random_weights=True, device="cuda")
+    settings = GenerationSettings.defaults(loaded, steps=3, frames=4, height=16, width=16)
+    videos, _ = generate(loaded, [PROMPT], settings, progress=False)
+    assert torch.isfinite(videos).all()
+    with torch.no_grad():
+        loaded.model.temporal_blocks[2].attn.proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step 1 of 3.*temporal_2"):
+        generate(loaded, [PROMPT], settings, progress=False)

@@ -89,7 +89,6 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
 
     from qc_compile.outputs import check_output_dir, fresh_dir
 
-    check_output_dir(output, "--output", overwrite)
     specs = [s.strip() for s in policies.split(",") if s.strip()]
     if not specs:
         raise UserError("--policies: give at least one policy.")
@@ -109,6 +108,7 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         prompts = [c.text() for c in sample_captions(n_prompts, seed=caption_seed)]
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
+    check_output_dir(output, "--output", overwrite)  # before any work: a sweep must not fail at its end
     pipe_kwargs = dict(work_dir=work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
     pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
     commit = _git_commit()  # the code that runs: HEAD may move while a long sweep runs
