@@ -42,6 +42,9 @@ class Options:
     predictor_high_fraction: float = 0.25
     post_skip: int = 3
     seed: int = 0
+    srap: bool = False  # opt-in (calibrate --srap-thresholds)
+    srap_quantile: float = 0.9
+    srap_max_error: float = 0.5
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Result:
     redundancy: list[float] = field(default_factory=list)
     pred: predictor.PredictorFit | None = None
     vc_info: dict | None = None
+    runtime: dict = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -177,6 +181,15 @@ def run(loaded, linears: Sequence, model_meta: dict, calib_dir: str | Path, capt
                                                  for u in store.block_units()})
         plan.schedule = act_schedule.schedule_from(res.redundancy, opts.act_high_fraction, opts.act_reading)
     plan.cache_policy = {"name": "none", "params": {"aigq": {"post_skip": opts.post_skip}}}
+    if opts.srap:
+        t0 = time.perf_counter()
+        from qc_compile.calib import runtime_params, srap
+
+        sig = runtime_params.store_signals(loaded, store, captions, settings)
+        cal = srap.calibrate(sig.grid, sig.prune_error, quantile=opts.srap_quantile, max_error=opts.srap_max_error)
+        plan.cache_policy["params"]["srap"] = cal.params
+        res.runtime = {"srap": cal.report, "srap_pruning_units": cal.pruning_units}
+        tm["srap_s"] = time.perf_counter() - t0
     if opts.predictor:
         t0 = time.perf_counter()
         import copy

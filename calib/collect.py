@@ -5,7 +5,8 @@ DMPQ predictor, VC) reads *these* numbers instead of re-running sampling. Everyt
 sample is (prompt, step), and per CFG branch (row ``b < n`` = cond, ``b >= n`` = null):
 
 * per linear input: per-channel |x| max ``(2, K)``, |x| max, p99 and p99.9 of |x| (``(2,)`` each);
-* per block unit: input/output/residual L2 norms, Γ = ||out − in||₁ / ||in||₁ (6Bit's input-to-output change), and
+* per block unit: input/output/residual L2 norms, ⟨in, out⟩ (SRAP's cosine, :mod:`qc_compile.calib.srap`),
+  Γ = ||out − in||₁ / ||in||₁ (6Bit's input-to-output change), and
   the relative L1 change of the residual since the previous step (AIGQ's step-redundancy signal);
 * the latent before and after the step (so a run can resume, and VC/TAP/sensitivity can replay any sample).
 
@@ -139,6 +140,7 @@ class StepHooks:
             self.cur[f"blk/{unit}/res_norm"] = rf.norm(dim=1)
             self.cur[f"blk/{unit}/res_l1"] = rf.abs().sum(1)
             self.cur[f"blk/{unit}/in_l1"] = xf.abs().sum(1)
+            self.cur[f"blk/{unit}/dot_in_out"] = (xf * of).sum(1)  # SRAP's cosine: dot / (in_norm * out_norm)
             prev = self.prev_res.get(unit)
             if prev is not None and prev.shape == rf.shape:
                 ch = (rf - prev).abs().sum(1) / prev.abs().sum(1).clamp_min(1e-12)

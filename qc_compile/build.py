@@ -9,11 +9,13 @@ Consistency of the work dir (DESIGN.md §1):
   refuses to write a manifest if the plan (or its sidecar) changed since;
 * before the first artifact it hard-links what it may replace into ``.build-backup/`` and writes
   ``.build-in-progress.json``; an error, a full disk or Ctrl-C restores the previous build and removes both. A build
-  killed outright leaves the marker, so :func:`verify_manifest` (every executor) refuses the work dir ("interrupted
-  build of target T; re-run qc-compile build") instead of trusting a mix of old and new files, and the next build
-  restores the backup first;
+  killed outright leaves the marker, so :meth:`qc_compile.manifest.Manifest.load` (every executor, compare) refuses
+  the work dir ("interrupted build of target T; re-run qc-compile build") instead of trusting a mix of old and new
+  files, and the next build restores the backup first;
 * the manifest records the sha256 of every artifact (and of model.json and the plan), so a file changed later is
-  caught by :func:`verify_manifest`;
+  caught when it is loaded;
+* a graph holding TensorRT-only ops (NVFP4) gets an onnxruntime twin beside it (``<unit>[.<v>].ort.onnx``, recorded
+  as ``ort_onnx``), so the runtime and compare open files without the graph tooling;
 * after the manifest is written, files under ``engines/<T>/`` that it does not reference are deleted.
 """
 
@@ -31,13 +33,13 @@ from typing import Callable
 import onnx
 import onnx_graphsurgeon as gs
 
-from qc_compile.artifacts import read_json, sha256_file, verify_sha256, write_bytes_atomic, write_json_atomic
+from qc_compile.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from qc_compile.errors import ArtifactError, UserError
-from qc_compile.export import check_fp_graph, tool_versions
+from qc_compile.manifest import Manifest, check_fp_graph, remove_unreferenced, write_target
 from qc_compile.onnx_utils import file_records, get_metadata, save_onnx, set_metadata
 from qc_compile.plan import DEFAULT_VARIANT, Plan, load_plan
 from qc_compile.trt_compat import Target, parse_target
-from qc_compile.workdir import MANIFEST_SCHEMA, ModelInfo, WorkDir, read_model_info
+from qc_compile.workdir import ModelInfo, WorkDir, read_model_info
 
 
 class BuildError(RuntimeError):
@@ -159,6 +161,11 @@ class BuildResult:
     units: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    def graphs(self) -> list[tuple[str, dict]]:
+        """``(unit, variant record)`` for every graph written (variants that share another's graph left out)."""
+        return [(u, v) for u, r in self.units.items() if u != "package" for v in r["variants"].values()
+                if "same_as" not in v]
+
 
 def check_plan_for_target(plan: Plan, target: Target) -> None:
     """Refuse, with the reason, a plan whose formats the target cannot run."""
@@ -247,10 +254,13 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
                 report: dict = {}
                 proto = unit_graph(work, info, plan, unit, variant, plugins=plugins, report=report,
                                    plan_sha256=plan_sha)
+                twin = None if plugins else ort_twin(proto)  # onnxruntime cannot run qc:: plugin nodes anyway
                 qpath = work.q_onnx(unit, variant, plugins)
-                files = save_onnx(proto, qpath)
-                del proto
-                vrec = {"onnx": file_records(files, work.root), "engine": None, "passes": report}
+                vrec = {"onnx": file_records(save_onnx(proto, qpath), work.root)}
+                if twin is not None:
+                    vrec["ort_onnx"] = file_records(save_onnx(twin, work.q_onnx(unit, variant, ort=True)), work.root)
+                del proto, twin
+                vrec.update({"engine": None, "passes": report})
                 if trt is not None:
                     blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch))
                     epath = work.engine(target.dir_name, unit, variant)
@@ -270,7 +280,7 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
         backup.discard()
         raise
     backup.discard()
-    _remove_unreferenced(work, target)
+    remove_unreferenced(work, [work.root / "engines" / target.dir_name, work.root / "onnx" / "q"])
     return result
 
 
@@ -366,99 +376,39 @@ def recover_interrupted_build(work: WorkDir, log=None) -> bool:
     return True
 
 
+def ort_twin(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The onnxruntime twin of a Q/DQ graph (same numbers, standard ops), or None when the graph runs as it is."""
+    from qc_compile.passes.ort_twin import needs_twin, pass_ort_twin
+
+    graph = gs.import_onnx(proto)
+    if not needs_twin(graph):
+        return None
+    twin = gs.export_onnx(pass_ort_twin(graph))
+    set_metadata(twin, **{k: v for k, v in get_metadata(proto).items() if k != "format"})
+    set_metadata(twin, stage="q-ort")
+    return twin
+
+
 def _write_manifest(work: WorkDir, info: ModelInfo, plan: Plan, target: Target, trt, units: dict, seconds: float,
                     max_batch: int, plugins: bool, onnx_only: bool, plan_sha: str | None = None) -> None:
     from qc_compile import trt_compat
 
-    old = {}
-    if work.manifest_json.is_file():
-        try:
-            old = read_json(work.manifest_json, kind="manifest", schema_version=MANIFEST_SCHEMA)
-            if old.get("model", {}).get("config_sha256") != info.config_sha256:
-                old = {}
-        except UserError:
-            old = {}
-    targets = dict(old.get("targets", {}))
     plan_rec = {"path": work.rel(work.plan_json), "sha256": plan_sha or sha256_file(work.plan_json)}
     side = None
     if plan.sidecar:  # the sidecar's hash as the plan records it (checked unchanged just before)
         sp = work.plan_json.with_name(plan.sidecar["file"])
         side = {"path": work.rel(sp), "sha256": plan.sidecar["sha256"]}
-    targets[target.name] = {
+    write_target(work, info, target.name, {
         "backend": target.backend, "sm": target.sm,
         "tool": None if trt is None else {"name": target.backend, "version": trt_compat.version(trt)},
         "engines": trt is not None, "onnx_only": onnx_only, "plugins": plugins, "max_batch": max_batch,
         "plan": plan_rec, "plan_sidecar": side, "variants": plan.used_variants(), "schedule": plan.schedule,
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 2),
         "units": units,
-    }
-    manifest = {"schema_version": MANIFEST_SCHEMA,
-                "model": {"name": info.name, "config_sha256": info.config_sha256},
-                "model_json": {"path": "model.json", "sha256": sha256_file(work.model_json)},
-                "tool_versions": tool_versions(), "targets": targets}
-    write_json_atomic(work.manifest_json, manifest)
-
-
-def _remove_unreferenced(work: WorkDir, target: Target) -> None:
-    manifest = read_json(work.manifest_json, kind="manifest")
-    keep = {p for p in _artifact_paths(manifest)}
-    edir = work.root / "engines" / target.dir_name
-    if edir.is_dir():
-        for p in edir.iterdir():
-            if p.is_file() and work.rel(p) not in keep:
-                p.unlink()
-    qdir = work.root / "onnx" / "q"
-    if qdir.is_dir():
-        for p in qdir.iterdir():
-            if p.is_file() and work.rel(p) not in keep:
-                p.unlink()
-
-
-def _artifact_paths(manifest: dict):
-    for t in manifest.get("targets", {}).values():
-        yield from (r["path"] for r in _artifact_records(t))
-
-
-def _artifact_records(trec: dict) -> list[dict]:
-    recs = []
-    units = trec.get("units", {})
-    if "package" in units:
-        recs += units["package"]["files"]
-        return recs
-    for u in units.values():
-        for v in u["variants"].values():
-            if "same_as" in v:
-                continue
-            recs += v["onnx"]
-            if v.get("engine"):
-                recs.append(v["engine"])
-    return recs
+    })
 
 
 def verify_manifest(work: WorkDir, target_name: str | None = None, *, info: ModelInfo | None = None) -> dict:
-    """Check the manifest against the work dir; returns it. Raises ArtifactError with the reason."""
-    from qc_compile.workdir import check_no_interrupted_build
-
-    info = info or read_model_info(work)
-    check_no_interrupted_build(work)
-    manifest = read_json(work.manifest_json, kind="manifest", schema_version=MANIFEST_SCHEMA)
-    if manifest.get("model", {}).get("name") != info.name or \
-            manifest.get("model", {}).get("config_sha256") != info.config_sha256:
-        raise ArtifactError(f"{work.manifest_json}: manifest is for model {manifest.get('model', {}).get('name')!r} "
-                            f"with another configuration, not this work dir's {info.name!r}. Re-run qc-compile build.")
-    if manifest["model_json"]["sha256"] != sha256_file(work.model_json):
-        raise ArtifactError(f"{work.manifest_json}: model.json changed since the build (sha256 differs); re-run "
-                            "qc-compile build.")
-    targets = manifest.get("targets", {})
-    names = [target_name] if target_name else list(targets)
-    for name in names:
-        if name not in targets:
-            raise ArtifactError(f"{work.manifest_json}: no build for target {name!r} (built: "
-                                f"{', '.join(targets) or 'none'}). Run qc-compile build {work.root} --target {name}.")
-        t = targets[name]
-        verify_sha256(work.root / t["plan"]["path"], t["plan"]["sha256"])
-        if t.get("plan_sidecar"):
-            verify_sha256(work.root / t["plan_sidecar"]["path"], t["plan_sidecar"]["sha256"])
-        for r in _artifact_records(t):
-            verify_sha256(work.root / r["path"], r["sha256"])
-    return manifest
+    """The raw manifest dict after :meth:`qc_compile.manifest.Manifest.load`'s checks. Kept only for
+    ``runtime/runners/sources.py`` until it switches to :mod:`qc_compile.manifest`; new code uses ``Manifest``."""
+    return Manifest.load(work, target_name, info=info).data

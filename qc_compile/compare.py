@@ -5,8 +5,8 @@ Per unit, on inputs captured from a real FP sampling run (a few steps: first, mi
 
 * ``torch-fp``  — :class:`TorchUnitRunner`, our polygraphy ``BaseRunner`` around ``model.unit_module``;
 * ``onnxrt-fp`` — ``OnnxrtRunner(SessionFromOnnx(WORK/onnx/fp/<unit>.onnx))``;
-* ``onnxrt-q``  — ``OnnxrtRunner(SessionFromOnnx(<q graph>))`` on the build's Q/DQ graph (after the onnxruntime twin
-  pass when it holds TensorRT-only NVFP4 ops);
+* ``onnxrt-q``  — ``OnnxrtRunner(SessionFromOnnx(<q graph>))`` on the build's Q/DQ graph (its onnxruntime twin,
+  written by the build, when it holds TensorRT-only NVFP4 ops);
 * ``trt``       — polygraphy's ``TrtRunner`` on the built engine, only when the target's TensorRT imports *and* can
   run on a GPU here; otherwise the report says ``not run: <reason>``.
 
@@ -152,15 +152,13 @@ class CompareOptions:
 def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
     """Run every comparison; returns the report dict (``report["passed"]`` overall)."""
     _quiet_polygraphy()
-    import onnx_graphsurgeon as gs
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
 
-    from qc_compile.build import verify_manifest
     from qc_compile.errors import UserError
+    from qc_compile.manifest import Manifest
     from qc_compile.metrics.fidelity import compare_videos
     from qc_compile.onnx_utils import load_onnx, ort_opt_level
-    from qc_compile.passes.ort_twin import needs_twin, pass_ort_twin
     from qc_compile.runtime.runners.onnxruntime import OrtRunner
     from qc_compile.runtime.step_executor import StepExecutor
     from qc_compile.trt_compat import parse_target, runnable_reason
@@ -168,19 +166,10 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
 
     start = time.perf_counter()
     info = read_model_info(work)
-    manifest = verify_manifest(work, opts.target, info=info)
-    tnames = [t for t, r in manifest["targets"].items() if "package" not in r["units"]]
-    if opts.target:
-        tname = opts.target
-        if tname not in tnames:
-            raise UserError(f"target {tname} has no Q/DQ graphs (a torch package?); compare needs an ONNX build.")
-    elif tnames:
-        tname = tnames[0]
-    else:
-        raise UserError(f"{work.root}: no Q/DQ build in manifest.json; run qc-compile build first.")
-    trec = manifest["targets"][tname]
+    trec = Manifest.load(work, opts.target, info=info).target(opts.target, need="graphs")
+    tname, sources = trec.name, trec.sources()
     target = parse_target(tname)
-    trt_reason = "no engines in this build (--onnx-only)" if not trec.get("engines") else runnable_reason(target)
+    trt_reason = "no engines in this build (--onnx-only)" if not trec.engines else runnable_reason(target)
     loaded = load_model_for(info)
     if loaded.text_encoder is None:
         raise UserError(f"compare feeds the FP model real prompts; model {info.name} has no text encoder here.")
@@ -200,20 +189,18 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
     units = opts.units or info.unit_names
     for unit in units:
         io = info.unit(unit)
-        urec = trec["units"][unit]["variants"]["default"]
-        urec = trec["units"][unit]["variants"][urec["same_as"]] if "same_as" in urec else urec
+        src = sources[unit]["default"]
+        if src.ort_onnx is None:
+            raise UserError(f"target {tname} was built with --plugins (qc:: plugin nodes), which onnxruntime cannot "
+                            "run; compare a build without --plugins.")
         fp_bytes = load_onnx(work.fp_onnx(unit)).SerializeToString()
-        qproto = load_onnx(work.root / urec["onnx"][0]["path"])
-        qgraph = gs.import_onnx(qproto)
-        twin = needs_twin(qgraph)
-        if twin:
-            qproto = gs.export_onnx(pass_ort_twin(qgraph))
+        qproto = load_onnx(src.ort_onnx)
         basic = ort_opt_level()
         runners = [make_torch_runner(loaded.model.unit_module(unit, g), io, "torch-fp"),
                    OnnxrtRunner(SessionFromOnnx(fp_bytes, graph_optimization_level=basic), name="onnxrt-fp"),
                    OnnxrtRunner(SessionFromOnnx(qproto.SerializeToString(), graph_optimization_level=basic),
                                 name="onnxrt-q")]
-        if trt_reason is None and urec.get("engine"):  # pragma: no cover - needs a GPU this target runs on
+        if trt_reason is None and src.engine:  # pragma: no cover - needs a GPU this target runs on
             import os
 
             from qc_compile.trt_compat import polygraphy_env
@@ -221,7 +208,7 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
             os.environ.update(polygraphy_env(target))
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-            runners.append(TrtRunner(EngineFromBytes((work.root / urec["engine"]["path"]).read_bytes()), name="trt"))
+            runners.append(TrtRunner(EngineFromBytes(src.engine.read_bytes()), name="trt"))
         results = Comparator.run(runners, data_loader=captured[unit])
         acc = Comparator.compare_accuracy(results, comparisons=[(0, 1)], compare_func=fp_cmp)
         fp_ok = bool(acc)
@@ -241,7 +228,7 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
         passed &= fp_ok and q_ok
         report["units"][unit] = {"fp_torch_vs_onnx": {"max_rel_err": fp_err, "passed": fp_ok},
                                  "fp_vs_q": {"snr_db": q_snr, "rel_l2": q_rel, "passed": q_ok,
-                                             "onnxruntime_twin": twin},
+                                             "onnxruntime_twin": src.twin},
                                  "trt": ({"snr_db": trt_snr} if trt_snr is not None else
                                          {"not_run": trt_reason or "no engine"}),
                                  "samples": len(captured[unit])}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata as _md
 import tempfile
 import time
 import warnings
@@ -37,26 +36,15 @@ import torch
 from qc_compile.artifacts import sha256_file, write_json_atomic
 from qc_compile.errors import UserError
 from qc_compile.linears import config_sha256, linears_by_unit, model_linears
+from qc_compile.manifest import check_fp_graph, tool_versions  # noqa: F401 (check_fp_graph: runtime/runners/sources.py)
 from qc_compile.models.stdit3 import UNIT_INPUTS, UNIT_OUTPUTS, Geometry, unit_kind
-from qc_compile.onnx_utils import file_records, get_metadata, ort_session, save_onnx, set_metadata
+from qc_compile.onnx_utils import file_records, ort_session, save_onnx, set_metadata
 from qc_compile.passes.common import uid
 from qc_compile.workdir import MODEL_JSON_SCHEMA, WorkDir, state_digest
 
 DEFAULT_OPSET = 19
 EXPORT_BATCH = 2  # CFG: [cond; null]
 VERIFY_RTOL = 1e-4  # max |onnx - torch| / max |torch| per output, fp32
-TOOLS = ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "polygraphy", "tensorrt-rtx", "tensorrt", "qc-compile")
-
-
-def tool_versions() -> dict[str, str | None]:
-    out = {}
-    for name in TOOLS:
-        try:
-            out[name] = _md.version(name)
-        except _md.PackageNotFoundError:
-            out[name] = None
-    return out
-
 
 def onnx_output_name(name: str) -> str:
     return f"{name}_out"
@@ -298,13 +286,3 @@ def weights_record(loaded, checkpoint: Path | None, random_weights: bool, seed: 
         return {"source": "random", "seed": seed, "state_sha256": digest}
     return {"source": "shipped", "path": loaded.checkpoint, "sha256": sha256_file(loaded.checkpoint),
             "state_sha256": digest}
-
-
-def check_fp_graph(path: Path, model_name: str, cfg_hash: str, unit: str) -> onnx.ModelProto:
-    """Load an FP unit graph and check it belongs to this work dir (truncated/foreign/other model -> UserError)."""
-    from qc_compile.onnx_utils import load_onnx
-
-    proto = load_onnx(path, what=f"FP graph of unit {unit}", expect={"model": model_name, "config_sha256": cfg_hash,
-                                                                     "unit": unit, "stage": "fp"})
-    assert get_metadata(proto)["unit"] == unit
-    return proto

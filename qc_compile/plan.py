@@ -37,40 +37,18 @@ import numpy as np
 
 from qc_compile.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from qc_compile.errors import ArtifactError, UserError
+from qc_compile.plugins.codecs import CODECS, Codec, nvfp4_static_global_scale
 
 SCHEMA_VERSION = 1
 DEFAULT_VARIANT = "default"
 
 
-@dataclass(frozen=True)
-class Format:
-    name: str
-    bits: int
-    qmax: float | None  # largest code magnitude (scale = amax / qmax)
-    block: int | None = None  # block size along K (weights) or the last axis (activations)
-    simulated: bool = False
-    min_opset: int = 13
-
-
-WEIGHT_FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("bf16", 16, None),
-    Format("fp8_e4m3", 8, 448.0, min_opset=19),
-    Format("int8", 8, 127.0),
-    Format("int4_b64", 4, 7.0, block=64, min_opset=21),
-    Format("int4_b128", 4, 7.0, block=128, min_opset=21),
-    Format("nvfp4", 4, 6.0, block=16, min_opset=23),
-    Format("int6_sim", 6, 31.0, simulated=True),
-)}
-ACTIVATION_FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("bf16", 16, None),
-    Format("fp8_e4m3", 8, 448.0, min_opset=19),
-    Format("int8", 8, 127.0),
-    Format("nvfp4", 4, 6.0, block=16, min_opset=23),
-    Format("int6_sim", 6, 31.0, simulated=True),
-)}
+# The plan's format menus: views of the codec table (qc_compile.plugins.codecs), which holds bits, code range, block
+# size, whether a format is simulated and the ONNX opset its Q/DQ form needs.
+WEIGHT_FORMATS: dict[str, Codec] = {n: c for n, c in CODECS.items() if c.weight}
+ACTIVATION_FORMATS: dict[str, Codec] = {n: c for n, c in CODECS.items() if c.activation}
 STATIC_ACT = ("fp8_e4m3", "int8", "int6_sim")
 DYNAMIC_ACT = ("nvfp4",)
-FP8_MAX, FP4_MAX = 448.0, 6.0
 
 
 def act_scale_for(fmt: str, amax: float) -> float | str | None:
@@ -79,7 +57,7 @@ def act_scale_for(fmt: str, amax: float) -> float | str | None:
         return None
     if fmt in DYNAMIC_ACT:
         return "dynamic"
-    return max(float(amax), 1e-8) / ACTIVATION_FORMATS[fmt].qmax
+    return ACTIVATION_FORMATS[fmt].static_scale(amax)
 
 
 @dataclass
@@ -104,7 +82,7 @@ class LinearPlan:
     @property
     def global_scale(self) -> float:
         """NVFP4 activations: the static per-tensor (second-level) scale amax / (6 * 448)."""
-        return max(float(self.act_amax or 0.0), 1e-8) / (FP4_MAX * FP8_MAX)
+        return nvfp4_static_global_scale(self.act_amax or 0.0)
 
 
 @dataclass

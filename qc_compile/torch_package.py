@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save
 
 from qc_compile.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from qc_compile.errors import ArtifactError
-from qc_compile.plan import ACTIVATION_FORMATS, WEIGHT_FORMATS, LinearPlan, Plan, load_plan
+from qc_compile.plan import LinearPlan, Plan, load_plan
+from qc_compile.plugins.codecs import (codec, dequantize_nvfp4, fake_quant_nvfp4, pack_int4, quantize_nvfp4,
+                                       unpack_int4)
 
 PACKAGE_SCHEMA = 1
 
@@ -43,63 +45,45 @@ def transformed_weight(w: torch.Tensor, e: LinearPlan, s: torch.Tensor | None) -
 
 
 def quantize(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    from qc_compile.plugins import formats as F
-
+    """Weight ``[N, K]`` in the package's storage layout: ``q`` codes (INT4 packed, NVFP4 values as FP8), ``scale``
+    and for NVFP4 ``block_scale``. FP8 uses the kernels' per-row form (it feeds ``qc::fp8_linear``), the others the
+    given-scale form of the Q/DQ graphs (see :mod:`qc_compile.plugins.codecs`)."""
+    c = codec(fmt)
     if fmt == "fp8_e4m3":
-        q, s = F.quantize_fp8_per_channel(w)
+        q, s = c.quantize_rows(w)
+        return {"q": q, "scale": s.squeeze(-1)}
+    if c.block and c.kind == "int":
+        q, s = c.quantize_blocks(w)
+        return {"q": pack_int4(q), "scale": s}
+    if c.kind == "int":
+        q, s = c.quantize_channels(w)
         return {"q": q, "scale": s}
-    if fmt in ("int8", "int6_sim"):
-        qmax = WEIGHT_FORMATS[fmt].qmax
-        amax = w.float().abs().amax(dim=1).clamp_min(F.AMAX_FLOOR)
-        s = amax / qmax
-        return {"q": torch.round(w / s[:, None]).clamp(-qmax, qmax).to(torch.int8), "scale": s}
-    if fmt in ("int4_b64", "int4_b128"):
-        packed, s = F.quantize_int4_blockwise(w, WEIGHT_FORMATS[fmt].block)
-        return {"q": packed, "scale": s}
-    if fmt == "nvfp4":
-        vals, bscale, gscale = F.quantize_nvfp4(w)
+    if c.kind == "e2m1":
+        vals, bscale, gscale = quantize_nvfp4(w)
         return {"q": vals.to(torch.float8_e4m3fn), "block_scale": bscale, "scale": gscale.reshape(1)}
     raise ValueError(fmt)
 
 
 def dequantize(t: dict[str, torch.Tensor], fmt: str) -> torch.Tensor:
-    from qc_compile.plugins import formats as F
-
-    if fmt in ("fp8_e4m3", "int8", "int6_sim"):
-        return t["q"].float() * t["scale"][:, None]
-    if fmt in ("int4_b64", "int4_b128"):
-        return F.dequantize_int4_blockwise(t["q"], t["scale"])
-    if fmt == "nvfp4":
-        return F.dequantize_nvfp4(t["q"].float(), t["block_scale"], t["scale"].reshape(()))
+    """Inverse of :func:`quantize` (fp32 ``[N, K]``)."""
+    c = codec(fmt)
+    if c.block and c.kind == "int":
+        return c.dequantize_blocks(unpack_int4(t["q"]), t["scale"])
+    if c.kind in ("int", "float8"):
+        return c.dequantize(t["q"], t["scale"][:, None])
+    if c.kind == "e2m1":
+        return dequantize_nvfp4(t["q"].float(), t["block_scale"], t["scale"].reshape(()))
     raise ValueError(fmt)
 
 
 def fake_quant_activation(x: torch.Tensor, e: LinearPlan) -> torch.Tensor:
-    """The activation Q/DQ of the graphs, in torch (float32)."""
-    fmt = e.activation
-    if fmt == "bf16":
+    """The activation Q/DQ of the graphs, in torch (float32 math, returned in ``x.dtype``): a static per-tensor
+    scale for fp8 / int8 / int6_sim, NVFP4 blocks of 16 under the plan's static per-tensor scale."""
+    if e.activation == "bf16":
         return x
-    xf = x.float()
-    if fmt == "nvfp4":
-        from qc_compile.plugins import formats as F
-
-        g = torch.tensor(e.global_scale, dtype=torch.float32)
-        k = xf.shape[-1]
-        xb = xf.reshape(-1, k // 16, 16)
-        bamax = xb.abs().amax(-1, keepdim=True)
-        bscale = (bamax / 6.0 / g).clamp(max=448.0).to(torch.float8_e4m3fn).float()
-        denom = bscale * g
-        vals = F.round_to_e2m1(torch.where(denom > 0, xb / denom.clamp_min(torch.finfo(torch.float32).tiny), 0.0))
-        return (vals * denom).reshape(x.shape).to(x.dtype)
-    s = float(e.act_scale)
-    qmax = ACTIVATION_FORMATS[fmt].qmax
-    if fmt == "fp8_e4m3":
-        q = (xf / s).clamp(-qmax, qmax).to(torch.float8_e4m3fn).float()
-    elif fmt == "int8":  # QuantizeLinear saturates INT8 to [-128, 127]
-        q = torch.round(xf / s).clamp(-qmax - 1, qmax)
-    else:  # int6_sim: the graph clips the INT8 codes to +-31
-        q = torch.round(xf / s).clamp(-qmax, qmax)
-    return (q * s).to(x.dtype)
+    if e.activation == "nvfp4":
+        return fake_quant_nvfp4(x, torch.tensor(e.global_scale, dtype=torch.float32)).to(x.dtype)
+    return codec(e.activation).fake_quant(x, float(e.act_scale)).to(x.dtype)
 
 
 def transform_activation(x: torch.Tensor, e: LinearPlan, s: torch.Tensor | None, rot: int | None) -> torch.Tensor:

@@ -7,9 +7,10 @@
     WORK/calib/ranges.safetensors   calibrate: per-linear activation statistics
     WORK/plan.json (+ sidecar)      calibrate: the plan (qc_compile.plan)
     WORK/onnx/q/<unit>[.<v>].onnx   build: graphs after the passes
+    WORK/onnx/q/<unit>[.<v>].ort.onnx   build: their onnxruntime twin, where they hold TensorRT-only ops (NVFP4)
     WORK/engines/<T>/<unit>[.<v>].engine   build
     WORK/torch/                     build --target torch
-    WORK/manifest.json              build: sha256 of every artifact, written last
+    WORK/manifest.json              build: sha256 of every artifact, written last (qc_compile.manifest)
     WORK/.build-in-progress.json    present only while (or after an interrupted) build
 
 :class:`ModelInfo` reads and checks ``model.json``; :func:`load_model_for` rebuilds the torch model it describes and
@@ -28,7 +29,6 @@ from qc_compile.artifacts import read_json, sha256_file
 from qc_compile.errors import ArtifactError, UserError
 
 MODEL_JSON_SCHEMA = 1
-MANIFEST_SCHEMA = 1
 
 
 class WorkDir:
@@ -46,8 +46,10 @@ class WorkDir:
     def fp_onnx(self, unit: str) -> Path:
         return self.root / "onnx" / "fp" / f"{unit}.onnx"
 
-    def q_onnx(self, unit: str, variant: str = "default", plugins: bool = False) -> Path:
-        suffix = ("" if variant == "default" else f".{variant}") + (".plugins" if plugins else "")
+    def q_onnx(self, unit: str, variant: str = "default", plugins: bool = False, ort: bool = False) -> Path:
+        """The Q/DQ graph of a unit and variant; ``ort``: its onnxruntime twin (TensorRT-only ops replaced)."""
+        suffix = ("" if variant == "default" else f".{variant}") + (".plugins" if plugins else "") + \
+            (".ort" if ort else "")
         return self.root / "onnx" / "q" / f"{unit}{suffix}.onnx"
 
     def engine(self, target_dir: str, unit: str, variant: str = "default") -> Path:

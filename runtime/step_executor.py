@@ -45,6 +45,7 @@ class StepExecutor:
         self.supports = frozenset(runner.supports)
         self.stats_level = stats
         self._unit_stats = STATS_IMPLS[runner.stats]
+        self._prefix = int(getattr(geometry, "prefix_tokens", 0))  # tokens before the video tokens (CogVideoX)
         self.residuals: dict[str, torch.Tensor] = {}
         self.parts: dict[str, dict[str, tuple]] = {}  # unit -> sub-block -> (last output, gate used)
         self._prev_z: torch.Tensor | None = None
@@ -160,7 +161,7 @@ class StepExecutor:
                 continue
             row[S["action"]] = codes["partial" if d.parts else "compute"]
             self.residuals[name] = self._unit_stats(row, h, out, self.residuals.get(name), has_prev, self.g.T,
-                                                    self.stats_level)
+                                                    self.stats_level, self._prefix)
             h, has_prev = out, True
         v = run.run_unit("final", decisions.get("final", COMPUTE).variant, {**ctx, "x": h})["v"]
         return v.to(z.device), stats

@@ -21,8 +21,15 @@ STATS_LEVELS = ("full", "cache")
 UnitStats = Callable[..., torch.Tensor]
 
 
+def _frames(res: torch.Tensor, T: int, prefix: int) -> torch.Tensor:
+    """The residual's video tokens as (B, T, S, C): ``prefix`` tokens in front of them (CogVideoX's text stream in
+    its joint sequence) are left out of the motion term."""
+    rv = res[:, prefix:] if prefix else res
+    return rv.reshape(rv.shape[0], T, -1, rv.shape[-1])
+
+
 def torch_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cached: torch.Tensor | None,
-                     has_prev: bool, T: int, level: str = "full") -> torch.Tensor:
+                     has_prev: bool, T: int, level: str = "full", prefix: int = 0) -> torch.Tensor:
     """Fill ``row`` for a unit that mapped ``h`` to ``out``; returns the residual to cache (in ``out``'s dtype)."""
     S = STAT_INDEX
     hf = h.float()
@@ -39,13 +46,14 @@ def torch_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cach
     if level == "full":
         row[S["in_outlier"]] = habs.max() / habs.mean().clamp_min(1e-12)
         if T > 1:
-            r4 = res.view(res.shape[0], T, -1, res.shape[-1])
-            row[S["motion"]] = (r4[:, 1:] - r4[:, :-1]).abs().sum() / res_l1.clamp_min(1e-12)
+            r4 = _frames(res, T, prefix)
+            l1 = res_l1 if not prefix else r4.abs().sum()
+            row[S["motion"]] = (r4[:, 1:] - r4[:, :-1]).abs().sum() / l1.clamp_min(1e-12)
     return res.to(out.dtype)
 
 
 def fused_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cached: torch.Tensor | None,
-                     has_prev: bool, T: int, level: str = "full") -> torch.Tensor:
+                     has_prev: bool, T: int, level: str = "full", prefix: int = 0) -> torch.Tensor:
     """:func:`torch_unit_stats` from the sums of one ``qc::cache_stats_apply`` pass."""
     from qc_compile.plugins import cache_stats as CS
     from qc_compile.plugins import ops as _ops  # noqa: F401  (registers torch.ops.qc)
@@ -63,9 +71,9 @@ def fused_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cach
     if level == "full":
         row[S["in_outlier"]] = h.abs().amax().float() / (v[i["l1_in"]] / h.numel()).clamp_min(1e-12)
         if T > 1:
-            r4 = res.view(res.shape[0], T, -1, res.shape[-1])
-            row[S["motion"]] = ((r4[:, 1:] - r4[:, :-1]).abs().sum(dtype=torch.float32)
-                                / v[i["l1_res"]].clamp_min(1e-12))
+            r4 = _frames(res, T, prefix)
+            l1 = v[i["l1_res"]] if not prefix else r4.abs().sum(dtype=torch.float32)
+            row[S["motion"]] = ((r4[:, 1:] - r4[:, :-1]).abs().sum(dtype=torch.float32) / l1.clamp_min(1e-12))
     return res
 
 

@@ -73,7 +73,7 @@ def _aigq_work():
 
 
 def test_aigq_plan_validates_round_trips_and_builds_for_rtx_sm120(tmp_path):
-    from qc_compile.build import verify_manifest
+    from qc_compile.manifest import Manifest
     from qc_compile.plan import WEIGHT_FORMATS, load_plan, save_plan
     from qc_compile.runtime.policies import plan_sections
     from qc_compile.workdir import WorkDir, read_model_info
@@ -97,7 +97,7 @@ def test_aigq_plan_validates_round_trips_and_builds_for_rtx_sm120(tmp_path):
         assert (work.report_dir / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
     code, out = run_cli("build", work.root, "--target", "rtx:sm120", "--quiet")
     assert code == 0, out
-    t = verify_manifest(work, "rtx:sm120")["targets"]["rtx:sm120"]
+    t = Manifest.load(work, "rtx:sm120").target("rtx:sm120").data
     assert t["schedule"] == plan.schedule
 
 

@@ -123,12 +123,11 @@ def test_calibrate_bad_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ build
 def test_fp8_plan_builds_an_engine_per_unit_for_rtx_sm89():
-    from qc_compile.build import verify_manifest
+    from qc_compile.manifest import Manifest
 
     work = WorkDir(built("fp8_e4m3", "rtx:sm89"))
     info = read_model_info(work)
-    manifest = verify_manifest(work, "rtx:sm89")
-    t = manifest["targets"]["rtx:sm89"]
+    t = Manifest.load(work, "rtx:sm89").target("rtx:sm89").data
     assert t["backend"] == "tensorrt_rtx" and t["tool"]["version"].startswith("1.7")
     assert set(t["units"]) == set(info.unit_names)
     for unit in info.unit_names:
@@ -177,13 +176,43 @@ def test_nvfp4_plan_builds_for_sm120_and_is_refused_for_sm89():
     assert not (work / "engines").exists() and not (work / "onnx" / "q").exists()
     code, out = run_cli("build", work, "--target", "rtx:sm120", "--quiet")
     assert code == 0, out
-    from qc_compile.build import verify_manifest
+    from qc_compile.manifest import Manifest
 
-    t = verify_manifest(WorkDir(work), "rtx:sm120")["targets"]["rtx:sm120"]
+    t = Manifest.load(WorkDir(work), "rtx:sm120").target("rtx:sm120").data
     q = onnx.load(work / t["units"]["spatial_0"]["variants"]["default"]["onnx"][0]["path"])
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("TRT_FP4DynamicQuantize") == 7 and {o.domain for o in q.opset_import} >= {"", "trt"}
-    assert len(list((work / "engines" / "rtx-sm120").glob("*.engine"))) == 10
+    engines = [p.name for p in (work / "engines" / "rtx-sm120").glob("*.engine")]
+    assert len([n for n in engines if n.count(".") == 1]) == 10  # one default engine per unit (+ its `high` variant)
+    _check_ort_twins(WorkDir(work), "rtx:sm120")
+
+
+def _check_ort_twins(work: WorkDir, target: str) -> None:
+    """Every NVFP4 graph has a twin file that onnxruntime opens (no graph tooling at run time), standard ops only,
+    computing what the twin pass computes on the graph itself, on fresh random inputs."""
+    import onnx_graphsurgeon as gs
+
+    from qc_compile.export import example_inputs
+    from qc_compile.manifest import Manifest, ort_session_for
+    from qc_compile.models.stdit3 import UNIT_INPUTS, unit_kind
+    from qc_compile.onnx_utils import ort_session
+    from qc_compile.passes.ort_twin import pass_ort_twin
+
+    info = read_model_info(work)
+    sources = Manifest.load(work, target).target(target, "graphs").sources()
+    for unit in ("spatial_0", "final"):
+        src = sources[unit]["default"]
+        assert src.twin and src.ort_onnx.name == f"{unit}.ort.onnx" and src.ort_onnx.is_file()
+        twin = onnx.load(src.ort_onnx)
+        assert {n.domain for n in twin.graph.node} <= {"", "ai.onnx"}
+        ref = ort_session(gs.export_onnx(pass_ort_twin(gs.import_onnx(onnx.load(src.onnx)))))
+        sess = ort_session_for(src)
+        names = {i.name for i in sess.get_inputs()}
+        ins = example_inputs(info.config(), info.geometry(), unit_kind(unit), seed=7)
+        feed = {n: t.numpy() for n, t in zip(UNIT_INPUTS[unit_kind(unit)], ins) if n in names}
+        got, want = sess.run(None, feed), ref.run(None, feed)
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+        assert np.abs(got[0]).max() > 0
 
 
 def test_build_refusals():
@@ -266,7 +295,8 @@ def test_manifest_sha_mismatch_and_other_model_are_refused():
 
 
 def test_interrupted_build_restores_the_previous_build_and_a_killed_one_is_refused(monkeypatch):
-    from qc_compile.build import build_engine, build_workdir, verify_manifest
+    from qc_compile.build import build_engine, build_workdir
+    from qc_compile.manifest import Manifest
 
     work = WorkDir(copy_of(built("fp8_e4m3", "rtx:sm89"), "interrupt"))
     before = json.loads(work.manifest_json.read_text())
@@ -284,16 +314,16 @@ def test_interrupted_build_restores_the_previous_build_and_a_killed_one_is_refus
     assert not work.build_marker.exists() and not _tmp_files(work.root)
     assert not (work.root / ".build-backup").exists()
     assert json.loads(work.manifest_json.read_text()) == before  # the manifest is written last: untouched
-    verify_manifest(work, "rtx:sm89")  # the previous build's engines and graphs were put back
+    Manifest.load(work, "rtx:sm89")  # the previous build's engines and graphs were put back
     # a build killed outright (no chance to restore) leaves its marker: refused until the next build
     work.build_marker.write_text(json.dumps({"target": "rtx:sm89", "pid": 1, "started": "earlier"}))
     with pytest.raises(ArtifactError, match="did not finish"):
-        verify_manifest(work)
+        Manifest.load(work)
     code, out = run_cli("compare", work.root, "--steps", "1", "--no-e2e")
     assert code == 2 and "did not finish" in out and "qc-compile build" in out
     build_workdir(work, "rtx:sm89", progress=False)  # re-running the build repairs it
     assert not work.build_marker.exists()
-    verify_manifest(work, "rtx:sm89")
+    Manifest.load(work, "rtx:sm89")
 
 
 # ------------------------------------------------------------------------------------------------ compare
@@ -324,7 +354,7 @@ def test_cli_lists_the_compile_commands():
 
 def test_precision_variants_get_their_own_engines():
     """A schedule that uses a second variant builds one more engine per unit that the variant changes."""
-    from qc_compile.build import verify_manifest
+    from qc_compile.manifest import Manifest
     from qc_compile.plan import load_plan, save_plan
     from qc_compile.runtime.policy import UnitDecision
     from qc_compile.runtime.protocols import Conditioning
@@ -339,7 +369,7 @@ def test_precision_variants_get_their_own_engines():
     save_plan(plan, work.plan_json)
     code, out = run_cli("build", work.root, "--target", "rtx:sm89", "--quiet")
     assert code == 0, out
-    t = verify_manifest(work, "rtx:sm89")["targets"]["rtx:sm89"]
+    t = Manifest.load(work, "rtx:sm89").target("rtx:sm89").data
     assert t["variants"] == ["default", "w8a16"] and t["schedule"] == plan.schedule
     for u in info.unit_names:
         v = t["units"][u]["variants"]["w8a16"]
@@ -423,13 +453,13 @@ def test_export_handles_deduplicated_initializers():
 def test_two_targets_share_identical_qdq_graphs():
     """Graphs are a function of (model, plan): a second target's build rewrites them byte for byte, so the first
     target's manifest records stay valid."""
-    from qc_compile.build import build_workdir, verify_manifest
+    from qc_compile.build import build_workdir
+    from qc_compile.manifest import Manifest
 
     work = WorkDir(copy_of(calibrated("fp8_e4m3"), "twotargets"))
     build_workdir(work, "rtx:sm89", progress=False)
     build_workdir(work, "rtx:sm120", progress=False)
-    m = verify_manifest(work)  # every target
-    assert set(m["targets"]) == {"rtx:sm89", "rtx:sm120"}
-    a = m["targets"]["rtx:sm89"]["units"]["final"]["variants"]["default"]["onnx"]
-    b = m["targets"]["rtx:sm120"]["units"]["final"]["variants"]["default"]["onnx"]
-    assert a == b
+    m = Manifest.load(work)  # every target
+    assert set(m.targets) == {"rtx:sm89", "rtx:sm120"}
+    a, b = (m.target(t, "engines").sources()["final"]["default"] for t in ("rtx:sm89", "rtx:sm120"))
+    assert a.onnx_files == b.onnx_files and a.engine != b.engine

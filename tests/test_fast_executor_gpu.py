@@ -162,3 +162,19 @@ def test_compiled_equals_eager(xl):
     eager = _steps(StepExecutor(FastRunner(gpu, g, plan), g), g, n=1)
     comp = _steps(StepExecutor(FastRunner(gpu, g, plan, compile=True), g), g, n=1)
     assert rel(comp[0][0], eager[0][0]) < 2e-2
+
+
+def test_plan_variant_per_step_changes_the_executed_precision(xl):
+    """A decision's variant selects another computation on the fast path: ``high`` (bf16 activations, FP8 weights
+    dequantized) differs from ``default`` (W8A8 FP8) and its residual is closer to the dense bf16 unit's."""
+    gpu, _, g = xl
+    plan = fp8_block_plan(gpu)
+    plan.variants["high"] = {"*": {"activation": "bf16"}}
+    runner = FastRunner(gpu, g, plan)
+    assert set(runner.variant_models) >= {"default", "high", "fp"}
+    x, t_mlp, y, mask = (t.cuda() for t in _inputs(g))
+    x, t_mlp, y = x.bfloat16(), t_mlp.bfloat16(), y.bfloat16()
+    inp = {"x": x, "t_mlp": t_mlp, "y": y, "mask": mask}
+    outs = {v: runner.run_unit("spatial_0", v, inp)["x"].float() - x.float() for v in ("default", "high", "fp")}
+    assert rel(outs["high"], outs["default"]) > 1e-3
+    assert rel(outs["high"], outs["fp"]) < rel(outs["default"], outs["fp"])

@@ -4,6 +4,10 @@ The expected values in ``tests/data/runtime_golden.json`` were recorded with the
 runner / step-executor split (issue 10), by ``python tests/test_runtime_golden.py --record``; a refactor that changes
 what any policy decides or any output bit fails here. Re-record only for an intended behaviour change, and say so in
 the commit.
+
+Re-recorded once (session 3, issue 12): calibrated plans now carry the `high` variant and a per-step schedule, so the
+precision-reading policies (aigq, quantcache, dmpq, 6bit) on the plan backends (torch with a plan, onnxruntime)
+execute different variants; every other case, and every torch-FP case, was unchanged.
 """
 
 from __future__ import annotations

@@ -143,7 +143,10 @@ def test_trt_executor_binds_engines_like_onnxruntime_runs_the_graphs() -> None:
     work = WorkDir(built("fp8_e4m3", "rtx:sm89"))
     fake = FakeTrt(work.root, "rtx:sm89")
     runner = TrtRunner.from_workdir(work, "rtx:sm89", trt=fake, device="cpu", check_runnable=False)
-    assert len(fake.engines) == 10 and set(runner.unit_names) == set(runner.units)
+    # one engine per unit and precision variant (calibrated plans carry `default` and `high`)
+    assert len(fake.engines) == sum(len(v) for v in runner.units.values()) >= 10
+    assert set(runner.unit_names) == set(runner.units)
+    default = [runner.units[u]["default"].engine for u in runner.unit_names]
     ex = _executor(runner, work)
     fp = load_model_for(read_model_info(work))
     s = GenerationSettings.defaults(fp, steps=3, frames=4, height=16, width=16)
@@ -152,8 +155,8 @@ def test_trt_executor_binds_engines_like_onnxruntime_runs_the_graphs() -> None:
     v_ort, _ = generate(fp, prompts, s, executor=_executor(OrtRunner.from_workdir(work, "q", "rtx:sm89"), work),
                         progress=False)
     assert torch.equal(v_trt, v_ort)  # same graphs, same inputs: bit-identical through the address bindings
-    assert all(e.calls == 3 for e in fake.engines)  # every unit once per step (CFG batch of 2 in one call)
-    ctx = fake.engines[1].contexts[0]
+    assert all(e.calls == 3 for e in default)  # every unit once per step (CFG batch of 2 in one call)
+    ctx = default[1].contexts[0]
     assert ctx.shapes["x"][0] == 2 * len(prompts)  # CFG batch [cond; null]
     with pytest.raises(UserError, match="optimisation profile"):
         generate(fp, prompts * 2, s, executor=ex, progress=False)
@@ -180,7 +183,7 @@ def test_trt_executor_reuse_skips_the_engine() -> None:
 
     generate(fp, ["a red circle moving up on a gray background"], s, policy=ReuseSpatial0(), executor=ex,
              progress=False)
-    calls = {u: fake.engines[i].calls for i, u in enumerate(ex.unit_names)}
+    calls = {u: ex.runner.units[u]["default"].engine.calls for u in ex.unit_names}
     assert calls["spatial_0"] == 2 and calls["temporal_0"] == 3
 
 

@@ -23,6 +23,26 @@ from qc_compile.runtime.generation import GenerationSettings, generate
 EVAL_SEED = 20261122
 
 
+def write_grid(videos, captions: list[str], path: str, k: int = 8) -> None:
+    """PNG with the frames of the first ``k`` videos, one row each, captions as titles."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from qc_compile.video_io import to_uint8_frames
+
+    k = min(k, len(videos))
+    fig, axes = plt.subplots(k, 1, figsize=(12, 1.1 * k), squeeze=False)
+    for i in range(k):
+        frames = to_uint8_frames(videos[i])  # (T, H, W, 3)
+        ax = axes[i][0]
+        ax.imshow(frames.transpose(1, 0, 2, 3).reshape(frames.shape[1], -1, 3), interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(captions[i], fontsize=7, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
@@ -53,20 +73,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=float)
     if args.grid:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from qc_compile.video_io import to_uint8_frames
-
-        k = min(8, len(videos))
-        fig, axes = plt.subplots(k, 1, figsize=(12, 1.1 * k))
-        for i in range(k):
-            frames = to_uint8_frames(videos[i])  # (T, H, W, 3)
-            axes[i].imshow(frames.transpose(1, 0, 2, 3).reshape(frames.shape[1], -1, 3), interpolation="nearest")
-            axes[i].set_axis_off()
-            axes[i].set_title(captions[i], fontsize=7, loc="left")
-        fig.tight_layout()
-        fig.savefig(args.grid, dpi=110)
+        write_grid(videos, captions, args.grid)
     return 0
 
 

@@ -39,7 +39,8 @@ def main() -> None:
     import torch
 
     from qc_compile.artifacts import write_json_atomic
-    from qc_compile.export import export_model, tool_versions, weights_record
+    from qc_compile.export import export_model, weights_record
+    from qc_compile.manifest import tool_versions
     from qc_compile.models import load_model
     from qc_compile.trt_compat import parse_target
     from qc_compile.workdir import WorkDir, read_model_info

@@ -32,13 +32,10 @@ def build(work_dir: Path, target: str, max_batch: int, plugins: bool, onnx_only:
         click.echo(f"wrote the torch package to {work_dir}/torch ({len(res.units['package']['files'])} files) and "
                    f"{work_dir}/manifest.json in {res.seconds:.1f} s")
         return
-    graphs = sum(1 for u in res.units.values() for v in u["variants"].values() if "same_as" not in v)
-    engines = sum(1 for u in res.units.values() for v in u["variants"].values()
-                  if "same_as" not in v and v.get("engine"))
-    size = sum(v["engine"]["bytes"] for u in res.units.values() for v in u["variants"].values()
-               if "same_as" not in v and v.get("engine"))
-    slow = max(((v["seconds"], f"{n}") for n, u in res.units.items() for v in u["variants"].values()
-                if "same_as" not in v), default=(0, ""))
-    click.echo(f"built {target}: {graphs} Q/DQ graph(s) in {work_dir}/onnx/q, {engines} engine(s) "
+    graphs = res.graphs()
+    engines = [v["engine"] for _, v in graphs if v.get("engine")]
+    size = sum(e["bytes"] for e in engines)
+    slow = max(((v["seconds"], u) for u, v in graphs), default=(0, ""))
+    click.echo(f"built {target}: {len(graphs)} Q/DQ graph(s) in {work_dir}/onnx/q, {len(engines)} engine(s) "
                f"({size / 1e6:.1f} MB) in {work_dir}/engines, manifest.json; {res.seconds:.1f} s "
                f"(slowest unit {slow[1]} {slow[0]:.1f} s)")

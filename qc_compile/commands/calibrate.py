@@ -14,7 +14,8 @@ from qc_compile.errors import UserError
 
 
 def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts: int, *, steps, cfg, seed,
-                         hint: str, text_encoder: Path | None = None, caption_cache: Path | None = None):
+                         hint: str, text_encoder: Path | None = None, caption_cache: Path | None = None,
+                         device: str = "cpu"):
     """Shared by both calibration methods: the work dir's model, the calibration prompts (each checked against the
     caption vocabulary) and the sampling settings at the exported geometry. ``text_encoder``: opensora-v1.2's T5
     folder (prompts go through Open-Sora's conventions and T5, optionally through a caption cache)."""
@@ -29,7 +30,9 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     prompts = read_prompt_file(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)
     if not prompts:
         raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
-    loaded = load_model_for(info)
+    from qc_compile.runtime.generation import resolve_device
+
+    loaded = load_model_for(info, device=resolve_device(device))
     if loaded.text_encoder is None and text_encoder is None:
         raise UserError(f"model {info.name} takes T5 caption features: pass --text-encoder with the folder of its T5 "
                         f"(T5 v1.1 XXL) to calibrate from text prompts; {hint}")
@@ -110,7 +113,16 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--act-format", default="fp8_e4m3", show_default=True,
               help="aigq: activation format of the default variant (bf16 = weight-only; int6_sim simulated).")
 @click.option("--act-high-fraction", type=V.FiniteFloat(0.0, 1.0), default=0.3, show_default=True,
-              help="aigq: fraction of steps whose activations run high (bf16): those with the largest feature change.")
+              help="Fraction of steps whose activations run the plan's `high` variant (bf16): those with the largest "
+                   "feature change (both methods; the plan's schedule).")
+@click.option("--srap-thresholds", is_flag=True,
+              help="Also calibrate per-unit SRAP thresholds into the plan. Off by default: on qc-ref (H200 sweep, "
+                   "bench/results/methods_qc_ref_h200) calibrated SRAP cost 17 dB and most caption-checker points.")
+@click.option("--srap-quantile", type=V.FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
+              help="SRAP: per unit, prune above this quantile of its calibrated block-to-block cosine (both methods).")
+@click.option("--srap-max-error", type=V.FiniteFloat(0.0, 1e6), default=0.5, show_default=True,
+              help="SRAP: a unit whose pruning changes a calibration step's velocity by more than this (relative, "
+                   "median of the validated samples) is never pruned.")
 @click.option("--sampling", type=click.Choice(["tap", "uniform"]), default="tap", show_default=True,
               help="aigq: how calibration samples (prompt, step) are chosen: Q&C temporal-aware clustering or uniform.")
 @click.option("--calib-samples", type=V.BoundedInt(1, 100000), default=32, show_default=True,
@@ -142,13 +154,14 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
                    "6.5) and go through T5.")
 @click.option("--caption-cache", type=click.Path(path_type=Path), default=None,
               help="opensora-v1.2: safetensors file of T5 features, read and extended (T5 runs only on new prompts).")
+@click.option("--device", default="cpu", show_default=True, help="Where the calibration passes run (cpu, cuda, auto).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
-              act_high_fraction: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
+              act_high_fraction: float, srap_thresholds: bool, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
               exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
-              quiet: bool) -> None:
+              device: str, quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
     if (fmt is None) == (method is None):
@@ -162,23 +175,29 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
         from qc_compile.commands.calibrate_aigq import run_aigq
 
         return run_aigq(work_dir, budget=budget, act_format=act_format, act_high_fraction=act_high_fraction,
+                        srap=srap_thresholds, srap_quantile=srap_quantile, srap_max_error=srap_max_error,
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
                         num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,
                         seed=seed, target=target, quiet=quiet, text_encoder=text_encoder,
-                        caption_cache=caption_cache)
+                        caption_cache=caption_cache, device=device)
     import torch
     from safetensors.torch import save
 
     from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
     from qc_compile.calib.ranges import RangeCollector
-    from qc_compile.export import tool_versions
+    from qc_compile.manifest import tool_versions
     from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan
-    from qc_compile.runtime.generation import generate
+    from qc_compile.calib import runtime_params
 
     fmt = {"fp8": "fp8_e4m3", "int4": "int4_b128", "fp4": "nvfp4"}.get(fmt, fmt)
     if fmt not in WEIGHT_FORMATS:
         raise UserError(f"--uniform {fmt!r}: unknown format; known: {', '.join(WEIGHT_FORMATS)} (alias fp8).")
+    if not 0.0 <= act_high_fraction <= 1.0:
+        raise UserError(f"--act-high-fraction must be in [0, 1], got {act_high_fraction}.")
+    if not 0.0 < srap_quantile < 1.0 or srap_max_error <= 0:
+        raise UserError(f"--srap-quantile must be in (0, 1) and --srap-max-error positive; got {srap_quantile} and "
+                        f"{srap_max_error}.")
     if percentile is not None and not (0.0 < percentile <= 100.0):
         raise UserError(f"--percentile must be in (0, 100], got {percentile}.")
     from qc_compile.trt_compat import parse_target
@@ -188,10 +207,10 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     work, info, loaded, prompts, settings = load_for_calibration(
         work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
         hint="calibrate qc-ref, or supply a plan written elsewhere.", text_encoder=text_encoder,
-        caption_cache=caption_cache)
+        caption_cache=caption_cache, device=device)
     torch.set_grad_enabled(False)
-    with RangeCollector(loaded.model, percentile=percentile) as rc:
-        generate(loaded, prompts, settings, progress=not quiet)
+    rc = RangeCollector(loaded.model, percentile=percentile)
+    _, signals = runtime_params.measure(loaded, prompts, settings, progress=not quiet, contexts=[rc])
     ranges = rc.reduce()
     work.calib_dir.mkdir(parents=True, exist_ok=True)
     ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
@@ -203,6 +222,10 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                   "command": f"qc-compile calibrate --uniform {fmt}", "tool_versions": tool_versions(),
                   "calibration": calib}
     plan, kept = uniform_plan(info, fmt, ranges, target=target, exclude=list(exclude), provenance=provenance)
+    rt = runtime_params.add_runtime_params(plan, signals, runtime_params.RuntimeOptions(
+        act_high_fraction=act_high_fraction, srap=srap_thresholds, srap_quantile=srap_quantile,
+        srap_max_error=srap_max_error))
+    calib["runtime"] = rt
     from qc_compile.plan import validate
 
     lins = {li["name"]: li for li in info.linears()}

@@ -11,17 +11,18 @@ import click
 from qc_compile.errors import UserError
 
 
-def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction: float, sampling: str,
+def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction: float, srap: bool, srap_quantile: float,
+             srap_max_error: float, sampling: str,
              calib_samples: int, replay_samples: int, smoothing: bool, vc: bool, vc_policy: str, predictor: bool,
              num_prompts: int | None, fresh: bool, prompts_file: Path | None, steps: int | None, cfg: float | None,
              seed: int, target: str, quiet: bool, text_encoder: Path | None = None,
-             caption_cache: Path | None = None) -> None:
+             caption_cache: Path | None = None, device: str = "cpu") -> None:
     import torch
 
     from qc_compile.calib import aigq, allocate, report
     from qc_compile.calib.collect import CollectSettings, text_captions
     from qc_compile.commands.calibrate import load_for_calibration
-    from qc_compile.export import tool_versions
+    from qc_compile.manifest import tool_versions
     from qc_compile.linears import model_linears
     from qc_compile.plan import save_plan, validate
     from qc_compile.runtime.policies import expand
@@ -39,14 +40,15 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
     work, info, loaded, prompts, gs = load_for_calibration(
         work_dir, prompts_file, num_prompts or 8, steps=steps, cfg=cfg, seed=seed,
         hint="see tools/eval_calibration.py for a run on synthetic caption features (speed and memory only).",
-        text_encoder=text_encoder, caption_cache=caption_cache)
+        text_encoder=text_encoder, caption_cache=caption_cache, device=device)
     frames, height, width = info.video_size
     settings = CollectSettings(steps=gs.steps, cfg=gs.cfg, seed=gs.seed, frames=frames, height=height, width=width,
                                fps=gs.fps, shift=gs.shift)
     torch.set_grad_enabled(False)
     opts = aigq.Options(budget=budget, target=target, act_format=act_format, act_high_fraction=act_high_fraction,
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
-                        smoothing=smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor, seed=seed)
+                        smoothing=smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor, seed=seed,
+                        srap=srap, srap_quantile=srap_quantile, srap_max_error=srap_max_error)
     cmd = f"qc-compile calibrate --method aigq --budget {budget} --target {target} --sampling {sampling}" + \
         (" --vc" if vc else "") + (" --predictor" if predictor else "")
     calib = {"prompts": prompts, "steps": gs.steps, "cfg": gs.cfg, "seed": gs.seed, "video": [frames, height, width],
@@ -67,6 +69,8 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
     calib["timings_s"] = {k: round(v, 2) for k, v in res.timings.items()}
     if res.pred is not None:
         calib["predictor"] = {"r": res.pred.r, "pairs": sum(len(p) for p in res.pred.pairs.values())}
+    if res.runtime:
+        calib["runtime"] = res.runtime
     if res.vc_info is not None:
         calib["vc"] = res.vc_info
     lins = {li["name"]: li for li in info.linears()}

@@ -2,7 +2,9 @@
 
 ``load_model("qc-ref")`` gives the shipped, trained reference model with its caption encoder;
 ``load_model("opensora-v1.2", checkpoint=...)`` loads a released STDiT3-XL/2 file unchanged (random weights
-without a checkpoint, for speed work at the real scale).
+without a checkpoint, for speed work at the real scale). Diffusers video transformers come through their adapter
+(:mod:`qc_compile.models.diffusers_adapter`): ``load_model("wan2.1:PATH")`` / ``"wan2.2:PATH"`` / ``"cogvideox:PATH"``
+with a local diffusers folder, and ``load_model("qc-ref-wan")`` for the shipped Wan-architecture reference.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def build_text_encoder(config: STDiT3Config) -> torch.nn.Module | None:
 def load_model(name: str = "qc-ref", checkpoint: str | os.PathLike | None = None, *, device: str = "cpu",
                dtype: torch.dtype = torch.float32, random_weights: bool = False, seed: int = 0) -> LoadedModel:
     """Build model ``name`` and load its weights (the shipped file for qc-ref unless ``checkpoint`` is given)."""
+    if name == "qc-ref-wan" or (":" in name and name.split(":", 1)[0].lower() in ("wan2.1", "wan2.2", "cogvideox")):
+        return _load_diffusers(name, checkpoint, device=device, dtype=dtype)
     config = get_config(name)
     if checkpoint is None and name == "qc-ref" and not random_weights:
         checkpoint = QC_REF_CHECKPOINT
@@ -97,3 +101,16 @@ def load_model(name: str = "qc-ref", checkpoint: str | os.PathLike | None = None
     if text_encoder is not None:
         text_encoder = text_encoder.to(device=device).eval()  # the caption encoder stays fp32 (T5 runs fp32 too)
     return LoadedModel(config, model, text_encoder, str(checkpoint) if checkpoint else None)
+
+
+def _load_diffusers(name: str, checkpoint, *, device: str, dtype: torch.dtype):
+    """Diffusers families and qc-ref-wan (their own loaders; kept out of the STDiT3 path above)."""
+    if name == "qc-ref-wan":
+        from qc_compile.models.qc_ref_wan import load_qc_ref_wan
+
+        return load_qc_ref_wan(checkpoint, device=device, dtype=dtype)
+    if checkpoint is not None:
+        raise UserError(f"--model {name} reads its weights from the folder after the colon; drop --checkpoint.")
+    from qc_compile.models.diffusers_adapter import load_diffusers_model
+
+    return load_diffusers_model(name, device=device, dtype=dtype)

@@ -30,16 +30,17 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
+import torch
 from onnx import TensorProto, numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from qc_compile.passes.common import (PassError, cleanup, const_values, find_linear, insert_before, set_opset,
                                       uid)
 from qc_compile.plan import ACTIVATION_FORMATS, WEIGHT_FORMATS, LinearPlan
+from qc_compile.plugins.codecs import CODECS, quantize_nvfp4
 
 TRT_DOMAIN = "trt"
 FP4_SCALE_TYPE = int(TensorProto.FLOAT8E4M3FN)
-AMAX_FLOOR = 1e-12
 
 
 def lazy_const(name: str, array: np.ndarray) -> gs.Constant:
@@ -48,39 +49,33 @@ def lazy_const(name: str, array: np.ndarray) -> gs.Constant:
 
 
 # ------------------------------------------------------------------------------------------------ quantizers
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    """A torch tensor ``[N, ...]`` as a numpy array of ``dtype`` (an ml_dtypes type for fp8), transposed to ``[K, N]``."""
+    t = t.contiguous()
+    a = t.view(torch.uint8).numpy().view(dtype) if t.dtype == torch.float8_e4m3fn else t.numpy().astype(dtype)
+    return np.ascontiguousarray(a.T)
+
+
 def quantize_weight(w: np.ndarray, fmt: str) -> dict:
-    """Quantize ``w [K, N]``; returns the arrays the DQ chain needs (codes, scales, axis, block)."""
-    w = w.astype(np.float32)
-    if fmt in ("fp8_e4m3", "int8", "int6_sim"):
-        qmax = WEIGHT_FORMATS[fmt].qmax
-        scale = (np.maximum(np.abs(w).max(axis=0), AMAX_FLOOR) / qmax).astype(np.float32)  # [N]
-        x = w / scale[None, :]
-        if fmt == "fp8_e4m3":
-            q = np.clip(x, -qmax, qmax).astype(ml_dtypes.float8_e4m3fn)
-        else:
-            q = np.clip(np.round(x), -qmax, qmax).astype(np.int8)
-        return {"codes": q, "scale": scale, "axis": 1, "block": None}
-    if fmt in ("int4_b64", "int4_b128"):
-        b = WEIGHT_FORMATS[fmt].block
-        k, n = w.shape
-        if k % b:
-            raise PassError(f"{fmt}: input size {k} does not divide by the block {b}")
-        wb = w.reshape(k // b, b, n)
-        scale = (np.maximum(np.abs(wb).max(axis=1), AMAX_FLOOR) / 7.0).astype(np.float32)  # [K/b, N]
-        q = np.clip(np.round(wb / scale[:, None, :]), -8, 7).reshape(k, n).astype(ml_dtypes.int4)
-        return {"codes": q, "scale": scale, "axis": 0, "block": b}
-    if fmt == "nvfp4":
-        import torch
-
-        if w.shape[0] % 16:
-            raise PassError(f"nvfp4: input size {w.shape[0]} does not divide by 16")
-        from qc_compile.plugins.formats import quantize_nvfp4
-
-        vals, bscale, gscale = quantize_nvfp4(torch.from_numpy(np.ascontiguousarray(w.T)))  # rows = out channels
-        return {"codes": vals.numpy().T.astype(ml_dtypes.float4_e2m1fn),  # [K, N]
-                "block_scale": bscale.view(torch.uint8).numpy().T.copy().view(ml_dtypes.float8_e4m3fn),  # [K/16, N]
-                "scale": np.array(float(gscale), dtype=np.float32), "axis": 0, "block": 16}
-    raise PassError(f"weight format {fmt!r} has no Q/DQ form")
+    """Quantize ``w [K, N]`` with the format's codec (given-scale form, as QuantizeLinear); returns the arrays the DQ
+    chain needs (codes, scales, axis, block)."""
+    c = CODECS.get(fmt)
+    if c is None or c.kind == "none":
+        raise PassError(f"weight format {fmt!r} has no Q/DQ form")
+    k = w.shape[0]
+    if c.block and k % c.block:
+        raise PassError(f"{fmt}: input size {k} does not divide by the block {c.block}")
+    wt = torch.from_numpy(np.ascontiguousarray(w.astype(np.float32).T))  # [N, K], rows = output channels
+    if c.kind == "e2m1":
+        vals, bscale, gscale = quantize_nvfp4(wt)
+        return {"codes": _np(vals, ml_dtypes.float4_e2m1fn), "block_scale": _np(bscale, ml_dtypes.float8_e4m3fn),
+                "scale": np.array(float(gscale), dtype=np.float32), "axis": 0, "block": c.block}
+    if c.block:
+        q, scale = c.quantize_blocks(wt)
+        return {"codes": _np(q, ml_dtypes.int4), "scale": _np(scale, np.float32), "axis": 0, "block": c.block}
+    q, scale = c.quantize_channels(wt)
+    return {"codes": _np(q, ml_dtypes.float8_e4m3fn if c.kind == "float8" else np.int8), "scale": scale.numpy(),
+            "axis": 1, "block": None}
 
 
 def dequantize_weight(q: dict) -> np.ndarray:

@@ -24,11 +24,7 @@ import onnx_graphsurgeon as gs
 
 from qc_compile.passes.common import PassError, cleanup, const_dtype, const_values, producer, uid
 from qc_compile.passes.insert_qdq import TRT_DOMAIN, lazy_const
-
-E2M1_GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
-# |v| > t adds one code step for the strict thresholds (ties go down to the even code), >= for the others.
-E2M1_STRICT = (0.25, 1.25, 2.5, 5.0)
-E2M1_INCLUSIVE = (0.75, 1.75, 3.5)
+from qc_compile.plugins.codecs import E2M1_GRID, E2M1_INCLUSIVE, E2M1_MAX, E2M1_STRICT
 
 
 def _const_array(t: gs.Tensor) -> np.ndarray | None:
@@ -82,7 +78,7 @@ def _nvfp4_fake_quant(graph: gs.Graph, x: gs.Tensor, gscale: np.ndarray, block: 
     xb = node("Reshape", [x, c("blk", np.array([-1, block], np.int64))], v("xb"))
     amax = node("ReduceMax", [node("Abs", [xb], v("abs")), c("axes", np.array([1], np.int64))], v("amax"),
                 keepdims=1)
-    bs = node("Div", [node("Div", [amax, c("six", np.float32(6.0))], v("a6")), c("g", g)], v("bs"))
+    bs = node("Div", [node("Div", [amax, c("six", np.float32(E2M1_MAX))], v("a6")), c("g", g)], v("bs"))
     bs_q = node("QuantizeLinear", [bs, c("one", np.float32(1.0)),
                                    lazy_const(uid(f"{name}_zp8"), np.zeros((), ml_dtypes.float8_e4m3fn))],
                 v("bs_q", None))
@@ -98,7 +94,7 @@ def _nvfp4_fake_quant(graph: gs.Graph, x: gs.Tensor, gscale: np.ndarray, block: 
         step = node("Cast", [node(op, [a, c("t", np.float32(t))], v("cmp", np.bool_))], v("step", np.int64),
                     to=7)  # INT64
         code = step if code is None else node("Add", [code, step], v("code", np.int64))
-    mag = node("Gather", [c("grid", E2M1_GRID), code], v("mag"), axis=0)
+    mag = node("Gather", [c("grid", np.array(E2M1_GRID, np.float32)), code], v("mag"), axis=0)
     q = node("Mul", [mag, node("Sign", [y], v("sign"))], v("q"))
     deq = node("Mul", [q, denom], v("deq"))
     out = node("Reshape", [deq, shape], v("out"))

@@ -243,7 +243,9 @@ class PAB(BasePolicy):
         for u in self.blocks:
             kind, idx = u.rsplit("_", 1)
             reuse = []
-            attn_range = self.spatial_range if kind == "spatial" else self.temporal_range
+            # a full 3-D attention block (diffusers families, ``block_<i>``) broadcasts like a spatial one, as
+            # diffusers' own PAB configures CogVideoX and Wan (spatial_attention_block_skip_range)
+            attn_range = self.temporal_range if kind == "temporal" else self.spatial_range
             if window and i % attn_range != 0:
                 reuse.append("attn")
             if window and i % self.cross_range != 0:

@@ -4,6 +4,10 @@
 Variant names (see ``base.VARIANT_RANK``): ``default`` is the plan's main format of a unit, ``high`` its
 higher-precision variant, ``low`` a lower one, ``fp`` unquantized. The torch FP executor runs every variant in FP
 unless it is given per-variant models; the decisions are still recorded and drawn.
+
+A schedule calibrated for another number of steps is resampled by relative position along the trajectory (step i of
+n takes entry round(i·(m−1)/(n−1)) of the m calibrated ones): the first and last steps keep theirs, and a plan
+calibrated at 30 steps applies to a 12-step run instead of failing it.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from qc_compile.runtime.policies.base import BasePolicy, Param, computed, requir
 def _check_variant_list(field: str, seq: Any, num_steps: int) -> list[str]:
     if not isinstance(seq, (list, tuple)) or not all(isinstance(v, str) for v in seq):
         raise UserError(f"{field}: expected a list of variant names (one per step), got {type(seq).__name__}.")
-    if len(seq) != num_steps:
-        raise UserError(f"{field} has {len(seq)} entries but this run has {num_steps} steps; the plan was calibrated "
-                        "for another step count. Re-run calibration with --steps, or run with the plan's steps.")
+    if not seq:
+        raise UserError(f"{field}: expected one variant name per step, got an empty list.")
+    if len(seq) != num_steps:  # calibrated for another step count: the same positions along the trajectory
+        n = len(seq)
+        return [seq[0 if num_steps == 1 else round(i * (n - 1) / (num_steps - 1))] for i in range(num_steps)]
     return list(seq)
 
 

@@ -23,7 +23,15 @@ A pruned unit is the identity (its output is its input). Readings we chose:
 * **Reproducibility:** one uniform draw per (step, candidate unit) in a fixed order from a PCG64 generator seeded by
   ``seed`` (the run's seed unless set), re-seeded at ``reset`` — the same seed gives the same decisions.
 
-No numeric values are published (τ_low, τ_high, P_base, δ_low, δ_high); the defaults were tuned on qc-ref.
+**Thresholds are per model.** QuantCache publishes no numeric values for τ_low, τ_high, P_base, δ_low or δ_high
+(checked against the full text, ``../shared/seeds/001_*``: the 0.99xx numbers in its tables are CLIP-Temp scores,
+not thresholds). The block-to-block cosine is a property of the model: on qc-ref it lies between 0.86 and 0.97
+(consecutive units change the hidden state a lot), so any fixed threshold near 1 never prunes there, and a fixed
+lower one prunes blindly. ``qc-compile calibrate`` therefore measures the distribution of ``cos_prev`` per unit,
+step and CFG branch over the calibration prompts (:mod:`qc_compile.calib.srap`) and writes per-unit thresholds into
+the plan (``cache_policy.params.srap.units = {unit: {tau_low, tau_high}}``), validated by the measured velocity error
+of pruning; the runtime layers defaults < plan < ``--set``. Without a calibrated plan the defaults below (0.995 /
+0.999, ours) keep SRAP effectively off on models like qc-ref rather than pruning unvalidated.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Mapping
 
 import numpy as np
 
+from qc_compile.errors import UserError
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
 from qc_compile.runtime.policies.base import BasePolicy, Param, computed, require_order
 
@@ -53,24 +62,43 @@ class SRAP(BasePolicy):
         "warmup": Param(2, int, 0, 1000),
         "tail": Param(1, int, 0, 1000),
         "seed": Param(None, int, 0, 2 ** 63 - 1, nullable=True, doc="default: the run's seed"),
+        "units": Param({}, dict, doc="per-unit {tau_low, tau_high} from calibration (override the global ones)"),
     }
 
     def validate(self) -> None:
         require_order(self.name, self.params, "tau_low", "tau_high")
         require_order(self.name, self.params, "delta_low", "delta_high")
+        for unit, d in self.params["units"].items():
+            if not isinstance(d, Mapping) or not set(d) <= {"tau_low", "tau_high"}:
+                raise UserError(f"srap.units.{unit}: expected a mapping with keys tau_low and/or tau_high, got {d!r}.")
+            for k, v in d.items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not -1.0 <= v <= 1.0:
+                    raise UserError(f"srap.units.{unit}.{k} = {v!r}: expected a number in [-1, 1].")
+            lo, hi = self.thresholds(unit)
+            if lo > hi:
+                raise UserError(f"srap.units.{unit}: tau_low = {lo:g} must not exceed tau_high = {hi:g}.")
+
+    def thresholds(self, unit: str) -> tuple[float, float]:
+        d = self.params["units"].get(unit, {})
+        return d.get("tau_low", self.tau_low), d.get("tau_high", self.tau_high)
 
     def reset(self, unit_names, num_steps) -> None:
         super().reset(unit_names, num_steps)
+        unknown = set(self.params["units"]) - set(self.blocks)
+        if unknown:
+            raise UserError(f"srap.units names unit(s) {sorted(unknown)} that this model does not have; block units "
+                            f"are {', '.join(self.blocks)}.")
         self.rng = np.random.Generator(np.random.PCG64(self.seed or 0))
         self.similarity: dict[str, float] = {}
         self.latent_changes: deque[float] = deque(maxlen=self.window)
         self.last_probs: dict[str, float] = {}
 
-    def probability(self, s: float, v: float | None) -> float:
-        """Eq. 10 with the V_t modifier."""
-        if s > self.tau_high:
+    def probability(self, s: float, v: float | None, unit: str | None = None) -> float:
+        """Eq. 10 with the V_t modifier (the unit's calibrated thresholds where the plan has them)."""
+        lo, hi = self.thresholds(unit) if unit is not None else (self.tau_low, self.tau_high)
+        if s > hi:
             p = 1.0
-        elif s >= self.tau_low:
+        elif s >= lo:
             p = self.p_base
         else:
             return 0.0
@@ -101,7 +129,7 @@ class SRAP(BasePolicy):
             if edge or s is None or (self.no_adjacent and pruned_prev):
                 pruned_prev = False
                 continue
-            p = self.probability(s, v)
+            p = self.probability(s, v, u)
             self.last_probs[u] = p
             pruned_prev = r < p
             if pruned_prev:

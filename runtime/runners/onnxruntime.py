@@ -15,17 +15,11 @@ import torch
 from qc_compile.runtime.runners.sources import unit_io, variant_sources
 
 
-def session_for(path, twin: bool = True):
-    import onnx_graphsurgeon as gs
+def session_for(path):
+    """An onnxruntime session for one ONNX file as it is (graphs with TensorRT-only ops need their twin)."""
+    from qc_compile.onnx_utils import ort_session
 
-    from qc_compile.onnx_utils import load_onnx, ort_session
-    from qc_compile.passes.ort_twin import needs_twin, pass_ort_twin
-
-    proto = load_onnx(path, what="unit graph")
-    graph = gs.import_onnx(proto)
-    if twin and needs_twin(graph):
-        proto = gs.export_onnx(pass_ort_twin(graph))
-    return ort_session(proto)
+    return ort_session(path)
 
 
 class OrtRunner:
@@ -48,8 +42,10 @@ class OrtRunner:
     def from_workdir(cls, work, stage: str = "q", target: str | None = None) -> "OrtRunner":
         """``stage="fp"``: the exported graphs; ``"q"``: the graphs of a build (``target``: which manifest entry;
         default the first built). Every file's sha256 is checked first."""
+        from qc_compile.manifest import ort_session_for
+
         src = variant_sources(work, stage=stage, target=target, need="onnx")
-        sessions = {u: {v: session_for(p, twin=stage != "fp") for v, p in vs.items()} for u, vs in src.files.items()}
+        sessions = {u: {v: ort_session_for(s) for v, s in vs.items()} for u, vs in src.files.items()}
         return cls(sessions, src.io, src.unit_names)
 
     def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

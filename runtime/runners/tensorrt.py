@@ -81,7 +81,10 @@ class TrtRunner:
         units: dict[str, dict[str, EngineUnit]] = {}
         for u, variants in src.files.items():
             units[u] = {}
-            for v, path in variants.items():
+            for v, source in variants.items():
+                path = source.engine
+                if path is None:
+                    raise UserError(f"{work}: unit {u} variant {v} of {src.target} has no engine; re-run build.")
                 engine = runtime.deserialize_cuda_engine(path.read_bytes())
                 if engine is None:
                     raise ArtifactError(f"{path}: TensorRT could not deserialize this engine (built by another "

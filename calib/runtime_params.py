@@ -1,0 +1,151 @@
+"""What every calibrated plan carries for the runtime besides its formats: precision variants and the per-step
+schedule (AIGQ, Eq. 8), SRAP's per-unit thresholds, and AIGQ's post-skip coupling.
+
+Both calibration methods call :func:`add_runtime_params` with the signals of their FP sampling pass (the uniform
+method through :func:`measure`, the adaptive one from its statistics store), so a ``--uniform`` plan is as complete
+for the step policies as an AIGQ plan:
+
+* ``variants.high`` — activations in bf16 where the plan quantizes them (weight-only plans: the unquantized weights);
+  ``variants.low`` only when asked for (``low_activation``), since no 8-bit plan has a lower activation format that
+  every target runs;
+* ``schedule`` — ``high`` on the ``high_fraction`` of steps whose block residuals change most (``act_schedule``);
+* ``cache_policy.params.srap`` — per-unit cosine thresholds (:mod:`qc_compile.calib.srap`), validated by replaying
+  calibration steps with the unit pruned;
+* ``cache_policy.params.aigq.post_skip``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qc_compile.calib import act_schedule
+from qc_compile.calib import srap as srap_calib
+
+
+@dataclass
+class RuntimeOptions:
+    act_high_fraction: float = 0.3
+    act_reading: str = "distance"
+    low_activation: str | None = None
+    srap: bool = False  # opt-in (calibrate --srap-thresholds): it hurt qc-ref badly at the default quantile
+    srap_quantile: float = srap_calib.DEFAULT_QUANTILE
+    srap_max_error: float = srap_calib.DEFAULT_MAX_ERROR
+    srap_samples: int = 2
+    post_skip: int = 3
+
+
+@dataclass
+class Signals:
+    """FP sampling-pass signals: SRAP's similarity grid, the residual change (prompts, steps, units; cond branch),
+    and a function measuring the velocity error of pruning a unit at a calibration sample (None: not available)."""
+
+    grid: srap_calib.SimilarityGrid
+    res_change: torch.Tensor
+    prune_error: Callable[[int, int, str], float] | None
+
+
+def high_variant(plan) -> dict | None:
+    """The ``high`` variant's overrides: bf16 activations where quantized, else bf16 weights where quantized."""
+    if any(e.activation != "bf16" for e in plan.linears.values()):
+        return {"*": {"activation": "bf16"}}
+    if any(e.weight != "bf16" for e in plan.linears.values()):
+        return {"*": {"weight": "bf16"}}
+    return None
+
+
+def add_runtime_params(plan, signals: Signals, opts: RuntimeOptions) -> dict:
+    """Add variants, schedule and SRAP/AIGQ parameters to ``plan`` in place; returns a report dict."""
+    report: dict = {}
+    high = high_variant(plan)
+    if high is not None:
+        plan.variants.setdefault("high", high)
+        if opts.low_activation:
+            plan.variants.setdefault("low", {"*": {"activation": opts.low_activation}})
+        d = act_schedule.redundancy({u: signals.res_change[:, :, j] for j, u in enumerate(signals.grid.units)})
+        plan.schedule = act_schedule.schedule_from(d, opts.act_high_fraction, opts.act_reading)
+        report["redundancy"] = [None if x != x else x for x in d]
+    cp = plan.cache_policy or {"name": "none", "params": {}}
+    params = cp.setdefault("params", {})
+    params.setdefault("aigq", {})["post_skip"] = opts.post_skip
+    if opts.srap:
+        cal = srap_calib.calibrate(signals.grid, signals.prune_error, quantile=opts.srap_quantile,
+                                   max_error=opts.srap_max_error, samples_per_unit=opts.srap_samples)
+        params["srap"] = cal.params
+        report["srap"] = cal.report
+        report["srap_pruning_units"] = cal.pruning_units
+    plan.cache_policy = cp
+    return report
+
+
+def measure(loaded, prompts, settings, *, progress: bool = False, contexts=()) -> tuple[torch.Tensor, Signals]:
+    """One FP sampling pass over ``prompts`` with the block signals recorded (and any extra context managers, e.g.
+    a range collector, active); returns (videos, signals) with a replaying ``prune_error``."""
+    import contextlib
+
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.generation import generate, torch_executor
+
+    g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
+    sig = srap_calib.BlockSignals(loaded.model)
+    rec = _SignalExecutor(torch_executor(loaded.model, g), sig)
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        stack.enter_context(sig)
+        videos, _ = generate(loaded, list(prompts), settings, executor=rec, progress=progress)
+    grid, res = sig.grid()
+    fp = torch_executor(loaded.model, g)
+    P = len(prompts)
+    refs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def prune_error(p: int, s: int, unit: str) -> float:
+        from qc_compile.runtime.protocols import Conditioning
+
+        c = rec.cond
+        rows = [p, P + p]
+        cond = Conditioning(y=c.y[rows], mask=c.mask[rows], fps=c.fps[rows])
+        dev = c.y.device
+        err, ref = srap_calib.step_prune_error(fp, rec.z[s][p:p + 1].to(dev), rec.t[s][rows].to(dev), cond,
+                                               settings.cfg, unit, refs.get((p, s)))
+        refs[(p, s)] = ref
+        return err
+    return videos, Signals(grid, res, prune_error)
+
+
+class _SignalExecutor(srap_calib.LatentRecorder):
+    def __init__(self, executor, signals: srap_calib.BlockSignals) -> None:
+        super().__init__(executor)
+        self.signals = signals
+
+    def step(self, z, timestep, cond, decisions):
+        out = super().step(z, timestep, cond, decisions)
+        self.signals.take_step()
+        return out
+
+
+def store_signals(loaded, store, captions, settings) -> Signals:
+    """Signals from an AIGQ statistics store (latents per sample are in the store)."""
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.generation import torch_executor
+    from qc_compile.runtime.protocols import Conditioning
+
+    grid = srap_calib.grid_from_store(store)
+    res = torch.stack([store.grid(f"blk/{u}/res_change") for u in grid.units], -1)
+    g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
+    fp = torch_executor(loaded.model, g)
+    dev = loaded.model.x_embedder.proj.weight.device
+    refs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def prune_error(p: int, s: int, unit: str) -> float:
+        cap = captions.take([p])
+        cond = Conditioning(y=torch.cat([cap.y, cap.y_null]).to(dev), mask=torch.cat([cap.mask, cap.mask]).to(dev),
+                            fps=torch.full((2,), float(settings.fps), device=dev))
+        z = store.sample(p, s, "z_in")[None].to(dev)
+        t = torch.full((2,), float(store.timesteps[s]), device=dev)
+        err, ref = srap_calib.step_prune_error(fp, z, t, cond, settings.cfg, unit, refs.get((p, s)))
+        refs[(p, s)] = ref
+        return err
+    return Signals(grid, res, prune_error)

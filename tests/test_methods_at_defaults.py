@@ -1,0 +1,124 @@
+"""The seed methods act at their defaults once calibrated (issue 12): SRAP prunes with a calibrated plan on the shipped
+qc-ref, and a plan's per-step schedule changes the precision that is actually executed (torch and onnxruntime here;
+torch-fast in tests/test_fast_executor_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compile_helpers import built, calibrated  # noqa: E402
+
+SMALL = dict(frames=4, height=16, width=16)
+CALIB_PROMPTS = ["a red circle moving right on a black background", "a green triangle moving down on a white background"]
+HELD_OUT = "a blue square moving up on a gray background"
+
+
+@pytest.fixture(scope="module")
+def qc_ref():
+    from qc_compile.models import load_model
+
+    return load_model("qc-ref")  # the shipped weights
+
+
+@pytest.fixture(scope="module")
+def measured(qc_ref):
+    from qc_compile.calib.runtime_params import measure
+    from qc_compile.runtime.generation import GenerationSettings
+
+    s = GenerationSettings.defaults(qc_ref, steps=10, seed=5, **SMALL)
+    torch.set_grad_enabled(False)
+    _, sig = measure(qc_ref, CALIB_PROMPTS, s)
+    return s, sig
+
+
+def test_similarity_grid_equals_the_executors_cos_prev(qc_ref, measured):
+    """Calibration measures exactly what SRAP reads at run time (both CFG rows of a one-prompt run)."""
+    from qc_compile.runtime.generation import generate
+
+    s, sig = measured
+    _, rec = generate(qc_ref, CALIB_PROMPTS[1:], s, progress=False, seeds=[s.seed + 1])
+    cos = sig.grid.cos("both")[1]
+    for step in (0, 4, 9):
+        for j, u in enumerate(sig.grid.units[1:], start=1):
+            want = rec.steps[step].stats[u]["cos_prev"]
+            assert abs(float(cos[step, j]) - want) < 1e-5, (step, u)
+    cond, null = sig.grid.cos("cond"), sig.grid.cos("null")
+    assert not torch.allclose(cond, null)  # the branches are measured separately too
+
+
+def test_calibrated_srap_prunes_at_defaults_on_shipped_qc_ref(qc_ref, measured):
+    from qc_compile.calib import srap as srap_calib
+    from qc_compile.runtime import Pipeline
+
+    s, sig = measured
+    cal = srap_calib.calibrate(sig.grid, sig.prune_error)
+    assert cal.pruning_units, cal.report  # validated units remain at the default max error
+    errs = [e["velocity_rel_err"] for r in cal.report["units"].values() for e in r.get("validation", [])]
+    assert errs and all(0 < e < 10 for e in errs)  # the validation replays ran and measured something
+    plan = {"cache_policy": {"name": "none", "params": {"srap": cal.params}}}
+    pipe = Pipeline.from_pretrained("qc-ref")
+    pipe.loaded = qc_ref
+    from qc_compile.runtime.policies import get_policy
+
+    res = pipe(HELD_OUT, policy=get_policy("srap", None, plan, seed=0), seed=0, steps=10, **SMALL)
+    pruned = [u for st in res.steps for u, d in st.decisions.items() if d["action"] == "prune"]
+    assert pruned, "SRAP never pruned with a calibrated plan at its defaults"
+    assert set(pruned) <= set(cal.pruning_units)
+    res0 = pipe(HELD_OUT, policy="srap", seed=0, steps=10, **SMALL)  # uncalibrated defaults: off on qc-ref
+    assert not any(d["action"] == "prune" for st in res0.steps for d in st.decisions.values())
+
+
+def test_srap_validation_drops_units_past_the_error_bound(measured):
+    from qc_compile.calib import srap as srap_calib
+
+    _, sig = measured
+    cal = srap_calib.calibrate(sig.grid, lambda p, st, u: 0.9 if u.startswith("temporal") else 0.1, max_error=0.5)
+    assert cal.pruning_units and all(u.startswith("spatial") for u in cal.pruning_units)
+    assert cal.params["units"]["temporal_1"]["tau_high"] == srap_calib.NEVER
+
+
+def _schedule_runs(pipe, steps: int = 6):
+    sched = pipe.plan.schedule
+    assert "high" in sched and pipe.plan.variants.get("high")
+    a = pipe(HELD_OUT, policy="schedule", seed=1, steps=steps)
+    flat = pipe(HELD_OUT, policy="schedule", overrides={"schedule.steps": ",".join(["default"] * steps)}, seed=1,
+                steps=steps)
+    ran_high = [st.decisions.get("spatial_0", {}).get("variant") for st in a.steps]
+    assert "high" in ran_high
+    return a.videos, flat.videos
+
+
+def test_uniform_plan_carries_variants_schedule_and_srap():
+    from qc_compile.plan import load_plan
+
+    work = calibrated("fp8_e4m3")
+    plan = load_plan(work / "plan.json")
+    assert plan.variants["high"] == {"*": {"activation": "bf16"}}
+    assert len(plan.schedule) == 3 and set(plan.schedule) <= {"high", "default"} and "high" in plan.schedule
+    params = plan.cache_policy["params"]
+    # SRAP thresholds are opt-in (calibrate --srap-thresholds): at the default quantile they cost qc-ref ~17 dB
+    assert "srap" not in params and params["aigq"]["post_skip"] >= 1
+    rt = json.loads((work / "plan.json").read_text())["provenance"]["calibration"]["runtime"]
+    assert "redundancy" in rt
+
+
+def test_plan_schedule_changes_executed_precision_torch():
+    from qc_compile.runtime import Pipeline
+
+    sched, flat = _schedule_runs(Pipeline(calibrated("fp8_e4m3")))
+    d = float((sched - flat).norm() / flat.norm())
+    assert d > 1e-4, "the schedule's high steps ran the same computation as the default variant"
+
+
+def test_plan_schedule_changes_executed_precision_onnxruntime():
+    from qc_compile.runtime import Pipeline
+
+    sched, flat = _schedule_runs(Pipeline(built("fp8_e4m3", "rtx:sm89"), executor="onnxruntime"))
+    d = float((sched - flat).norm() / flat.norm())
+    assert d > 1e-4, "the onnxruntime runner ran the default graphs at the schedule's high steps"

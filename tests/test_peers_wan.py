@@ -1,0 +1,77 @@
+"""tools/peers_wan.py on a tiny random qc-ref-wan folder (CPU): every family of peers runs unmodified beside ours."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from test_qc_ref_wan import _tiny_folder  # noqa: E402
+
+from qc_compile.models import qc_ref_wan as qrw  # noqa: E402
+
+ONE_EACH = ("FBCache thr=0.2|TaylorSeer default|TaylorSeer Wan attn\\+ffn interval=5|MagCache thr=0.06|PAB spatial=2|"
+            "FasterCache|SeaCache thr=0.25|F1B0 thr=0.08|qc-compile")
+
+
+@pytest.mark.slow
+def test_peers_tool_runs_every_family_on_a_tiny_model(tmp_path):
+    import peers_wan
+
+    folder = _tiny_folder(tmp_path, qrw.SamplingDefaults(frames=4, height=16, width=16, steps=12, cfg=3.0),
+                          num_layers=3)
+    out = tmp_path / "peers.json"
+    rc = peers_wan.main(["--checkpoint", str(folder), "--device", "cpu", "--n", "1", "--batch", "1", "--repeats", "1",
+                         "--json", str(out), "--plot", str(tmp_path / "peers.png"), "--only", ONE_EACH,
+                         "--ours", "hlc,pab"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    rows = {r["label"]: r for r in res["rows"]}
+    errors = {k: r["error"] for k, r in rows.items() if "error" in r}
+    assert not errors, errors
+    expected = ["diffusers FBCache thr=0.2", "diffusers TaylorSeer default patterns interval=5",
+                "diffusers TaylorSeer Wan attn+ffn interval=5", "diffusers MagCache thr=0.06",
+                "diffusers PAB spatial=2", "diffusers FasterCache", "qc-compile hlc", "qc-compile pab"]
+    assert set(expected) <= set(rows)
+    # diffusers' TaylorSeer default patterns hook no Wan module (documented in the tool): nothing skipped
+    assert rows["diffusers TaylorSeer default patterns interval=5"]["linear_mac_fraction"] == 1.0
+    for label in expected:
+        if label.startswith("diffusers TaylorSeer default"):
+            continue
+        r = rows[label]
+        assert 0.0 < r["linear_mac_fraction"] < 1.0, label  # the method skipped work on this model
+        assert r["repeat_max_abs_dev"] == 0.0, label  # no state leaks from one generation into the next
+        assert r["psnr_db"] > 20 and 0 < r["ssim"] <= 1
+    assert 0 < rows["qc-compile hlc"]["compute_fraction"] < 1
+    try:
+        import cache_dit  # noqa: F401
+        assert 0.0 < rows["cache-dit DBCache F1B0 thr=0.08"]["linear_mac_fraction"] < 1.0
+    except ImportError:
+        assert any("cache-dit" in n for n in res["notes"])
+    assert (tmp_path / "peers.png").is_file() and out.with_suffix(".md").is_file()
+    assert "quantization peers" in " ".join(res["notes"])  # CUDA-only rows are said to be skipped, not silently
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_quantization_peers_on_cuda(tmp_path):
+    """torchao FP8 and ModelOpt FP8 rows run (where installed) and stay close to the bf16 baseline."""
+    import peers_wan
+
+    if not (peers_wan._version("torchao") or peers_wan._version("modelopt")):
+        pytest.skip("neither torchao nor nvidia-modelopt is installed")
+    folder = _tiny_folder(tmp_path, qrw.SamplingDefaults(frames=16, height=32, width=32, steps=8, cfg=3.0),
+                          num_layers=3, num_attention_heads=2, attention_head_dim=32)
+    out = tmp_path / "q.json"
+    assert peers_wan.main(["--checkpoint", str(folder), "--device", "cuda", "--n", "2", "--batch", "2",
+                           "--families", "quant", "--json", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["family"] == "quant"]
+    assert rows and all("error" not in r for r in rows), rows
+    assert all(r["psnr_db"] > 20 for r in rows), rows
