@@ -22,6 +22,7 @@ FRAMES_MAX = 1024
 SIZE_MAX = 8192  # pixels per side
 BATCH_MAX = 256  # --max-batch of an engine profile
 PROMPTS_MAX = 4096
+GPUS_MAX = 64  # --gpus: processes on one host (GPUs, or gloo processes with --device cpu)
 
 
 def check_int(value: Any, what: str, lo: int, hi: int) -> int:
@@ -146,3 +147,4 @@ STEPS = BoundedInt(1, STEPS_MAX)
 CFG = FiniteFloat(0.0, CFG_MAX)
 FRAMES = BoundedInt(1, FRAMES_MAX)
 SIZE = BoundedInt(1, SIZE_MAX)
+PORT = BoundedInt(1, 65535)  # a TCP port (socket.bind raises OverflowError beyond 65535)

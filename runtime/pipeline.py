@@ -32,6 +32,16 @@ from qc_compile.runtime.step_executor import StepExecutor
 EXECUTORS = tuple(BACKENDS)
 
 
+def parallel_record(mesh, steps: list) -> dict:
+    """What a parallel run records in its trace: the mesh, and whether every rank took the same decisions (a hash
+    of all its decisions, compared over ranks with one all_gather)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([s.decisions for s in steps], sort_keys=True).encode()).digest()
+    return dict(mesh.describe(), decisions_identical_across_ranks=mesh.agree(digest))
+
+
 class Pipeline:
     """Text-to-video with per-step policies. ``Pipeline(work_dir)`` uses a work dir (model.json, plan.json, graphs);
     ``Pipeline.from_pretrained(name)`` the FP model directly with the torch executor."""
@@ -110,7 +120,9 @@ class Pipeline:
                                 work=self._workdir, quantized=quantized,
                                 options=self.executor_options, cache=self._runner_cache)
             self._runner_cache[key] = load_runner(self.executor_kind, req)
-        return StepExecutor(self._runner_cache[key], g)
+        from qc_compile.runtime.parallel import shard_runner
+
+        return StepExecutor(shard_runner(self._runner_cache[key], g), g)
 
     @property
     def quantized(self) -> bool:
@@ -142,6 +154,7 @@ class Pipeline:
         """The FP videos (policy none) for these prompts and settings, cached per pipeline."""
         return self._fp_run(prompts, settings, progress)[:2]
 
+    @torch.no_grad()
     def _fp_run(self, prompts: list[str], settings, progress: bool = False, seeds: list[int] | None = None):
         key = (tuple(prompts), settings, None if seeds is None else tuple(seeds))
         if key not in self._fp_cache:
@@ -158,6 +171,7 @@ class Pipeline:
         """Forget the cached FP reference runs."""
         self._fp_cache.clear()
 
+    @torch.no_grad()  # local, not global: a library must not switch autograd off in its caller's process
     def __call__(self, prompt: str | Sequence[str], *, policy: Any = None, overrides: Mapping[str, Any] | None = None,
                  seed: int = 0, steps: int | None = None, cfg: float | None = None, reference: bool = False,
                  frames: int | None = None, height: int | None = None, width: int | None = None,
@@ -186,7 +200,6 @@ class Pipeline:
             raise UserError(f"policy {name} needs executor features {sorted(missing)} (sub-block caches / in-step "
                             f"gates) that the {self.executor_kind} executor does not have; run it with --executor "
                             "torch.")
-        torch.set_grad_enabled(False)
         if isinstance(pol, NoPolicy) and not self.quantized and not self.fast:
             videos, seconds, steps_rec = self._fp_run(prompts, settings, progress, seeds)  # its own reference
         else:
@@ -211,4 +224,9 @@ class Pipeline:
                                               else v) for k, v in h.items()} for h in hist]
         if reference:
             res.fp_videos, res.fp_seconds = self._fp_run(prompts, settings, progress, seeds)[:2]
+        from qc_compile.runtime.parallel import current_mesh
+
+        mesh = current_mesh()
+        if mesh is not None:
+            res.extra["parallel"] = parallel_record(mesh, steps_rec)
         return res

@@ -48,6 +48,7 @@ def test_a_registered_backend_runs_through_the_pipeline():
         return made[-1]
 
     register_backend(Backend("counting", "test backend", ("cpu",), False, load))
+    torch.set_grad_enabled(True)
     try:
         pipe = Pipeline.from_pretrained("qc-ref", random_weights=True)
         ref = pipe("a red circle moving right on a black background", steps=3, seed=1, frames=4, height=16,
@@ -63,6 +64,7 @@ def test_a_registered_backend_runs_through_the_pipeline():
     assert runner.calls["spatial_0"] == 2  # interval N=2 reuses it on one of the three steps
     assert torch.equal(res.videos, ref.videos)  # same decisions, same math as the torch backend
     assert res.executor == "counting"
+    assert torch.is_grad_enabled()  # the pipeline turns autograd off only inside its own calls
 
 
 def test_step_executor_is_the_sampler_protocol_and_refuses_what_a_runner_lacks():

@@ -142,6 +142,7 @@ def train_loop(args, *, net: torch.nn.Module, ema: torch.nn.Module, opt, params:
     budget = args.minutes * 60
     t50 = t_start
     steps_this_run = 0
+    torch.set_grad_enabled(True)  # callers (tests, notebooks) may have switched autograd off
     while True:
         x0, texts = next_batch()
         if total == 0 and step == 50:  # size the schedule from the measured speed

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import qc_compile.validate as V
-
+from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
 
@@ -43,30 +43,43 @@ from qc_compile.errors import UserError
               help="DiT and VAE precision; auto = bf16 for opensora-v1.2 on CUDA (as Open-Sora runs it), else fp32.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@gpu_options
 def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
              text_encoder: Path | None, vae: Path | None, caption_cache: Path | None, aes: float,
-             flow: float | None, dtype: str, overwrite: bool, quiet: bool) -> None:
-    """Generate videos from text prompts with the FP model."""
-    import torch
-
-    from qc_compile.models import get_config, load_model
-    from qc_compile.models.caption_encoder import CaptionTokenizer
-    from qc_compile.models.opensora_parts import attach_opensora_parts
+             flow: float | None, dtype: str, overwrite: bool, quiet: bool, gpus: int, parallel_mode: str) -> None:
+    """Generate videos from text prompts with the FP model (--gpus N: one video split over N GPUs)."""
     from qc_compile.outputs import check_output_file
     from qc_compile.prompts import check_prompts
-    from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
-    from qc_compile.video_io import write_mp4, write_png_strip
 
     if output.suffix.lower() != ".mp4":
         raise UserError(f"--output {output}: expected a path ending in .mp4.")
     prompts = tuple(check_prompts(prompts, "--prompt"))
     outputs = [output] if len(prompts) == 1 else [output.with_name(f"{output.stem}_{k}{output.suffix}")
                                                    for k in range(len(prompts))]
-    for path in outputs:  # every output checked before any work
+    for path in outputs:  # every output checked before any work (and before any process is spawned)
         check_output_file(path, "--output", overwrite)
         if vae is None:  # with a VAE the full-size frames get no PNG strip
             check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
+    on_gpus(_generate, dict(prompts=prompts, outputs=outputs, model=model, checkpoint=checkpoint, steps=steps,
+                            cfg=cfg, seed=seed, frames=frames, height=height, width=width, device=device,
+                            text_encoder=text_encoder, vae=vae, caption_cache=caption_cache, aes=aes, flow=flow,
+                            dtype=dtype, quiet=quiet),
+            gpus, parallel_mode, device)
+
+
+def _generate(prompts, outputs, model, checkpoint, steps, cfg, seed, frames, height, width, device, text_encoder, vae,
+              caption_cache, aes, flow, dtype, quiet) -> None:
+    """The generation on this process (every rank of a --gpus run; rank 0 writes the videos)."""
+    import torch
+
+    from qc_compile.models import get_config, load_model
+    from qc_compile.models.caption_encoder import CaptionTokenizer
+    from qc_compile.models.opensora_parts import attach_opensora_parts
+    from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
+    from qc_compile.runtime.parallel import current_mesh, is_rank0
+    from qc_compile.video_io import write_mp4, write_png_strip
+
     device = resolve_device(device)
     latent = get_config(model).space == "latent"
     torch_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and latent and device != "cpu") \
@@ -82,10 +95,15 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
         decoder.check_geometry(loaded.config, settings.frames, settings.height, settings.width)
     torch.set_grad_enabled(False)
     start = time.perf_counter()
-    videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet)
+    videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet and is_rank0())
+    if not is_rank0():
+        return
     if decoder is not None:  # latents -> frames in [-1, 1] (Open-Sora 1.2's VAE)
         videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu").clamp(-1, 1)
     seconds = time.perf_counter() - start
+    mesh = current_mesh()
+    if mesh is not None:
+        device = f"{mesh.world_size} x {device} ({mesh.describe()['backend']})"
     for k, video in enumerate(videos):
         path = outputs[k]
         if decoder is not None:  # full-size frames: no upscale (x2 only if a side is odd), no PNG strip
