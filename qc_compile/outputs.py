@@ -18,7 +18,8 @@ from typing import Iterator
 from qc_compile.errors import UserError
 
 
-def _writable_parent(path: Path, option: str) -> None:
+def check_writable_parent(path: Path, option: str) -> None:
+    """The folder ``path`` will be written into (or its first existing ancestor) is a writable directory."""
     parent = path.parent
     while not parent.exists():  # created on write; the first existing ancestor must be a writable directory
         if parent == parent.parent:
@@ -41,7 +42,7 @@ def check_output_file(path: str | os.PathLike, option: str, overwrite: bool) -> 
                             "path.")
         if not path.is_file():
             raise UserError(f"{option} {path}: exists and is not a regular file; choose another path.")
-    _writable_parent(path, option)
+    check_writable_parent(path, option)
     return path
 
 
@@ -53,7 +54,7 @@ def check_output_dir(path: str | os.PathLike, option: str, overwrite: bool) -> P
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise UserError(f"{option} {path}: the directory exists and is not empty; results from another run would "
                         "mix with these. Choose a new directory or pass --overwrite to replace it.")
-    _writable_parent(path / "x", option) if path.is_dir() else _writable_parent(path, option)
+    check_writable_parent(path / "x", option) if path.is_dir() else check_writable_parent(path, option)
     return path
 
 

@@ -65,3 +65,24 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def scratch(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{name}-"))
+
+
+@functools.lru_cache(maxsize=None)
+def opensora_files() -> Path:
+    """Tiny random Open-Sora 1.2 parts as a user has them (the architectures of tests/test_opensora_e2e.py):
+    DIR/dit.safetensors (STDiT3), DIR/t5/ (a T5 folder) and DIR/vae/model.safetensors (OpenSora-VAE-v1.2)."""
+    import torch
+
+    from qc_compile.models.checkpoint import save_checkpoint
+    from qc_compile.models.opensora_random import random_vae, save_random_t5
+    from qc_compile.models.opensora_vae import save_vae
+    from qc_compile.models.stdit3 import STDiT3
+    from test_opensora_e2e import TINY_DIT
+
+    d = scratch("fuzz-opensora")
+    torch.manual_seed(0)
+    save_checkpoint(d / "dit.safetensors", STDiT3(TINY_DIT), TINY_DIT, dtype=torch.float32)
+    save_random_t5(d / "t5")
+    (d / "vae").mkdir()
+    save_vae(d / "vae" / "model.safetensors", random_vae())
+    return d

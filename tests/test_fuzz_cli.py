@@ -19,10 +19,11 @@ from typing import Callable
 import pytest
 
 from compile_helpers import run_cli
-from fuzz_helpers import PROMPT, TARGET, good_work, link_copy, replace_file, snapshot
+from fuzz_helpers import PROMPT, TARGET, good_work, link_copy, opensora_files, replace_file, snapshot
 
 W = "{W}"  # placeholder for the case's work dir
 T = "{T}"  # placeholder for the case's scratch dir (outside the work dir)
+O = "{O}"  # placeholder for the shared tiny Open-Sora parts (fuzz_helpers.opensora_files; read only)
 
 
 @dataclass
@@ -34,7 +35,8 @@ class Case:
 
 
 def _fill(a, work: Path, scratch: Path) -> str:
-    return str(a).replace(W, str(work)).replace(T, str(scratch))
+    a = str(a).replace(W, str(work)).replace(T, str(scratch))
+    return a.replace(O, str(opensora_files())) if O in a else a
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -455,8 +457,134 @@ def path_cases() -> list[Case]:
     ]
 
 
+# ------------------------------------------------------------------------------------------------ Open-Sora parts
+OS_GEN = ["generate", "--model", "opensora-v1.2", "--checkpoint", f"{O}/dit.safetensors", "-p", "A cat.", "-o",
+          f"{T}/o.mp4", "--steps", "1", "--quiet"]
+
+
+def _os_gen(text_encoder: str = f"{O}/t5", vae: str = f"{O}/vae", *extra: str) -> list:
+    return OS_GEN + ["--text-encoder", text_encoder, "--vae", vae, *extra]
+
+
+def _t5_copy(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    """A copy of the good T5 folder at SCRATCH/t5, then ``edit(folder)``."""
+    def setup(work: Path, scratch: Path) -> None:
+        shutil.copytree(opensora_files() / "t5", scratch / "t5")
+        edit(scratch / "t5")
+    return setup
+
+
+def _t5_config(**fields) -> Callable[[Path], None]:
+    def edit(d: Path) -> None:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(fields)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _nonfinite_tensor(path: Path, key_pick: Callable[[list], str], value: float) -> None:
+    """One element of one floating tensor of the safetensors file ``path`` set to ``value`` (metadata kept)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}
+    key = key_pick(sorted(k for k, v in sd.items() if v.is_floating_point()))
+    sd[key].view(-1)[0] = value
+    save_file(sd, str(path), metadata=meta)
+
+
+def _t5_nan(d: Path) -> None:
+    _nonfinite_tensor(d / "model.safetensors", lambda ks: ks[len(ks) // 2], float("nan"))
+
+
+def _t5_pickle_only(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"w": [1.0]}))
+
+
+def _vae_copy(edit: Callable[[Path], None]) -> Callable[[Path, Path], None]:
+    def setup(work: Path, scratch: Path) -> None:
+        (scratch / "vae").mkdir()
+        shutil.copy(opensora_files() / "vae" / "model.safetensors", scratch / "vae" / "model.safetensors")
+        edit(scratch / "vae" / "model.safetensors")
+    return setup
+
+
+def opensora_cases() -> list[Case]:
+    """``--text-encoder``, ``--vae`` and ``--caption-cache`` that do not exist or hold the wrong thing."""
+    te, vae, cc = ("--text-encoder",), ("--vae",), ("--caption-cache",)
+    out = [
+        Case("os-te-missing", _os_gen(f"{T}/nope"), te),
+        Case("os-te-is-file", _os_gen(f"{O}/dit.safetensors"), te),
+        Case("os-te-is-vae-folder", _os_gen(f"{O}/vae"), te),
+        Case("os-te-config-not-json", _os_gen(f"{T}/t5"), te,
+             _t5_copy(lambda d: (d / "config.json").write_text("{not json"))),
+        Case("os-te-config-list", _os_gen(f"{T}/t5"), te, _t5_copy(lambda d: (d / "config.json").write_text("[1]"))),
+        Case("os-te-config-bert", _os_gen(f"{T}/t5"), te, _t5_copy(_t5_config(model_type="bert"))),
+        Case("os-te-d-model-string", _os_gen(f"{T}/t5"), ("d_model",), _t5_copy(_t5_config(d_model="big"))),
+        Case("os-te-d-model-other", _os_gen(f"{T}/t5"), ("d_model",), _t5_copy(_t5_config(d_model=64))),
+        Case("os-te-pickle-only", _os_gen(f"{T}/t5"), ("never unpickles",), _t5_copy(_t5_pickle_only)),
+        Case("os-te-no-tokenizer", _os_gen(f"{T}/t5"), ("tokenizer",),
+             _t5_copy(lambda d: [(d / n).unlink() for n in ("tokenizer.json", "spiece.model") if (d / n).exists()])),
+        Case("os-te-garbage-weights", _os_gen(f"{T}/t5"), te,
+             _t5_copy(lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 1000))),
+        Case("os-te-nan-weight", _os_gen(f"{T}/t5"), ("non-finite",), _t5_copy(_t5_nan)),
+        Case("os-vae-missing", _os_gen(vae=f"{T}/nope"), vae),
+        Case("os-vae-empty-folder", _os_gen(vae=T), vae),
+        Case("os-vae-is-t5-folder", _os_gen(vae=f"{O}/t5"), vae),
+        Case("os-vae-is-dit", _os_gen(vae=f"{O}/dit.safetensors"), ("--checkpoint",)),
+        Case("os-vae-text-file", _os_gen(vae=f"{T}/v.txt"), vae, _touch("v.txt")),
+        Case("os-vae-inf-weight", _os_gen(vae=f"{T}/vae"), ("non-finite",),
+             _vae_copy(lambda p: _nonfinite_tensor(p, lambda ks: ks[len(ks) // 3], float("inf")))),
+        Case("os-cache-is-dir", _os_gen(f"{O}/t5", f"{O}/vae", "--caption-cache", f"{T}/c"), cc, _mkdir("c")),
+        Case("os-cache-garbage", _os_gen(f"{O}/t5", f"{O}/vae", "--caption-cache", f"{T}/c.safetensors"), cc,
+             _touch("c.safetensors", b"\x00" * 100)),
+        Case("os-cache-is-checkpoint", _os_gen(f"{O}/t5", f"{O}/vae", "--caption-cache", f"{O}/dit.safetensors"),
+             cc),
+        Case("os-cache-under-file", _os_gen(f"{O}/t5", f"{O}/vae", "--caption-cache", f"{T}/f/c.safetensors"), cc,
+             _touch("f")),
+        Case("os-no-text-encoder", OS_GEN + ["--vae", f"{O}/vae"], te),
+        Case("os-no-vae", OS_GEN + ["--text-encoder", f"{O}/t5"], vae),
+        Case("os-aes-nan", _os_gen(f"{O}/t5", f"{O}/vae", "--aes", "nan"), ("--aes",)),
+        Case("os-flow-inf", _os_gen(f"{O}/t5", f"{O}/vae", "--flow", "inf"), ("--flow",)),
+        Case("qcref-generate-text-encoder", GEN + ["--text-encoder", f"{O}/t5"], te),
+        Case("qcref-generate-vae", GEN + ["--vae", f"{O}/vae"], vae),
+        Case("qcref-calibrate-text-encoder-missing", CAL + ["--text-encoder", f"{T}/nope"], te),
+        Case("qcref-calibrate-caption-cache-dir", CAL + ["--caption-cache", T], cc),
+    ]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ parallel, serve
+SERVE = ["serve", W, "--http-port", "18000", "--grpc-port", "18001", "--metrics-port", "18002"]
+
+
+def option_cases() -> list[Case]:
+    """--gpus / --parallel of the video commands and the numeric options of ``serve`` (all refused before anything
+    loads: a case that got through would start a server)."""
+    out = [Case(f"{name}-gpus-{v}", base + ["--gpus", v], ("--gpus",))
+           for base, name in ((RUN, "run"), (GEN, "generate")) for v in ("0", "-1", "100000", "x")]
+    out += [Case("sweep-gpus-0", ["sweep", W, "--policies", "none", "-o", f"{T}/sweep", "--gpus", "0"], ("--gpus",)),
+            Case("sweep-jobs-and-gpus", ["sweep", W, "--policies", "none", "-o", f"{T}/sweep", "--gpus", "2",
+                                         "--jobs", "2"], ("--jobs",)),
+            Case("run-parallel-cfg-3", RUN + ["--gpus", "3", "--parallel", "cfg"], ("--parallel cfg",)),
+            Case("run-parallel-unknown", RUN + ["--gpus", "2", "--parallel", "tensor"], ("--parallel",))]
+    for opt, bad in (("--http-port", ("0", "70000", "-1")), ("--grpc-port", ("65536",)),
+                     ("--metrics-port", ("x",)), ("--max-steps", ("0", str(10**9))), ("--steps", ("0", "1001")),
+                     ("--max-prompt-chars", ("0", str(10**9))), ("--max-batch", ("0", "1000")),
+                     ("--max-queue-delay-ms", ("nan", "-1")), ("--timeout-s", ("0", "inf"))):
+        out += [Case(f"serve{opt}-{v}", SERVE + [opt, v], (opt,)) for v in bad]
+    out += [Case(f"serve--drain-timeout-s-{v}", SERVE + ["--drain-timeout-s", v], ("--drain-timeout-s",))
+            for v in ("nan", "3601")]
+    out += [Case("serve-steps-over-max", SERVE + ["--steps", "50", "--max-steps", "10"], ("--steps",)),
+            Case("serve-warmup-empty", SERVE + ["--warmup-prompt", "  "], ("--warmup-prompt",)),
+            Case("serve-warmup-control", SERVE + ["--warmup-prompt", "a red\x07circle"], ("--warmup-prompt",))]
+    return out
+
+
 ALL_CASES = (number_cases() + plan_cases() + manifest_cases() + model_cases() + checkpoint_cases() +
-             prompt_cases() + path_cases())
+             prompt_cases() + path_cases() + opensora_cases() + option_cases())
 
 
 def test_case_count() -> None:

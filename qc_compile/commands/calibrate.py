@@ -25,6 +25,9 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     from qc_compile.runtime.generation import GenerationSettings
     from qc_compile.workdir import WorkDir, load_model_for, read_model_info
 
+    from qc_compile.models.opensora_parts import check_part_paths
+
+    check_part_paths(text_encoder=text_encoder, caption_cache=caption_cache)  # before any load
     work = WorkDir(work_dir)
     info = read_model_info(work)
     prompts = read_prompt_file(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)

@@ -49,6 +49,7 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
              text_encoder: Path | None, vae: Path | None, caption_cache: Path | None, aes: float,
              flow: float | None, dtype: str, overwrite: bool, quiet: bool, gpus: int, parallel_mode: str) -> None:
     """Generate videos from text prompts with the FP model (--gpus N: one video split over N GPUs)."""
+    from qc_compile.models.opensora_parts import check_part_paths
     from qc_compile.outputs import check_output_file
     from qc_compile.prompts import check_prompts
 
@@ -61,6 +62,7 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
         check_output_file(path, "--output", overwrite)
         if vae is None:  # with a VAE the full-size frames get no PNG strip
             check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
+    check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)
     on_gpus(_generate, dict(prompts=prompts, outputs=outputs, model=model, checkpoint=checkpoint, steps=steps,
                             cfg=cfg, seed=seed, frames=frames, height=height, width=width, device=device,
                             text_encoder=text_encoder, vae=vae, caption_cache=caption_cache, aes=aes, flow=flow,
@@ -99,7 +101,9 @@ def _generate(prompts, outputs, model, checkpoint, steps, cfg, seed, frames, hei
     if not is_rank0():
         return
     if decoder is not None:  # latents -> frames in [-1, 1] (Open-Sora 1.2's VAE)
-        videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu").clamp(-1, 1)
+        videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu")
+        V.check_finite(videos, "the VAE's decoded frames (--vae)")
+        videos = videos.clamp(-1, 1)
     seconds = time.perf_counter() - start
     mesh = current_mesh()
     if mesh is not None:

@@ -36,13 +36,13 @@ def _need_serve_extra() -> None:
 @click.option("--metrics-port", default=8002, show_default=True, type=V.PORT, help="Prometheus metrics (/metrics).")
 @click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1, 256),
               help="Dynamic batching: most requests per batch (1 = one at a time).")
-@click.option("--max-queue-delay-ms", default=50.0, show_default=True, type=click.FloatRange(0, 60000),
+@click.option("--max-queue-delay-ms", default=50.0, show_default=True, type=V.FiniteFloat(0, 60000),
               help="How long the batcher waits to fill a batch.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
               help="Bounded queue: requests beyond this are rejected at once.")
-@click.option("--timeout-s", default=600.0, show_default=True, type=click.FloatRange(0.001, 86400),
+@click.option("--timeout-s", default=600.0, show_default=True, type=V.FiniteFloat(0.001, 86400),
               help="Requests waiting in the queue longer than this are rejected (clients may set their own).")
-@click.option("--drain-timeout-s", default=120.0, show_default=True, type=click.FloatRange(0, 3600),
+@click.option("--drain-timeout-s", default=120.0, show_default=True, type=V.FiniteFloat(0, 3600),
               help="On SIGTERM/SIGINT, how long to keep finishing queued and running requests.")
 @click.option("--decisions", type=click.Choice(["per-sample", "per-batch"]), default="per-sample", show_default=True,
               help="per-sample: adaptive policies run each request alone (static ones batch); per-batch: batch all, "
@@ -62,6 +62,11 @@ def serve(work_or_model: str, device: str, executor: str, checkpoint: str | None
     Inputs: prompt, seed, steps, policy, thresholds (JSON of --set overrides), plan (plan|fp), mp4. Outputs: status,
     error, frames (T,H,W,3 uint8), mp4, trace (JSON). Ready once the model is verified and warmed up.
     """
+    from qc_compile.prompts import check_prompt
+
+    if steps is not None and steps > max_steps:
+        raise UserError(f"--steps {steps} is larger than --max-steps {max_steps}.")
+    warmup_prompt = check_prompt(warmup_prompt, "--warmup-prompt")
     _need_serve_extra()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pytriton").setLevel(logging.WARNING)
@@ -69,11 +74,6 @@ def serve(work_or_model: str, device: str, executor: str, checkpoint: str | None
     from qc_compile.serve.protocol import Limits
     from qc_compile.serve.server import ServerConfig, check_ports, serve as run_server, verify_and_warm
 
-    if steps is not None and steps > max_steps:
-        raise UserError(f"--steps {steps} is larger than --max-steps {max_steps}.")
-    from qc_compile.prompts import check_prompt
-
-    warmup_prompt = check_prompt(warmup_prompt, "--warmup-prompt")
     cfg = ServerConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue,
                        timeout_s=timeout_s, drain_timeout_s=drain_timeout_s, log_verbose=log_verbose)
