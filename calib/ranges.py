@@ -94,25 +94,6 @@ class RangeCollector:
         return t
 
 
-def read_prompts(path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are ignored."""
-    from pathlib import Path
-
-    from qc_compile.errors import UserError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--prompts {path}: file not found; give a text file with one prompt per line.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"--prompts {path}: not a UTF-8 text file; give one prompt per line.") from None
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise UserError(f"--prompts {path}: no prompts in the file (one per line; '#' starts a comment).")
-    return prompts
-
-
 # Built-in calibration prompts for opensora-v1.2 (written for qc-compile: varied subjects, motion and camera work, in
 # the style of Open-Sora's own sample prompts; each gets " aesthetic score: 6.5." before T5, as at sampling time).
 OPENSORA_PROMPTS = (

@@ -98,12 +98,18 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
 def read_json(path: str | os.PathLike, *, kind: str, schema_version: int | None = None) -> dict:
     """Read a JSON artifact, with a clear error for a missing/garbled file or a schema version we do not read."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ArtifactError(f"{path}: {kind} not found.")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: the {kind} is not a regular file (a directory or a device); the work dir is "
+                            "damaged. Re-run the stage that writes it.")
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: {kind} is not valid JSON ({e}); the file is damaged or not a {kind}.") from None
+        raise ArtifactError(f"{path}: {kind} is not valid JSON ({str(e)[:160]}); the file is damaged or not a "
+                            f"{kind}.") from None
+    except RecursionError:
+        raise ArtifactError(f"{path}: {kind} is nested too deeply to be a {kind}; the file is damaged.") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"{path}: {kind} must be a JSON object, found {type(obj).__name__}.")
     if schema_version is not None and obj.get("schema_version") != schema_version:

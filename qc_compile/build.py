@@ -5,10 +5,13 @@ write ``manifest.json`` last. Shared by full TensorRT and TensorRT-RTX; their di
 Consistency of the work dir (DESIGN.md §1):
 
 * every file is written atomically (temp name + fsync + rename);
-* ``.build-in-progress.json`` is written before the first artifact and removed only after ``manifest.json`` has
-  been written; a build that dies in between leaves the marker, and :meth:`qc_compile.manifest.Manifest.load` then
-  refuses the work dir ("interrupted build of target T; re-run qc-compile build") instead of trusting a mix of old
-  and new files;
+* the build runs under the work-dir lock (:mod:`qc_compile.locks`), hashes plan.json once when it reads it and
+  refuses to write a manifest if the plan (or its sidecar) changed since;
+* before the first artifact it hard-links what it may replace into ``.build-backup/`` and writes
+  ``.build-in-progress.json``; an error, a full disk or Ctrl-C restores the previous build and removes both. A build
+  killed outright leaves the marker, so :meth:`qc_compile.manifest.Manifest.load` (every executor, compare) refuses
+  the work dir ("interrupted build of target T; re-run qc-compile build") instead of trusting a mix of old and new
+  files, and the next build restores the backup first;
 * the manifest records the sha256 of every artifact (and of model.json and the plan), so a file changed later is
   caught when it is loaded;
 * a graph holding TensorRT-only ops (NVFP4) gets an onnxruntime twin beside it (``<unit>[.<v>].ort.onnx``, recorded
@@ -19,7 +22,9 @@ Consistency of the work dir (DESIGN.md §1):
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +33,8 @@ from typing import Callable
 import onnx
 import onnx_graphsurgeon as gs
 
-from qc_compile.artifacts import sha256_file, write_bytes_atomic, write_json_atomic
-from qc_compile.errors import UserError
+from qc_compile.artifacts import read_json, sha256_file, write_bytes_atomic, write_json_atomic
+from qc_compile.errors import ArtifactError, UserError
 from qc_compile.manifest import Manifest, check_fp_graph, remove_unreferenced, write_target
 from qc_compile.onnx_utils import file_records, get_metadata, save_onnx, set_metadata
 from qc_compile.plan import DEFAULT_VARIANT, Plan, load_plan
@@ -43,7 +48,7 @@ class BuildError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------ passes per unit
 def unit_graph(work: WorkDir, info: ModelInfo, plan: Plan, unit: str, variant: str, *, plugins: bool = False,
-               report: dict | None = None) -> onnx.ModelProto:
+               report: dict | None = None, plan_sha256: str | None = None) -> onnx.ModelProto:
     """The FP graph of ``unit`` after fold -> rotate -> Q/DQ (-> plugin nodes) for ``variant`` of the plan."""
     from qc_compile.passes.fold_smoothing import pass_fold_smoothing
     from qc_compile.passes.insert_qdq import pass_insert_qdq
@@ -75,18 +80,19 @@ def unit_graph(work: WorkDir, info: ModelInfo, plan: Plan, unit: str, variant: s
     out = gs.export_onnx(graph)
     meta = get_metadata(proto)
     set_metadata(out, **{k: v for k, v in meta.items() if k != "format"})
-    set_metadata(out, stage="q", variant=variant, plan_sha256=sha256_file(work.plan_json), plugins=int(plugins))
+    set_metadata(out, stage="q", variant=variant, plan_sha256=plan_sha256 or sha256_file(work.plan_json),
+                 plugins=int(plugins))
     return out
 
 
 def unit_variants(plan: Plan, info: ModelInfo, unit: str) -> dict[str, str]:
     """variant -> the variant whose graph it shares for this unit (identical entries for the unit's linears)."""
     names = [li["name"] for li in info.unit(unit)["linears"]]
-    seen: dict[tuple, str] = {}
+    seen: dict[str, str] = {}
     out = {}
     for v in plan.used_variants():
         entries = plan.resolve(v)
-        key = tuple((n, tuple(sorted(entries[n].to_dict().items(), key=str))) for n in names)
+        key = json.dumps([(n, entries[n].to_dict()) for n in names], sort_keys=True, default=str)  # lists inside
         out[v] = seen.setdefault(key, v)
     return out
 
@@ -182,16 +188,30 @@ def check_plan_for_target(plan: Plan, target: Target) -> None:
 def build_workdir(work: WorkDir, target_name: str, *, max_batch: int = 2, plugins: bool = False,
                   onnx_only: bool = False, progress: bool = True,
                   engine_builder: Callable | None = None) -> BuildResult:
+    """Build ``work`` for one target under the work-dir lock (see the module docstring for the guarantees)."""
+    from qc_compile.locks import workdir_lock
+
+    target = parse_target(target_name)
+    work.require()
+    with workdir_lock(work.root, f"build --target {target.name}"):
+        return _build_locked(work, target, max_batch=max_batch, plugins=plugins, onnx_only=onnx_only,
+                             progress=progress, engine_builder=engine_builder)
+
+
+def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: bool, onnx_only: bool, progress: bool,
+                  engine_builder: Callable | None) -> BuildResult:
     from tqdm.auto import tqdm
 
     from qc_compile import trt_compat
+    from qc_compile.workdir import verify_unit_files
 
-    target = parse_target(target_name)
     info = read_model_info(work)
+    plan_sha = sha256_file(work.plan_json) if work.plan_json.is_file() else None
     plan = load_plan(work.plan_json, model_info=info)
+    _check_plan_unchanged(work, plan, plan_sha, "while it was read")  # the plan this build uses: hashed once
     check_plan_for_target(plan, target)
-    if max_batch < 1:
-        raise UserError(f"--max-batch must be >= 1, got {max_batch}.")
+    if not 1 <= max_batch <= 256:
+        raise UserError(f"--max-batch must be in 1..256, got {max_batch}.")
     if plugins and target.backend == "tensorrt_rtx":
         raise UserError("--plugins: TensorRT-RTX 1.7 cannot load the qc:: Python plugins (no plugin layers in its "
                         "Python API; its ONNX parser aborts the process on such a node). Use --target trt (full "
@@ -207,48 +227,153 @@ def build_workdir(work: WorkDir, target_name: str, *, max_batch: int = 2, plugin
     engine_builder = engine_builder or build_engine
     for unit in info.unit_names:  # bad inputs are refused before anything is written
         check_fp_graph(work.fp_onnx(unit), info.name, info.config_sha256, unit)
+        verify_unit_files(work, info, unit)
+    recover_interrupted_build(work)
+    backup = _Backup.take(work, target)
     start = time.perf_counter()
     marker = {"target": target.name, "pid": os.getpid(),
               "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(work.build_marker, marker)
-    result = BuildResult(target.name)
-    units_rec: dict[str, dict] = {}
-    if target.backend == "torch":
-        from qc_compile.torch_package import write_package
+    try:
+        result = BuildResult(target.name)
+        units_rec: dict[str, dict] = {}
+        if target.backend == "torch":
+            from qc_compile.torch_package import write_package
 
-        pkg = write_package(work, info, plan)
-        units_rec = {"package": pkg}
-    else:
-        todo = [(u, v, same) for u in info.unit_names for v, same in unit_variants(plan, info, u).items()]
-        for unit, variant, same in tqdm(todo, desc=f"build {target.name}", unit="graph", disable=not progress):
-            rec = units_rec.setdefault(unit, {"inputs": info.unit(unit)["inputs"],
-                                              "outputs": info.unit(unit)["outputs"], "variants": {}})
-            if same != variant:
-                rec["variants"][variant] = dict(rec["variants"][same], same_as=same)
-                continue
-            t0 = time.perf_counter()
-            report: dict = {}
-            proto = unit_graph(work, info, plan, unit, variant, plugins=plugins, report=report)
-            twin = None if plugins else ort_twin(proto)  # onnxruntime cannot run qc:: plugin nodes anyway
-            qpath = work.q_onnx(unit, variant, plugins)
-            vrec = {"onnx": file_records(save_onnx(proto, qpath), work.root)}
-            if twin is not None:
-                vrec["ort_onnx"] = file_records(save_onnx(twin, work.q_onnx(unit, variant, ort=True)), work.root)
-            del proto, twin
-            vrec.update({"engine": None, "passes": report})
-            if trt is not None:
-                blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch))
-                epath = work.engine(target.dir_name, unit, variant)
-                sha = write_bytes_atomic(epath, blob)
-                vrec["engine"] = {"path": work.rel(epath), "sha256": sha, "bytes": len(blob)}
-            vrec["seconds"] = round(time.perf_counter() - t0, 3)
-            rec["variants"][variant] = vrec
-    result.seconds = time.perf_counter() - start
-    result.units = units_rec
-    _write_manifest(work, info, plan, target, trt, units_rec, result.seconds, max_batch, plugins, onnx_only)
-    work.build_marker.unlink(missing_ok=True)
+            pkg = write_package(work, info, plan)
+            units_rec = {"package": pkg}
+        else:
+            todo = [(u, v, same) for u in info.unit_names for v, same in unit_variants(plan, info, u).items()]
+            for unit, variant, same in tqdm(todo, desc=f"build {target.name}", unit="graph", disable=not progress):
+                rec = units_rec.setdefault(unit, {"inputs": info.unit(unit)["inputs"],
+                                                  "outputs": info.unit(unit)["outputs"], "variants": {}})
+                if same != variant:
+                    rec["variants"][variant] = dict(rec["variants"][same], same_as=same)
+                    continue
+                t0 = time.perf_counter()
+                report: dict = {}
+                proto = unit_graph(work, info, plan, unit, variant, plugins=plugins, report=report,
+                                   plan_sha256=plan_sha)
+                twin = None if plugins else ort_twin(proto)  # onnxruntime cannot run qc:: plugin nodes anyway
+                qpath = work.q_onnx(unit, variant, plugins)
+                vrec = {"onnx": file_records(save_onnx(proto, qpath), work.root)}
+                if twin is not None:
+                    vrec["ort_onnx"] = file_records(save_onnx(twin, work.q_onnx(unit, variant, ort=True)), work.root)
+                del proto, twin
+                vrec.update({"engine": None, "passes": report})
+                if trt is not None:
+                    blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch))
+                    epath = work.engine(target.dir_name, unit, variant)
+                    sha = write_bytes_atomic(epath, blob)
+                    vrec["engine"] = {"path": work.rel(epath), "sha256": sha, "bytes": len(blob)}
+                vrec["seconds"] = round(time.perf_counter() - t0, 3)
+                rec["variants"][variant] = vrec
+        result.seconds = time.perf_counter() - start
+        result.units = units_rec
+        _check_plan_unchanged(work, plan, plan_sha, "during the build")
+        _write_manifest(work, info, plan, target, trt, units_rec, result.seconds, max_batch, plugins, onnx_only,
+                        plan_sha)
+        work.build_marker.unlink(missing_ok=True)
+    except BaseException:  # an error, a full disk, Ctrl-C: put the previous build back
+        backup.restore()
+        work.build_marker.unlink(missing_ok=True)
+        backup.discard()
+        raise
+    backup.discard()
     remove_unreferenced(work, [work.root / "engines" / target.dir_name, work.root / "onnx" / "q"])
     return result
+
+
+def _check_plan_unchanged(work: WorkDir, plan: Plan, plan_sha: str | None, when: str) -> None:
+    """Refuse a plan (or its sidecar) that changed since this build hashed it."""
+    now = sha256_file(work.plan_json) if work.plan_json.is_file() else None
+    if now != plan_sha:
+        raise ArtifactError(f"{work.plan_json}: the plan changed {when} (sha256 {str(plan_sha)[:12]}… at the start, "
+                            f"{str(now)[:12]}… now); the graphs would not match the manifest's plan, so nothing was "
+                            "kept and the previous build is unchanged. Do not edit the plan during a build; re-run "
+                            "qc-compile build.")
+    if plan.sidecar:
+        side = work.plan_json.with_name(plan.sidecar["file"])
+        got = sha256_file(side) if side.is_file() else None
+        if got != plan.sidecar["sha256"]:
+            raise ArtifactError(f"{side}: the plan's sidecar changed {when}; nothing was kept and the previous "
+                                "build is unchanged. Re-run qc-compile build.")
+
+
+BACKUP_DIR = ".build-backup"
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # artifacts are replaced by rename, so a hard link keeps the old bytes
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@dataclass
+class _Backup:
+    """Hard links of what a build may replace (its target's engines, the Q/DQ graphs, the torch package and the
+    manifest), so a failed or interrupted build restores the previous good state. ``state.json`` records which of
+    them existed; restoring is idempotent (a restore that is itself interrupted is redone by the next build)."""
+
+    work: WorkDir
+    root: Path
+
+    @staticmethod
+    def scopes(work: WorkDir, target: Target) -> list[str]:
+        return [work.rel(work.root / "engines" / target.dir_name), "onnx/q", "torch", "manifest.json"]
+
+    @classmethod
+    def take(cls, work: WorkDir, target: Target) -> "_Backup":
+        root = work.root / BACKUP_DIR
+        shutil.rmtree(root, ignore_errors=True)
+        (root / "files").mkdir(parents=True)
+        state = {}
+        for rel in cls.scopes(work, target):
+            src, dst = work.root / rel, root / "files" / rel
+            state[rel] = src.exists()
+            if src.is_dir():
+                shutil.copytree(src, dst, copy_function=_link_or_copy)
+            elif src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(str(src), str(dst))
+        write_json_atomic(root / "state.json", {"schema_version": 1, "existed": state})
+        return cls(work, root)
+
+    def restore(self) -> None:
+        state = read_json(self.root / "state.json", kind="build backup state")["existed"]
+        for rel, existed in state.items():
+            cur, saved = self.work.root / rel, self.root / "files" / rel
+            if existed and not saved.exists():
+                continue  # restored already
+            if cur.is_dir():
+                shutil.rmtree(cur)
+            elif cur.exists():
+                cur.unlink()
+            if existed:
+                cur.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(saved, cur)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def recover_interrupted_build(work: WorkDir, log=None) -> bool:
+    """Undo a build that was killed (SIGKILL, power loss) before it finished: with its marker and backup present,
+    the previous build is put back. Returns whether anything was restored."""
+    root = work.root / BACKUP_DIR
+    if not root.is_dir():
+        return False
+    if not work.build_marker.is_file() or not (root / "state.json").is_file():
+        shutil.rmtree(root, ignore_errors=True)  # killed before it changed anything, or after it finished
+        return False
+    b = _Backup(work, root)
+    b.restore()
+    work.build_marker.unlink(missing_ok=True)
+    b.discard()
+    if log:
+        log(f"restored the previous build of {work.root} (an earlier build was interrupted).")
+    return True
 
 
 def ort_twin(proto: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -265,14 +390,14 @@ def ort_twin(proto: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def _write_manifest(work: WorkDir, info: ModelInfo, plan: Plan, target: Target, trt, units: dict, seconds: float,
-                    max_batch: int, plugins: bool, onnx_only: bool) -> None:
+                    max_batch: int, plugins: bool, onnx_only: bool, plan_sha: str | None = None) -> None:
     from qc_compile import trt_compat
 
-    plan_rec = {"path": work.rel(work.plan_json), "sha256": sha256_file(work.plan_json)}
+    plan_rec = {"path": work.rel(work.plan_json), "sha256": plan_sha or sha256_file(work.plan_json)}
     side = None
-    if plan.sidecar:
+    if plan.sidecar:  # the sidecar's hash as the plan records it (checked unchanged just before)
         sp = work.plan_json.with_name(plan.sidecar["file"])
-        side = {"path": work.rel(sp), "sha256": sha256_file(sp)}
+        side = {"path": work.rel(sp), "sha256": plan.sidecar["sha256"]}
     write_target(work, info, target.name, {
         "backend": target.backend, "sm": target.sm,
         "tool": None if trt is None else {"name": target.backend, "version": trt_compat.version(trt)},

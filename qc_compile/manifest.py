@@ -236,24 +236,22 @@ def _what(t: TargetRecord) -> str:
 
 
 def _refuse_interrupted(work: WorkDir) -> None:
-    if not work.build_marker.is_file():
-        return
-    try:
-        m = read_json(work.build_marker, kind="build marker")
-    except UserError:
-        m = {}
-    raise ArtifactError(f"{work.root}: a build of target {m.get('target', '?')} started {m.get('started', '?')} "
-                        "did not finish (.build-in-progress.json is present); its artifacts may be a mix of old "
-                        f"and new files. Re-run `qc-compile build {work.root} --target {m.get('target', 'T')}`.")
+    from qc_compile.workdir import check_no_interrupted_build
+
+    check_no_interrupted_build(work)
 
 
 def fp_sources(work: WorkDir, info: ModelInfo | None = None) -> dict[str, dict[str, VariantSource]]:
     """The exported FP graphs as sources (``{unit: {"default": ...}}``), each checked to belong to this work dir."""
+    from qc_compile.workdir import verify_unit_files
+
     info = info or read_model_info(work)
+    _refuse_interrupted(work)
     out = {}
     for u in info.unit_names:
         path = work.fp_onnx(u)
         check_fp_graph(path, info.name, info.config_sha256, u)
+        verify_unit_files(work, info, u)  # the bytes model.json recorded at export
         rec = next((tuple(FileRecord.of(r) for r in x["onnx"]) for x in info.units if x["name"] == u), ())
         out[u] = {"default": VariantSource(u, "default", "default", path, rec, path)}
     return out

@@ -276,6 +276,9 @@ def _check_entry(plan: Plan, name: str, e: LinearPlan, info: dict | None, where:
                             f"(amax / {af.qmax:g}); got {e.act_scale!r}.")
     if e.rotation is not None:
         r = e.rotation
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise UserError(f"{where}/rotation: must be an integer Hadamard block size (a power of two) or null, "
+                            f"got {r!r}.")
         if r < 2 or r & (r - 1) or (k is not None and k % r):
             raise UserError(f"{where}/rotation: block {r} must be a power of two dividing the input size {k}.")
     if e.smoothing is not None:
@@ -304,11 +307,20 @@ def save_plan(plan: Plan, path: str | Path) -> str:
     return write_json_atomic(path, plan.to_dict())
 
 
+MAX_PLAN_BYTES = 64 << 20
+
+
 def load_plan(path: str | Path, *, model_info=None) -> Plan:
     """Read, schema-validate and (with ``model_info``) semantically validate a plan; UserError names the field."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: plan not found; run `qc-compile calibrate {path.parent} --uniform FORMAT` first.")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: the plan is not a regular file (a directory or a device); replace it with the "
+                            "plan.json that qc-compile calibrate writes.")
+    if path.stat().st_size > MAX_PLAN_BYTES:
+        raise ArtifactError(f"{path}: {path.stat().st_size} bytes, larger than any plan ({MAX_PLAN_BYTES >> 20} MiB "
+                            "at most; per-channel vectors live in the sidecar); the file is not a plan.")
     d = read_json(path, kind="plan")
     if d.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{path}: plan has schema_version {d.get('schema_version')!r}; this qc-compile reads "
@@ -318,14 +330,30 @@ def load_plan(path: str | Path, *, model_info=None) -> Plan:
     if d["sidecar"] is not None:
         from safetensors.numpy import load_file
 
-        side = path.with_name(d["sidecar"]["file"])
+        name = d["sidecar"]["file"]
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ArtifactError(f"{path}: field sidecar/file must be a file name beside the plan, got {name!r}.")
+        side = path.with_name(name)
         if not side.is_file():
             raise ArtifactError(f"{path}: sidecar {side} is missing.")
         if sha256_file(side) != d["sidecar"]["sha256"]:
             raise ArtifactError(f"{side}: sha256 does not match plan.json's sidecar.sha256; the file changed after "
                                 "the plan was written. Re-run qc-compile calibrate.")
-        tensors = load_file(str(side))
-    plan = Plan.from_dict(d, tensors)
+        try:
+            tensors = load_file(str(side))
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own SafetensorError, OSError, ...)
+            raise ArtifactError(f"{side}: the plan's sidecar is not a readable safetensors file "
+                                f"({type(e).__name__}: {str(e)[:120]}); qc-compile never unpickles. Re-run "
+                                "qc-compile calibrate.") from None
+        bad = [k for k, v in tensors.items() if v.dtype.kind != "f" or not np.all(np.isfinite(v))]
+        if bad:
+            raise ArtifactError(f"{side}: sidecar tensor {bad[0]!r} is not finite floating point; re-run qc-compile "
+                                "calibrate.")
+    try:
+        plan = Plan.from_dict(d, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"{path}: the plan is malformed ({type(e).__name__}: {str(e)[:160]}); re-run qc-compile "
+                            "calibrate.") from None
     if model_info is not None:
         lins = {li["name"]: li for li in model_info.linears()}
         validate(plan, linears=lins, model_name=model_info.name, config_sha256=model_info.config_sha256,

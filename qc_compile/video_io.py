@@ -143,6 +143,10 @@ def _read_mp4(path: Path) -> tuple[np.ndarray, int | None]:
                         "the file is damaged or not an mp4.") from None
     if not frames:
         raise UserError(f"{path}: the video holds no frames; the file is damaged or empty.")
+    expected = round(float(meta.get("duration") or 0) * float(meta.get("fps") or 0))
+    if expected and len(frames) < expected:  # a cut-off file decodes "fine", minus its tail
+        raise UserError(f"{path}: the container declares {expected} frames ({meta['duration']} s at {meta['fps']} "
+                        f"fps) but only {len(frames)} decode; the file is truncated. Re-create it.")
     return np.stack(frames), _mp4_upscale_tag(path)
 
 

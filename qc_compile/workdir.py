@@ -125,13 +125,92 @@ def read_model_info(work: WorkDir) -> ModelInfo:
         if key not in data:
             raise ArtifactError(f"{work.model_json}: missing field {key!r}; the file is damaged or from another "
                                 "tool. Re-run qc-compile export.")
+    _check_model_json_shape(data, work.model_json)
     info = ModelInfo(data, work.model_json)
     from qc_compile.linears import config_sha256
 
-    if config_sha256(info.config()) != info.config_sha256:
+    try:
+        cfg = info.config()
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ArtifactError(f"{work.model_json}: field model.config is malformed ({type(e).__name__}: "
+                            f"{str(e)[:160]}); the file was edited or damaged. Re-run qc-compile export.") from None
+    if config_sha256(cfg) != info.config_sha256:
         raise ArtifactError(f"{work.model_json}: model.config does not hash to model.config_sha256; the file was "
                             "edited. Re-run qc-compile export.")
     return info
+
+
+def _check_model_json_shape(data: dict, path: Path) -> None:
+    """The structure every reader of model.json relies on, so a damaged or edited file is an ArtifactError that
+    names the field instead of a TypeError deep inside a stage."""
+    def bad(field: str, expected: str) -> ArtifactError:
+        return ArtifactError(f"{path}: field {field} must be {expected}; the file was edited or damaged. Re-run "
+                             "qc-compile export.")
+
+    model = data.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or \
+            not isinstance(model.get("config"), dict) or not isinstance(model.get("config_sha256"), str):
+        raise bad("model", "an object with name, config and config_sha256")
+    w = data.get("weights")
+    if not isinstance(w, dict) or w.get("source") not in ("checkpoint", "shipped", "random") or \
+            not isinstance(w.get("state_sha256"), str):
+        raise bad("weights", "an object with source (checkpoint | shipped | random) and state_sha256")
+    geo = data.get("geometry")
+    if not isinstance(geo, dict) or not isinstance(geo.get("video"), dict) or not isinstance(geo.get("model"), dict):
+        raise bad("geometry", "an object with video and model sizes")
+    for k in ("frames", "height", "width"):
+        if not isinstance(geo["video"].get(k), int) or isinstance(geo["video"].get(k), bool) or geo["video"][k] < 1:
+            raise bad(f"geometry.video.{k}", "a positive integer")
+    units = data.get("units")
+    if not isinstance(units, list) or not units:
+        raise bad("units", "a non-empty list of unit records")
+    for i, u in enumerate(units):
+        if not isinstance(u, dict) or not isinstance(u.get("name"), str):
+            raise bad(f"units[{i}]", "an object with a name")
+        for k in ("onnx", "inputs", "outputs", "linears"):
+            if not isinstance(u.get(k), list):
+                raise bad(f"units[{i}].{k} ({u['name']})", "a list")
+        for r in u["onnx"]:
+            if not isinstance(r, dict) or not isinstance(r.get("path"), str) or not isinstance(r.get("sha256"), str):
+                raise bad(f"units[{i}].onnx ({u['name']})", "a list of {path, sha256} file records")
+        for li in u["linears"]:
+            if not isinstance(li, dict) or not isinstance(li.get("name"), str):
+                raise bad(f"units[{i}].linears ({u['name']})", "a list of {name, ...} records")
+
+
+def check_no_interrupted_build(work: WorkDir) -> None:
+    """Refuse a work dir whose last build did not finish (its marker is present): its artifacts may be a mix of
+    old and new files. Every executor and ``compare`` call this before trusting the work dir."""
+    if not work.build_marker.is_file():
+        return
+    try:
+        m = read_json(work.build_marker, kind="build marker")
+    except UserError:
+        m = {}
+    t = m.get("target", "T")
+    raise ArtifactError(f"{work.root}: a build of target {m.get('target', '?')} started {m.get('started', '?')} did "
+                        "not finish (.build-in-progress.json is present); its artifacts may be a mix of old and new "
+                        f"files. Re-run `qc-compile build {work.root} --target {t}` (it first restores the previous "
+                        "build when it can).")
+
+
+def verify_unit_files(work: WorkDir, info: ModelInfo, unit: str) -> None:
+    """The FP graph files of ``unit`` hash to what model.json recorded at export (edited weight bytes are caught
+    here, before a stage trusts them)."""
+    recs = info.unit(unit)["onnx"]
+    if not any(r["path"] == work.rel(work.fp_onnx(unit)) for r in recs):
+        raise ArtifactError(f"{info.path}: unit {unit} records no graph {work.rel(work.fp_onnx(unit))}; the file "
+                            "was edited. Re-run qc-compile export.")
+    for r in recs:
+        p = (work.root / r["path"]).resolve()
+        if work.root.resolve() not in p.parents:
+            raise ArtifactError(f"{info.path}: unit {unit} records a file outside the work dir ({r['path']}); the "
+                                "file was edited. Re-run qc-compile export.")
+        if not p.is_file():
+            raise ArtifactError(f"{p}: FP graph file of unit {unit} is missing. Re-run qc-compile export.")
+        if sha256_file(p) != r["sha256"]:
+            raise ArtifactError(f"{p}: FP graph file of unit {unit} does not hash to the sha256 that model.json "
+                                "recorded at export; it was modified or truncated since. Re-run qc-compile export.")
 
 
 def state_digest(model: torch.nn.Module) -> str:

@@ -32,10 +32,12 @@ class GenerationSettings:
         base = dict(steps=c.default_steps, cfg=c.default_cfg, seed=0, frames=c.default_frames,
                     height=c.default_height, width=c.default_width, fps=c.default_fps, shift=c.timestep_shift)
         base.update({k: v for k, v in overrides.items() if v is not None})
-        if base["steps"] < 1:
-            raise UserError(f"--steps must be at least 1, got {base['steps']}.")
-        if base["cfg"] < 0:
-            raise UserError(f"--cfg must be >= 0, got {base['cfg']}.")
+        from qc_compile.validate import check_cfg, check_seed, check_steps, check_video_size
+
+        base["steps"], base["cfg"], base["seed"] = (check_steps(base["steps"]), check_cfg(base["cfg"]),
+                                                    check_seed(base["seed"]))
+        base["frames"], base["height"], base["width"] = check_video_size(base["frames"], base["height"],
+                                                                         base["width"])
         return cls(**base)
 
 
@@ -61,6 +63,14 @@ def initial_noise(loaded: LoadedModel, settings: GenerationSettings, n: int,
     shape = (loaded.config.in_channels, g.frames, g.height, g.width)
     if seeds is not None and len(seeds) != n:
         raise UserError(f"give one seed per prompt: {n} prompts, {len(seeds)} seeds.")
+    if seeds is not None:
+        from qc_compile.validate import check_seed
+
+        seeds = [check_seed(s, f"seed of prompt {k + 1}") for k, s in enumerate(seeds)]
+    elif n > 1:
+        from qc_compile.validate import check_seed
+
+        check_seed(settings.seed + n - 1, f"seed + {n - 1} (the seed of the last prompt)")
     return torch.stack([noise(shape, settings.seed + k if seeds is None else int(seeds[k])) for k in range(n)])
 
 

@@ -66,15 +66,16 @@ class Pipeline:
         self._workdir = None
         self.video_size: tuple[int, int, int] | None = None
         if self.work is not None:
-            from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+            from qc_compile.workdir import WorkDir, check_no_interrupted_build, load_model_for, read_model_info
 
             wd = WorkDir(self.work)
             info = read_model_info(wd)
+            check_no_interrupted_build(wd)  # every executor refuses a half-finished build
             if model is not None and model != info.name:
                 raise UserError(f"--model {model}: work dir {self.work} holds model {info.name!r}.")
             self.loaded = load_model_for(info, device=self.device)
             self.video_size = info.video_size
-            if wd.plan_json.is_file():
+            if wd.plan_json.exists() or wd.plan_json.is_symlink():  # a plan that is not a file is refused
                 from qc_compile.plan import load_plan
 
                 self.plan = load_plan(wd.plan_json, model_info=info)
@@ -184,8 +185,9 @@ class Pipeline:
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = None if seeds is None else [int(s) for s in seeds]
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise UserError("give at least one non-empty prompt.")
+        from qc_compile.prompts import check_prompts
+
+        prompts = check_prompts(prompts)
         if self.loaded.text_encoder is not None:
             from qc_compile.models.caption_encoder import CaptionTokenizer
 

@@ -58,6 +58,32 @@ def _record(d: UnitDecision, taken: float) -> dict:
     return rec
 
 
+def raise_nonfinite(step: int, num_steps: int, units: tuple[str, ...], stats: torch.Tensor) -> None:
+    """Stop sampling: the latent after ``step`` holds NaN/Inf. Names the unit that first produced a non-finite value,
+    read from the step's statistics (a computed block's ``in_norm`` / ``res_norm``): a block whose input is finite
+    but whose residual is not; a non-finite input to the first computed block means ``embed``; all finite means
+    ``final`` or the CFG combination."""
+    from qc_compile.runtime.policy import STAT_INDEX
+    from qc_compile.validate import NonFiniteError
+
+    culprit = None
+    for j, u in enumerate(units[1:-1], start=1):
+        i_n, r_n = float(stats[j, STAT_INDEX["in_norm"]]), float(stats[j, STAT_INDEX["res_norm"]])
+        if math.isnan(i_n) and math.isnan(r_n):
+            continue  # not computed this step (reused / pruned): no statistics
+        if not math.isfinite(i_n):
+            culprit = units[0]
+        elif not math.isfinite(r_n):
+            culprit = u
+        if culprit:
+            break
+    culprit = culprit or f"{units[-1]} (or the CFG combination)"
+    raise NonFiniteError(f"sampling stopped at step {step + 1} of {num_steps}: the latent holds NaN or Inf; the first "
+                         f"unit with a non-finite output is {culprit}. The weights, the plan's scales or the options "
+                         "(e.g. --cfg) drive the model out of range; check them (qc-compile compare WORK shows per-unit "
+                         "errors).")
+
+
 def noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Initial noise drawn on the CPU from the seed, so CPU and GPU runs start from the same tensor."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
@@ -118,7 +144,11 @@ class RFlowSampler:
             post_step = getattr(policy, "post_step", None)
             if post_step is not None:  # e.g. variance compensation of the latent after each step
                 z = post_step(z, info)
-            stats_host = stats_dev.cpu()  # the one device-to-host copy per step
+            # the one device-to-host copy per step, with the latent's finite flag packed in
+            packed = torch.cat([stats_dev.reshape(-1).float(), torch.isfinite(z).all().float().reshape(1)]).cpu()
+            stats_host = packed[:-1].view(stats_dev.shape)
+            if not packed[-1]:
+                raise_nonfinite(i, len(ts), units, stats_host)
             stats = StepStats(units, {u: {s: float(stats_host[j, k]) for k, s in enumerate(STAT_NAMES)
                                           if not math.isnan(float(stats_host[j, k]))}
                                       for j, u in enumerate(units)})

@@ -294,7 +294,7 @@ def test_manifest_sha_mismatch_and_other_model_are_refused():
     assert code == 2 and "opensora-v1.2" in out
 
 
-def test_interrupted_build_leaves_the_work_dir_marked_incomplete(monkeypatch):
+def test_interrupted_build_restores_the_previous_build_and_a_killed_one_is_refused(monkeypatch):
     from qc_compile.build import build_engine, build_workdir
     from qc_compile.manifest import Manifest
 
@@ -305,14 +305,18 @@ def test_interrupted_build_leaves_the_work_dir_marked_incomplete(monkeypatch):
     def flaky(*a, **k):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt("simulated crash in the middle of the build")
+            raise KeyboardInterrupt("simulated Ctrl-C in the middle of the build")
         return build_engine(*a, **k)
 
     with pytest.raises(KeyboardInterrupt):
         build_workdir(work, "rtx:sm89", progress=False, engine_builder=flaky)
     assert calls["n"] == 4
-    assert work.build_marker.is_file() and not _tmp_files(work.root)
+    assert not work.build_marker.exists() and not _tmp_files(work.root)
+    assert not (work.root / ".build-backup").exists()
     assert json.loads(work.manifest_json.read_text()) == before  # the manifest is written last: untouched
+    Manifest.load(work, "rtx:sm89")  # the previous build's engines and graphs were put back
+    # a build killed outright (no chance to restore) leaves its marker: refused until the next build
+    work.build_marker.write_text(json.dumps({"target": "rtx:sm89", "pid": 1, "started": "earlier"}))
     with pytest.raises(ArtifactError, match="did not finish"):
         Manifest.load(work)
     code, out = run_cli("compare", work.root, "--steps", "1", "--no-e2e")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compile_helpers import built, calibrated  # noqa: E402
+from compile_helpers import built, calibrated, exported  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN_PY = ("def forbidden():\n    import sys\n    return sorted(n for n in sys.modules if n in "
@@ -59,9 +59,10 @@ def test_importing_runtime_modules_imports_no_compiler():
 LOAD_CASES = {
     "torch-plan": ("fp8_e4m3", None,
                    "from qc_compile.runtime import Pipeline\nPipeline(WORK)(P, steps=1, seed=0)"),
-    "onnxruntime-fp": ("fp8_e4m3", None,
+    "onnxruntime-fp": (None, None,  # exported only (no plan, no build): the FP graphs; a plan without a build is
+                       # refused by every executor (issue 14)
                        "from qc_compile.runtime import Pipeline\n"
-                       "Pipeline(WORK, executor='onnxruntime')(P, steps=1, seed=0)"),  # no build: the FP graphs
+                       "Pipeline(WORK, executor='onnxruntime')(P, steps=1, seed=0)"),
     "onnxruntime-q-fp8": ("fp8_e4m3", "rtx:sm89",
                           "from qc_compile.runtime import Pipeline\n"
                           "Pipeline(WORK, executor='onnxruntime')(P, steps=1, seed=0)"),
@@ -86,7 +87,7 @@ def _case(name: str):
 @pytest.mark.parametrize("name", [_case(n) for n in LOAD_CASES])
 def test_loading_and_running_a_work_dir_imports_no_compiler(name):
     fmt, target, code = LOAD_CASES[name]
-    work = built(fmt, target) if target else calibrated(fmt)
+    work = built(fmt, target) if target else calibrated(fmt) if fmt else exported()
     got = _run("import json, sys\nfrom pathlib import Path\n"
                f"WORK = {str(work)!r}\nP = ['a red circle moving right on a black background']\n"
                + code + "\nprint(json.dumps(forbidden()))")

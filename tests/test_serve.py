@@ -45,6 +45,7 @@ def _req(prompt=PROMPTS[0], **kw) -> dict[str, np.ndarray]:
     ({"prompt": "x" * 5000}, "at most 1000"),
     ({"prompt": "   "}, "non-empty prompt"),
     ({"prompt": b"\xff\xfe"}, "not valid UTF-8"),
+    ({"prompt": "a red circle\x1b[31m moving"}, "control character"),  # the CLI's prompt rules (prompts.py)
     ({"colour": "red"}, "unknown inputs"),
 ])
 def test_bad_requests_are_rejected_with_a_clear_message(fields, words) -> None:

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
+
 
 @click.command("build")
 @click.argument("work_dir", metavar="WORK", type=click.Path(path_type=Path))
 @click.option("--target", "target", required=True,
               help="trt (full TensorRT, sm80/sm90 servers; trt:smXX to declare the GPU) | rtx:sm86 | rtx:sm89 | "
                    "rtx:sm120 (TensorRT-RTX, built on the CPU) | torch (a package the torch executor loads).")
-@click.option("--max-batch", type=int, default=2, show_default=True,
+@click.option("--max-batch", type=V.BoundedInt(1, V.BATCH_MAX), default=2, show_default=True,
               help="Largest batch the engines accept (CFG batch = 2 x prompts).")
 @click.option("--plugins", is_flag=True, help="Opt in to qc:: plugin nodes (fused rotate+quant+GEMM, cache stats); "
                                               "full TensorRT only.")

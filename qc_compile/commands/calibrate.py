@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
+
 from qc_compile.errors import UserError
 
 
@@ -17,14 +19,18 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     """Shared by both calibration methods: the work dir's model, the calibration prompts (each checked against the
     caption vocabulary) and the sampling settings at the exported geometry. ``text_encoder``: opensora-v1.2's T5
     folder (prompts go through Open-Sora's conventions and T5, optionally through a caption cache)."""
-    from qc_compile.calib.ranges import default_prompts, read_prompts
+    from qc_compile.calib.ranges import default_prompts
+    from qc_compile.prompts import read_prompt_file
     from qc_compile.models.caption_encoder import CaptionTokenizer
     from qc_compile.runtime.generation import GenerationSettings
     from qc_compile.workdir import WorkDir, load_model_for, read_model_info
 
+    from qc_compile.models.opensora_parts import check_part_paths
+
+    check_part_paths(text_encoder=text_encoder, caption_cache=caption_cache)  # before any load
     work = WorkDir(work_dir)
     info = read_model_info(work)
-    prompts = read_prompts(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)
+    prompts = read_prompt_file(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)
     if not prompts:
         raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
     from qc_compile.runtime.generation import resolve_device
@@ -109,38 +115,38 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
               help="aigq: average weight bits over all linear parameters (e.g. 6), or a size (e.g. 1.5MB).")
 @click.option("--act-format", default="fp8_e4m3", show_default=True,
               help="aigq: activation format of the default variant (bf16 = weight-only; int6_sim simulated).")
-@click.option("--act-high-fraction", type=float, default=0.3, show_default=True,
+@click.option("--act-high-fraction", type=V.FiniteFloat(0.0, 1.0), default=0.3, show_default=True,
               help="Fraction of steps whose activations run the plan's `high` variant (bf16): those with the largest "
                    "feature change (both methods; the plan's schedule).")
 @click.option("--srap-thresholds", is_flag=True,
               help="Also calibrate per-unit SRAP thresholds into the plan. Off by default: on qc-ref (H200 sweep, "
                    "bench/results/methods_qc_ref_h200) calibrated SRAP cost 17 dB and most caption-checker points.")
-@click.option("--srap-quantile", type=float, default=0.9, show_default=True,
+@click.option("--srap-quantile", type=V.FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
               help="SRAP: per unit, prune above this quantile of its calibrated block-to-block cosine (both methods).")
-@click.option("--srap-max-error", type=float, default=0.5, show_default=True,
+@click.option("--srap-max-error", type=V.FiniteFloat(0.0, 1e6), default=0.5, show_default=True,
               help="SRAP: a unit whose pruning changes a calibration step's velocity by more than this (relative, "
                    "median of the validated samples) is never pruned.")
 @click.option("--sampling", type=click.Choice(["tap", "uniform"]), default="tap", show_default=True,
               help="aigq: how calibration samples (prompt, step) are chosen: Q&C temporal-aware clustering or uniform.")
-@click.option("--calib-samples", type=int, default=32, show_default=True,
+@click.option("--calib-samples", type=V.BoundedInt(1, 100000), default=32, show_default=True,
               help="aigq: calibration samples drawn from prompts x steps (ranges are taken over these).")
-@click.option("--replay-samples", type=int, default=4, show_default=True,
+@click.option("--replay-samples", type=V.BoundedInt(1, 10000), default=4, show_default=True,
               help="aigq: samples replayed per layer for sensitivity and the smoothing search (cost grows linearly).")
 @click.option("--no-smoothing", is_flag=True, help="aigq: skip the per-layer smoothing/rotation search.")
 @click.option("--vc", is_flag=True, help="aigq: fit Q&C variance-compensation factors (plan vc).")
 @click.option("--vc-policy", default="hlc", show_default=True, help="aigq: caching policy the VC fit runs under.")
 @click.option("--predictor", is_flag=True, help="aigq: fit the 6Bit-style DMPQ predictor (cache_policy.params.dmpq).")
-@click.option("--num-prompts", type=int, default=None,
+@click.option("--num-prompts", type=V.BoundedInt(1, V.PROMPTS_MAX), default=None,
               help="Built-in calibration prompts to use (default 4 for --uniform, 8 for aigq).")
 @click.option("--fresh", is_flag=True, help="aigq: discard statistics of an earlier run instead of resuming.")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None,
               help="Text file, one prompt per line (default: qc-ref shapes captions drawn with seed 1234, disjoint "
                    "from the held-out evaluation seed).")
-@click.option("--percentile", type=float, default=None,
+@click.option("--percentile", type=V.FiniteFloat(1e-9, 100.0), default=None,
               help="--uniform: use this percentile of |x| (per step, then the max over steps) instead of the max.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
-@click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default).")
+@click.option("--cfg", type=V.CFG, default=None, help="CFG scale (model default).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed.")
 @click.option("--exclude", multiple=True, help="--uniform: fnmatch pattern of linears to keep at bf16 (repeatable), "
                                                "e.g. 't_embedder.*'.")
 @click.option("--target", default="any", show_default=True,
@@ -163,6 +169,11 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     --method aigq (mixed precision per layer and per step)."""
     if (fmt is None) == (method is None):
         raise UserError("give exactly one of --uniform FORMAT or --method aigq.")
+    from qc_compile.locks import workdir_lock
+    from qc_compile.workdir import WorkDir
+
+    WorkDir(work_dir).require()
+    click.get_current_context().with_resource(workdir_lock(work_dir, "calibrate"))  # one writer of WORK at a time
     if method == "aigq":
         from qc_compile.commands.calibrate_aigq import run_aigq
 

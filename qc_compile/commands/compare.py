@@ -7,19 +7,21 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
+
 
 @click.command("compare")
 @click.argument("work_dir", metavar="WORK", type=click.Path(path_type=Path))
 @click.option("--target", default=None, help="Which build to compare (default: the first Q/DQ build in the manifest).")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="torch FP vs ONNX FP: absolute tolerance.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="torch FP vs ONNX FP: relative tolerance.")
-@click.option("--min-unit-snr", type=float, default=15.0, show_default=True,
+@click.option("--atol", type=V.FiniteFloat(0.0, 1e6), default=1e-4, show_default=True, help="torch FP vs ONNX FP: absolute tolerance.")
+@click.option("--rtol", type=V.FiniteFloat(0.0, 1e6), default=1e-3, show_default=True, help="torch FP vs ONNX FP: relative tolerance.")
+@click.option("--min-unit-snr", type=V.FiniteFloat(-1e3, 1e3), default=15.0, show_default=True,
               help="FP vs Q/DQ graph, per unit: lowest acceptable SNR in dB.")
-@click.option("--min-psnr", type=float, default=20.0, show_default=True,
+@click.option("--min-psnr", type=V.FiniteFloat(-1e3, 1e3), default=20.0, show_default=True,
               help="End to end: lowest acceptable PSNR (dB) of the Q/DQ video against the FP video.")
 @click.option("-p", "--prompt", "prompts", multiple=True, help="Prompt(s) (default: 2 qc-ref captions).")
-@click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True)
 @click.option("--unit", "units", multiple=True, help="Compare only these units (repeatable).")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end videos.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,

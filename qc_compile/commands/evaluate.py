@@ -43,13 +43,19 @@ def _caption(video, caption: str) -> tuple[dict, str]:
               help="Caption the video should show (shapes domain): colour, shape, direction and background are checked.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
               help="Also write the full results (per-frame values, checker readings) to this JSON file.")
-def evaluate(video: Path, reference: Path | None, caption: str | None, json_out: Path | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
+def evaluate(video: Path, reference: Path | None, caption: str | None, json_out: Path | None,
+             overwrite: bool) -> None:
     """Measure VIDEO (.mp4 or .png strip): fidelity to --reference and/or content against --caption."""
     if reference is None and caption is None:
         raise click.UsageError("give --reference REF (fidelity) and/or --caption TEXT (content check).")
     from qc_compile.artifacts import write_json_atomic
     from qc_compile.video_io import read_video
 
+    if json_out is not None:
+        from qc_compile.outputs import check_output_file
+
+        check_output_file(json_out, "--json", overwrite)
     if caption is not None:  # fail on a bad caption before any decoding work
         from qc_compile.data.shapes import parse_caption
         parse_caption(caption)

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
+
 from qc_compile.errors import UserError
 
 
-def _prepare_workdir(work, model_name: str, force: bool) -> None:
-    """Refuse to mix models in one work dir; --force clears what the old export produced."""
+# What an export owns in a work dir (and --force replaces); anything else there (runs/, the user's files) is kept.
+OWNED = ("onnx", "engines", "torch", "calib", "report", "plan.json", "plan.safetensors", "manifest.json",
+         "model.json", ".build-in-progress.json", ".build-backup")
+
+
+def _check_workdir(work, force: bool) -> None:
+    """Refuse to mix models in one work dir (before anything is loaded or written)."""
     from qc_compile.artifacts import read_json
 
+    if work.root.exists() and not work.root.is_dir():
+        raise UserError(f"--output {work.root} exists and is not a directory.")
     if not work.model_json.is_file():
         return
     try:
@@ -22,12 +33,24 @@ def _prepare_workdir(work, model_name: str, force: bool) -> None:
         old = "<unreadable>"
     if not force:
         raise UserError(f"{work.root} already holds an export of {old!r} (model.json). Re-exporting would leave its "
-                        "plan, graphs and engines out of step; choose an empty work dir or pass --force, which deletes "
-                        "onnx/, engines/, torch/, calib/, plan.json and manifest.json there first.")
-    for d in ("onnx", "engines", "torch", "calib"):
-        shutil.rmtree(work.root / d, ignore_errors=True)
-    for f in ("plan.json", "plan.safetensors", "manifest.json", "model.json", ".build-in-progress.json"):
-        (work.root / f).unlink(missing_ok=True)
+                        "plan, graphs and engines out of step; choose an empty work dir or pass --force, which "
+                        "replaces onnx/, engines/, torch/, calib/, report/, plan.json and manifest.json there once "
+                        "the new export has succeeded.")
+
+
+def _swap_in(staged: Path, root: Path) -> None:
+    """Move the staged export into ``root``: the old export's files are moved aside first, then removed."""
+    if not root.exists():
+        os.replace(staged, root)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+    for name in OWNED:
+        if (root / name).exists() or (root / name).is_symlink():
+            os.replace(root / name, trash / name)
+    for entry in staged.iterdir():
+        os.replace(entry, root / entry.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 @click.command("export")
@@ -37,11 +60,12 @@ def _prepare_workdir(work, model_name: str, force: bool) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors). Default: qc-ref's shipped checkpoint; random weights for others.")
 @click.option("--random-weights", is_flag=True, help="Use random weights (seeded) even where a checkpoint exists.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
-@click.option("--frames", type=int, default=None, help="Video frames (model default).")
-@click.option("--height", type=int, default=None, help="Video height in pixels (model default).")
-@click.option("--width", type=int, default=None, help="Video width in pixels (model default).")
-@click.option("--opset", type=int, default=19, show_default=True, help="ONNX opset of the FP graphs (17-21).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Seed for random weights.")
+@click.option("--frames", type=V.FRAMES, default=None, help="Video frames (model default).")
+@click.option("--height", type=V.SIZE, default=None, help="Video height in pixels (model default).")
+@click.option("--width", type=V.SIZE, default=None, help="Video width in pixels (model default).")
+@click.option("--opset", type=V.BoundedInt(17, 21), default=19, show_default=True,
+              help="ONNX opset of the FP graphs (17-21).")
 @click.option("--force", is_flag=True, help="Replace an existing export in the work dir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weights: bool, seed: int,
@@ -52,7 +76,9 @@ def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weig
     import torch
 
     from qc_compile.export import export_model, weights_record
+    from qc_compile.locks import workdir_lock
     from qc_compile.models import get_config, load_model
+    from qc_compile.models.stdit3 import Geometry
     from qc_compile.workdir import WorkDir
 
     cfg = get_config(model_name)
@@ -61,17 +87,29 @@ def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weig
     if checkpoint is None and model_name != "qc-ref":
         random_weights = True  # no shipped weights for the full-size models
     work = WorkDir(work_dir)
-    if work.root.exists() and not work.root.is_dir():
-        raise UserError(f"--output {work.root} exists and is not a directory.")
-    _prepare_workdir(work, model_name, force)
+    _check_workdir(work, force)
     frames, height, width = frames or cfg.default_frames, height or cfg.default_height, width or cfg.default_width
+    Geometry.for_model(cfg, frames, height, width)  # sizes checked before any work
     start = time.perf_counter()
     loaded = load_model(model_name, checkpoint, device="cpu", dtype=torch.float32, random_weights=random_weights,
                         seed=seed)
     weights = weights_record(loaded, checkpoint, random_weights, seed)
-    work.root.mkdir(parents=True, exist_ok=True)
-    result = export_model(loaded, work, frames=frames, height=height, width=width, opset=opset, weights=weights,
-                          progress=not quiet)
+    # The export is written into a fresh directory beside WORK and swapped in only when complete: a failure (or
+    # Ctrl-C) leaves WORK exactly as it was.
+    work.root.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{work.root.name}.export-", dir=work.root.parent))
+    os.chmod(staged, 0o755)  # mkdtemp makes 0700; a new work dir gets the usual permissions
+    try:
+        result = export_model(loaded, WorkDir(staged), frames=frames, height=height, width=width, opset=opset,
+                              weights=weights, progress=not quiet)
+        if work.root.is_dir():
+            with workdir_lock(work.root, "export --force"):
+                _check_workdir(work, force)  # still true now that we hold the lock
+                _swap_in(staged, work.root)
+        else:
+            _swap_in(staged, work.root)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     worst = max(u["verify_rel_err"] for u in result.units)
     size = sum(f["bytes"] for u in result.units for f in u["onnx"])
     click.echo(f"exported {len(result.units)} units of {model_name} ({frames}x{height}x{width}, opset {opset}) to "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
 from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
@@ -20,12 +21,12 @@ from qc_compile.errors import UserError
 @click.option("--model", default="qc-ref", show_default=True, help="Model configuration name.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors). Default for qc-ref: the checkpoint shipped with qc-compile.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (model default: 30).")
-@click.option("--cfg", type=float, default=None, help="Classifier-free guidance scale (model default).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (prompt k uses seed + k).")
-@click.option("--frames", type=int, default=None, help="Frames (model default).")
-@click.option("--height", type=int, default=None, help="Height in pixels (model default).")
-@click.option("--width", type=int, default=None, help="Width in pixels (model default).")
+@click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default: 30).")
+@click.option("--cfg", type=V.CFG, default=None, help="Classifier-free guidance scale (model default).")
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed (prompt k uses seed + k).")
+@click.option("--frames", type=V.FRAMES, default=None, help="Frames (model default).")
+@click.option("--height", type=V.SIZE, default=None, help="Height in pixels (model default).")
+@click.option("--width", type=V.SIZE, default=None, help="Width in pixels (model default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
 @click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
               help="opensora-v1.2: folder of its T5 v1.1 XXL (e.g. DeepFloyd/t5-v1_1-xxl: config.json, "
@@ -34,29 +35,42 @@ from qc_compile.errors import UserError
               help="opensora-v1.2: the OpenSora-VAE-v1.2 folder or its model.safetensors (latents -> frames).")
 @click.option("--caption-cache", type=click.Path(path_type=Path), default=None,
               help="opensora-v1.2: safetensors file of T5 features, read and extended (T5 runs only on new prompts).")
-@click.option("--aes", type=float, default=6.5, show_default=True,
+@click.option("--aes", type=V.FiniteFloat(-100.0, 100.0), default=6.5, show_default=True,
               help="opensora-v1.2: ' aesthetic score: X.' appended to each prompt, as Open-Sora's sampling config "
                    "does (negative: none).")
-@click.option("--flow", type=float, default=None, help="opensora-v1.2: ' motion score: X.' appended (default none).")
+@click.option("--flow", type=V.FiniteFloat(-100.0, 100.0), default=None, help="opensora-v1.2: ' motion score: X.' appended (default none).")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="DiT and VAE precision; auto = bf16 for opensora-v1.2 on CUDA (as Open-Sora runs it), else fp32.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gpu_options
 def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
              text_encoder: Path | None, vae: Path | None, caption_cache: Path | None, aes: float,
-             flow: float | None, dtype: str, quiet: bool, gpus: int, parallel_mode: str) -> None:
+             flow: float | None, dtype: str, overwrite: bool, quiet: bool, gpus: int, parallel_mode: str) -> None:
     """Generate videos from text prompts with the FP model (--gpus N: one video split over N GPUs)."""
+    from qc_compile.models.opensora_parts import check_part_paths
+    from qc_compile.outputs import check_output_file
+    from qc_compile.prompts import check_prompts
+
     if output.suffix.lower() != ".mp4":
         raise UserError(f"--output {output}: expected a path ending in .mp4.")
-    on_gpus(_generate, dict(prompts=prompts, output=output, model=model, checkpoint=checkpoint, steps=steps, cfg=cfg,
-                            seed=seed, frames=frames, height=height, width=width, device=device,
+    prompts = tuple(check_prompts(prompts, "--prompt"))
+    outputs = [output] if len(prompts) == 1 else [output.with_name(f"{output.stem}_{k}{output.suffix}")
+                                                   for k in range(len(prompts))]
+    for path in outputs:  # every output checked before any work (and before any process is spawned)
+        check_output_file(path, "--output", overwrite)
+        if vae is None:  # with a VAE the full-size frames get no PNG strip
+            check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
+    check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)
+    on_gpus(_generate, dict(prompts=prompts, outputs=outputs, model=model, checkpoint=checkpoint, steps=steps,
+                            cfg=cfg, seed=seed, frames=frames, height=height, width=width, device=device,
                             text_encoder=text_encoder, vae=vae, caption_cache=caption_cache, aes=aes, flow=flow,
                             dtype=dtype, quiet=quiet),
             gpus, parallel_mode, device)
 
 
-def _generate(prompts, output, model, checkpoint, steps, cfg, seed, frames, height, width, device, text_encoder, vae,
+def _generate(prompts, outputs, model, checkpoint, steps, cfg, seed, frames, height, width, device, text_encoder, vae,
               caption_cache, aes, flow, dtype, quiet) -> None:
     """The generation on this process (every rank of a --gpus run; rank 0 writes the videos)."""
     import torch
@@ -87,13 +101,15 @@ def _generate(prompts, output, model, checkpoint, steps, cfg, seed, frames, heig
     if not is_rank0():
         return
     if decoder is not None:  # latents -> frames in [-1, 1] (Open-Sora 1.2's VAE)
-        videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu").clamp(-1, 1)
+        videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu")
+        V.check_finite(videos, "the VAE's decoded frames (--vae)")
+        videos = videos.clamp(-1, 1)
     seconds = time.perf_counter() - start
     mesh = current_mesh()
     if mesh is not None:
         device = f"{mesh.world_size} x {device} ({mesh.describe()['backend']})"
     for k, video in enumerate(videos):
-        path = output if len(videos) == 1 else output.with_name(f"{output.stem}_{k}{output.suffix}")
+        path = outputs[k]
         if decoder is not None:  # full-size frames: no upscale (x2 only if a side is odd), no PNG strip
             write_mp4(path, video, fps=settings.fps, upscale=2 if (video.shape[-1] | video.shape[-2]) % 2 else 1)
             click.echo(f"wrote {path}")

@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import click
 
+import qc_compile.validate as V
 from qc_compile.runtime.parallel.config import MODES
 
 
@@ -15,7 +16,7 @@ def gpu_options(fn: Callable) -> Callable:
     fn = click.option("--parallel", "parallel_mode", type=click.Choice(MODES), default="auto", show_default=True,
                       help="How --gpus splits a video: cfg (the two CFG branches, exactly 2 GPUs), sequence "
                            "(STDiT3 tokens over all N), auto (CFG when N is even, tokens over the rest).")(fn)
-    return click.option("--gpus", type=int, default=1, show_default=True,
+    return click.option("--gpus", type=V.BoundedInt(1, V.GPUS_MAX), default=1, show_default=True,
                         help="Processes one video is split over, on this host: GPUs 0..N-1 with --device cuda, "
                              "gloo processes with --device cpu. Rank 0 writes the outputs.")(fn)
 

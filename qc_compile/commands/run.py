@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
 from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
@@ -24,16 +25,6 @@ def parse_sets(items: tuple[str, ...] | list[str]) -> dict[str, str]:
             raise UserError(f"--set {item!r}: empty key.")
         out[k] = v.strip()
     return out
-
-
-def read_prompt_file(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"--prompts {path}: file not found.")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not prompts:
-        raise UserError(f"--prompts {path}: no prompts (one per line; '#' starts a comment).")
-    return prompts
 
 
 def new_run_dir(root: Path, policy: str, seed: int) -> Path:
@@ -67,25 +58,28 @@ def _policy_help() -> str:
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Without WORK: weights file.")
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (prompt k uses seed + k); SRAP's "
+@click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed (prompt k uses seed + k); SRAP's "
               "random draws use it too.")
-@click.option("--steps", type=int, default=None, help="Sampling steps (model default: 30).")
-@click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
-@click.option("--frames", type=int, default=None, help="Frames (model default; a work dir fixes its own).")
-@click.option("--height", type=int, default=None, help="Height in pixels (model default).")
-@click.option("--width", type=int, default=None, help="Width in pixels (model default).")
+@click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default: 30).")
+@click.option("--cfg", type=V.CFG, default=None, help="CFG scale (model default).")
+@click.option("--frames", type=V.FRAMES, default=None, help="Frames (model default; a work dir fixes its own).")
+@click.option("--height", type=V.SIZE, default=None, help="Height in pixels (model default).")
+@click.option("--width", type=V.SIZE, default=None, help="Width in pixels (model default).")
 @click.option("--executor", default="torch", show_default=True, help="torch | onnxruntime | tensorrt")
 @click.option("--fast", is_flag=True, help="Torch executor's fast path: bf16, the plan's FP8 linears on the qc:: "
               "CUDA kernels, SDPA (needs a CUDA GPU; the --reference run stays the plain FP model).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: WORK/runs/<id>, or ./runs/<id> without WORK).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty -o directory (written whole, then "
+              "swapped in).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gpu_options
 def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, policy: str | None,
         sets: tuple[str, ...], reference: bool, model: str | None, checkpoint: Path | None, random_weights: bool,
         device: str, seed: int,
         steps: int | None, cfg: float | None, frames: int | None, height: int | None, width: int | None,
-        executor: str, fast: bool, output: Path | None, quiet: bool, gpus: int, parallel_mode: str) -> None:
+        executor: str, fast: bool, output: Path | None, overwrite: bool, quiet: bool, gpus: int,
+        parallel_mode: str) -> None:
     """Generate videos under a caching / pruning / precision policy.
 
     Writes RUN/video.mp4 (+ video.png frame strip; video_<k>.* for several prompts), RUN/trace.json (every decision
@@ -95,9 +89,15 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
     Without WORK it runs the FP model (--model, default qc-ref) on the torch executor. With --gpus N one video is
     split over N GPUs (CFG and/or sequence parallel); the trace records whether every rank took the same decisions.
     """
-    all_prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file else [])
-    if not all_prompts:
+    from qc_compile.outputs import check_output_dir
+    from qc_compile.prompts import check_prompts, read_prompt_file
+
+    if not prompts and prompt_file is None:
         raise UserError("give a prompt with --prompt TEXT or a file with --prompts FILE.")
+    all_prompts = check_prompts(prompts, "--prompt") if prompts else []
+    all_prompts += read_prompt_file(prompt_file) if prompt_file else []
+    if output is not None:  # checked before any work: a long run must not fail at the end on its output
+        check_output_dir(output, "--output", overwrite)
     if work is not None and checkpoint is not None:
         raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
     overrides = parse_sets(sets)
@@ -114,6 +114,7 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
 def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, random_weights, device, seed, steps, cfg,
          frames, height, width, executor, fast, output, quiet) -> None:
     """The run on this process (every rank of a --gpus run; rank 0 writes the run directory)."""
+    from qc_compile.outputs import fresh_dir
     from qc_compile.runtime.parallel import is_rank0
     from qc_compile.runtime.pipeline import Pipeline
 
@@ -125,7 +126,8 @@ def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, ran
         return
     root = (work / "runs") if work is not None else Path("runs")
     run_dir = output or new_run_dir(root, res.policy, seed)
-    paths = res.save(run_dir)
+    with fresh_dir(run_dir) as tmp:  # a run dir holds one run's results, complete, or nothing new
+        paths = {k: run_dir / p.relative_to(tmp) for k, p in res.save(tmp).items()}
     m = res.metrics()
     line = (f"{res.policy}: {100 * m['compute_fraction']:.1f}% of unit evaluations computed "
             f"({100 * m['flop_fraction']:.1f}% of block FLOPs), {m['seconds']:.1f} s")

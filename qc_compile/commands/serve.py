@@ -8,7 +8,9 @@ import sys
 
 import click
 
+import qc_compile.validate as V
 from qc_compile.errors import UserError
+from qc_compile.prompts import MAX_PROMPT_CHARS
 
 DEFAULT_WARMUP = "a red circle moving left on a black background"
 
@@ -29,25 +31,25 @@ def _need_serve_extra() -> None:
               help="torch, onnxruntime or tensorrt (the latter two run a work dir's graphs/engines).")
 @click.option("--checkpoint", default=None, help="Weights for a model name (default: the packaged ones).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
-@click.option("--http-port", default=8000, show_default=True, type=int)
-@click.option("--grpc-port", default=8001, show_default=True, type=int)
-@click.option("--metrics-port", default=8002, show_default=True, type=int, help="Prometheus metrics (/metrics).")
+@click.option("--http-port", default=8000, show_default=True, type=V.PORT)
+@click.option("--grpc-port", default=8001, show_default=True, type=V.PORT)
+@click.option("--metrics-port", default=8002, show_default=True, type=V.PORT, help="Prometheus metrics (/metrics).")
 @click.option("--max-batch", default=4, show_default=True, type=click.IntRange(1, 256),
               help="Dynamic batching: most requests per batch (1 = one at a time).")
-@click.option("--max-queue-delay-ms", default=50.0, show_default=True, type=click.FloatRange(0, 60000),
+@click.option("--max-queue-delay-ms", default=50.0, show_default=True, type=V.FiniteFloat(0, 60000),
               help="How long the batcher waits to fill a batch.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1, 100000),
               help="Bounded queue: requests beyond this are rejected at once.")
-@click.option("--timeout-s", default=600.0, show_default=True, type=click.FloatRange(0.001, 86400),
+@click.option("--timeout-s", default=600.0, show_default=True, type=V.FiniteFloat(0.001, 86400),
               help="Requests waiting in the queue longer than this are rejected (clients may set their own).")
-@click.option("--drain-timeout-s", default=120.0, show_default=True, type=click.FloatRange(0, 3600),
+@click.option("--drain-timeout-s", default=120.0, show_default=True, type=V.FiniteFloat(0, 3600),
               help="On SIGTERM/SIGINT, how long to keep finishing queued and running requests.")
 @click.option("--decisions", type=click.Choice(["per-sample", "per-batch"]), default="per-sample", show_default=True,
               help="per-sample: adaptive policies run each request alone (static ones batch); per-batch: batch all, "
                    "one decision per unit and step for the whole batch.")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Default steps for requests that give none.")
-@click.option("--max-steps", default=100, show_default=True, type=click.IntRange(1), help="Largest steps accepted.")
-@click.option("--max-prompt-chars", default=1000, show_default=True, type=click.IntRange(1))
+@click.option("--steps", type=V.STEPS, default=None, help="Default steps for requests that give none.")
+@click.option("--max-steps", default=100, show_default=True, type=V.STEPS, help="Largest steps accepted.")
+@click.option("--max-prompt-chars", default=1000, show_default=True, type=V.BoundedInt(1, MAX_PROMPT_CHARS))
 @click.option("--warmup-prompt", default=DEFAULT_WARMUP, show_default=True,
               help="Prompt of the warm-up generation that verifies the model before the server reports ready.")
 @click.option("--log-verbose", default=0, show_default=True, type=click.IntRange(0, 3), help="Triton's log level.")
@@ -60,6 +62,11 @@ def serve(work_or_model: str, device: str, executor: str, checkpoint: str | None
     Inputs: prompt, seed, steps, policy, thresholds (JSON of --set overrides), plan (plan|fp), mp4. Outputs: status,
     error, frames (T,H,W,3 uint8), mp4, trace (JSON). Ready once the model is verified and warmed up.
     """
+    from qc_compile.prompts import check_prompt
+
+    if steps is not None and steps > max_steps:
+        raise UserError(f"--steps {steps} is larger than --max-steps {max_steps}.")
+    warmup_prompt = check_prompt(warmup_prompt, "--warmup-prompt")
     _need_serve_extra()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pytriton").setLevel(logging.WARNING)
@@ -67,8 +74,6 @@ def serve(work_or_model: str, device: str, executor: str, checkpoint: str | None
     from qc_compile.serve.protocol import Limits
     from qc_compile.serve.server import ServerConfig, check_ports, serve as run_server, verify_and_warm
 
-    if steps is not None and steps > max_steps:
-        raise UserError(f"--steps {steps} is larger than --max-steps {max_steps}.")
     cfg = ServerConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, max_queue_delay_ms=max_queue_delay_ms, max_queue=max_queue,
                        timeout_s=timeout_s, drain_timeout_s=drain_timeout_s, log_verbose=log_verbose)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+import qc_compile.validate as V
 from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
@@ -37,17 +38,19 @@ def _ints(text: str, what: str) -> list[int]:
         raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 0,1.") from None
     if not vals:
         raise UserError(f"{what}: give at least one value.")
-    return vals
+    from qc_compile.validate import check_seed
+
+    return [check_seed(v, what) for v in vals]
 
 
 @click.command("sweep")
 @click.argument("work", required=False, type=click.Path(path_type=Path))
 @click.option("--policies", required=True, help="Comma-separated policy specs, e.g. none,quantcache,teacache,fora.")
-@click.option("--prompts", "n_prompts", type=int, default=8, show_default=True,
+@click.option("--prompts", "n_prompts", type=V.BoundedInt(1, V.PROMPTS_MAX), default=8, show_default=True,
               help="Number of shapes captions drawn with --caption-seed.")
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
               help="Use these prompts (one per line) instead of drawn captions.")
-@click.option("--caption-seed", type=int, default=EVAL_CAPTION_SEED, show_default=True,
+@click.option("--caption-seed", type=V.SEED, default=EVAL_CAPTION_SEED, show_default=True,
               help="Seed of the caption draw (the default is the held-out evaluation set; tune on another).")
 @click.option("--seeds", default="0", show_default=True, help="Noise seeds, comma-separated (prompt k: seed + k).")
 @click.option("--grid", multiple=True, metavar="POLICY.PARAM=V1,V2",
@@ -55,30 +58,35 @@ def _ints(text: str, what: str) -> list[int]:
                    "keys of one policy form a product).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override applied to every config of the "
               "policies that have it (policy.param=value).")
-@click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
-@click.option("--frames", type=int, default=None, help="Frames (model default).")
-@click.option("--height", type=int, default=None, help="Height in pixels (model default).")
-@click.option("--width", type=int, default=None, help="Width in pixels (model default).")
+@click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default).")
+@click.option("--frames", type=V.FRAMES, default=None, help="Frames (model default).")
+@click.option("--height", type=V.SIZE, default=None, help="Height in pixels (model default).")
+@click.option("--width", type=V.SIZE, default=None, help="Width in pixels (model default).")
 @click.option("--batch", is_flag=True, help="Run all prompts of a seed as one batch (faster on CPU; the adaptive "
               "policies then decide once for the batch).")
-@click.option("--jobs", type=int, default=1, show_default=True,
+@click.option("--jobs", type=V.BoundedInt(1, 256), default=1, show_default=True,
               help="Worker processes (one thread each); each runs the FP reference and all configs of its prompts.")
 @click.option("--model", default=None, help="Without WORK: model for the torch executor (default qc-ref).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty output directory (written whole, "
+              "then swapped in).")
 @gpu_options
 def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, sets, steps, frames, height, width,
-          batch, jobs, model, checkpoint, random_weights, device, output, gpus, parallel_mode) -> None:
+          batch, jobs, model, checkpoint, random_weights, device, output, overwrite, gpus, parallel_mode) -> None:
     """Compare step policies on the same model, prompts and seeds.
 
     Writes OUTPUT/sweep.{json,md} (compute fraction, block-FLOP fraction, PSNR/SSIM vs FP, caption-checker accuracy
     per config), OUTPUT/pareto.png, and OUTPUT/runs/<config>/{trace.json,metrics.json,decisions.png} for the first
     prompt and seed of each config.
     """
-    from qc_compile.commands.run import parse_sets, read_prompt_file
+    from qc_compile.commands.run import parse_sets
+    from qc_compile.prompts import read_prompt_file
     from qc_compile.runtime.sweep import expand_configs, parse_grid
+
+    from qc_compile.outputs import check_output_dir
 
     specs = [s.strip() for s in policies.split(",") if s.strip()]
     if not specs:
@@ -90,7 +98,7 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     for c in configs:  # every config's parameters are checked before any generation
         get_policy(c.policy, c.overrides, None)
     if prompt_file is not None:
-        prompts = read_prompt_file(prompt_file)
+        prompts = read_prompt_file(prompt_file, "--prompt-file")
     else:
         if n_prompts < 1:
             raise UserError(f"--prompts must be at least 1, got {n_prompts}.")
@@ -102,6 +110,7 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     if jobs > 1 and gpus > 1:
         raise UserError(f"--jobs {jobs} with --gpus {gpus}: a --gpus run splits each video over its processes; "
                         "give one of the two.")
+    check_output_dir(output, "--output", overwrite)  # before any work: a sweep must not fail at its end
     on_gpus(_sweep, dict(work=work, configs=configs, prompts=prompts, seed_list=seed_list, steps=steps, batch=batch,
                          output=output, frames=frames, height=height, width=width, jobs=jobs, model=model,
                          checkpoint=checkpoint, random_weights=random_weights, device=device,
@@ -111,7 +120,10 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
 def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, height, width, jobs, model, checkpoint,
            random_weights, device, caption_seed) -> None:
     """The sweep on this process (every rank of a --gpus run; rank 0 writes the outputs)."""
+    import contextlib
+
     from qc_compile.artifacts import atomic_write, write_json_atomic
+    from qc_compile.outputs import fresh_dir
     from qc_compile.runtime.parallel import current_mesh, is_rank0
     from qc_compile.runtime.pipeline import Pipeline
     from qc_compile.runtime.sweep import plot_pareto, run_sweep, to_markdown
@@ -120,29 +132,31 @@ def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, heig
     pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
     commit = _git_commit()  # the code that runs: HEAD may move while a long sweep runs
     rank0 = is_rank0()
-    result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=output if rank0 else None,
-                       size={"frames": frames, "height": height, "width": width}, jobs=jobs, pipe_kwargs=pipe_kwargs,
-                       log=click.echo if rank0 else (lambda *a, **k: None))
-    if not rank0:
-        return
-    mesh = current_mesh()
-    if mesh is not None:
-        result["parallel"] = mesh.describe()
-    result["caption_seed"] = caption_seed
-    result["model"] = pipe.loaded.config.name
-    result["checkpoint"] = pipe.loaded.checkpoint
-    result["device"] = pipe.device
-    if pipe.device.startswith("cuda"):
-        import torch
+    # rank 0 writes into a fresh dir swapped in whole at the end: the output holds this sweep, complete, or is left
+    # as it was
+    with fresh_dir(output) if rank0 else contextlib.nullcontext(None) as tmp:
+        result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=tmp,
+                           size={"frames": frames, "height": height, "width": width}, jobs=jobs,
+                           pipe_kwargs=pipe_kwargs, log=click.echo if rank0 else (lambda *a, **k: None))
+        if not rank0:
+            return
+        mesh = current_mesh()
+        if mesh is not None:
+            result["parallel"] = mesh.describe()
+        result["caption_seed"] = caption_seed
+        result["model"] = pipe.loaded.config.name
+        result["checkpoint"] = pipe.loaded.checkpoint
+        result["device"] = pipe.device
+        if pipe.device.startswith("cuda"):
+            import torch
 
-        result["device_name"] = torch.cuda.get_device_name()
-    result["steps"] = steps or pipe.loaded.config.default_steps
-    result["date"] = time.strftime("%Y-%m-%d")
-    result["commit"] = commit
-    output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(output / "sweep.json", result)
-    md = to_markdown(result, title=f"Policy sweep on {result['model']} ({pipe.device})")
-    with atomic_write(output / "sweep.md", "w") as f:
-        f.write(md)
-    plot_pareto(result, output / "pareto.png", title=f"{result['model']}: quality vs compute")
+            result["device_name"] = torch.cuda.get_device_name()
+        result["steps"] = steps or pipe.loaded.config.default_steps
+        result["date"] = time.strftime("%Y-%m-%d")
+        result["commit"] = commit
+        write_json_atomic(tmp / "sweep.json", result)
+        md = to_markdown(result, title=f"Policy sweep on {result['model']} ({pipe.device})")
+        with atomic_write(tmp / "sweep.md", "w") as f:
+            f.write(md)
+        plot_pareto(result, tmp / "pareto.png", title=f"{result['model']}: quality vs compute")
     click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")

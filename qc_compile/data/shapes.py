@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from qc_compile.errors import UserError
+from qc_compile.prompts import excerpt
 
 # ----------------------------------------------------------------------------------------------------------------
 # Vocabulary. The order of each tuple is part of the tokenizer's vocabulary (caption_encoder.py): never reorder.
@@ -87,7 +88,7 @@ def check_known_words(text: str, words: Sequence[str]) -> None:
     known = set(all_words())
     for w in words:
         if w not in known:
-            raise UserError(f"caption {text!r}: unknown word {w!r}. Captions use only these words ({vocabulary_text()}), "
+            raise UserError(f"caption {excerpt(text)}: unknown word {excerpt(w, 40)}. Captions use only these words ({vocabulary_text()}), "
                             f"in the form '{TEMPLATE}'.")
 
 
@@ -124,16 +125,16 @@ def parse_caption(text: str) -> Caption:
         found = [w for w in words if w in options]
         if len(found) != 1:
             what = "no" if not found else f"{len(found)} ({', '.join(found)})"
-            raise UserError(f"caption {text!r} has {what} {slot} word; expected exactly one of {', '.join(options)}, "
+            raise UserError(f"caption {excerpt(text)} has {what} {slot} word; expected exactly one of {', '.join(options)}, "
                             f"in the form '{TEMPLATE}'.")
     m = re.fullmatch(r"a (\S+) (\S+) moving (\S+) on a (\S+) background", " ".join(words))
     fields = m.groups() if m else ()
     if not m or [f in opts for f, (_, opts) in zip(fields, _SLOTS)] != [True] * 4:
-        raise UserError(f"caption {text!r} does not follow the template '{TEMPLATE}' (the words are right but their "
+        raise UserError(f"caption {excerpt(text)} does not follow the template '{TEMPLATE}' (the words are right but their "
                         f"order or the filler words are not), e.g. '{Caption('red', 'circle', 'left', 'black').text()}'.")
     cap = Caption(*fields)
     if (cap.color, cap.background) in FORBIDDEN_PAIRS:
-        raise UserError(f"caption {text!r}: a {cap.color} shape on a {cap.background} background is not part of the "
+        raise UserError(f"caption {excerpt(text)}: a {cap.color} shape on a {cap.background} background is not part of the "
                         f"domain (too little contrast); forbidden colour/background pairs: {_forbidden_text()}.")
     return cap
 

@@ -93,6 +93,9 @@ def load_model(name: str = "qc-ref", checkpoint: str | os.PathLike | None = None
         if text_encoder is not None:
             te = {k[len(TEXT_PREFIX):]: v for k, v in tensors.items() if k.startswith(TEXT_PREFIX)}
             check_state_dict(text_encoder.state_dict(), te, path=checkpoint, model_name=f"{config.name} text encoder")
+            from qc_compile.validate import check_weights
+
+            check_weights(te, f"checkpoint {checkpoint} (text encoder)")
             text_encoder.load_state_dict(te)
     model = model.to(device=device, dtype=dtype).eval()
     if text_encoder is not None:

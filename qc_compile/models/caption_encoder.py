@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from qc_compile.data.shapes import all_words, check_known_words, split_words
 from qc_compile.errors import UserError
+from qc_compile.prompts import excerpt
 
 PAD_ID = 0
 EOS_ID = 1
@@ -53,7 +54,7 @@ class CaptionTokenizer:
         for i, text in enumerate(texts):
             toks = self.tokenize(text)
             if len(toks) > max_length:
-                raise UserError(f"caption {text!r} is {len(toks) - 1} words long; at most {max_length - 1} words fit "
+                raise UserError(f"caption {excerpt(text)} is {len(toks) - 1} words long; at most {max_length - 1} words fit "
                                 f"(the encoder's max_length is {max_length} tokens including <eos>).")
             ids[i, : len(toks)] = torch.tensor(toks)
             mask[i, : len(toks)] = 1

@@ -20,6 +20,7 @@ from safetensors.torch import save
 from qc_compile.artifacts import write_bytes_atomic
 from qc_compile.errors import UserError
 from qc_compile.models.config import STDiT3Config
+from qc_compile.validate import check_weights
 
 FORMAT = "qc-compile/checkpoint"
 SCHEMA_VERSION = "1"
@@ -87,6 +88,7 @@ def load_stdit3_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
     if "rope.freqs" not in sd and "rope.freqs" in expected:
         sd["rope.freqs"] = expected["rope.freqs"].clone()
     check_state_dict(expected, sd, path=path, model_name=model_name)
+    check_weights(sd, f"checkpoint {path}")
     model.load_state_dict(sd, strict=True)
 
 

@@ -14,6 +14,25 @@ import torch
 from qc_compile.errors import UserError
 
 
+def check_part_paths(*, text_encoder: Path | None = None, vae: Path | None = None,
+                     caption_cache: Path | None = None) -> None:
+    """The files behind ``--text-encoder``/``--vae``/``--caption-cache`` checked without loading anything (folder
+    layout, config.json, that the cache is a writable file), so a wrong path fails before a multi-GB model load or
+    a long generation. :func:`attach_opensora_parts` later checks their contents."""
+    if text_encoder is not None:
+        from qc_compile.models.t5 import check_t5_folder
+
+        check_t5_folder(text_encoder)
+    if vae is not None:
+        from qc_compile.models.opensora_vae import resolve_vae_file
+
+        resolve_vae_file(vae)
+    if caption_cache is not None:
+        from qc_compile.models.text_cache import check_cache_path
+
+        check_cache_path(caption_cache)
+
+
 def attach_opensora_parts(loaded, *, text_encoder: Path | None, vae: Path | None = None,
                           caption_cache: Path | None = None, aes: float | None = 6.5, flow: float | None = None,
                           dtype: torch.dtype = torch.float32, need_vae: bool = True):

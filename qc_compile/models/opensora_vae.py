@@ -438,6 +438,9 @@ def load_vae(path: str | os.PathLike, *, device: str | torch.device = "cpu", dty
         raise UserError(f"--vae {f} is not an OpenSora-VAE-v1.2 file: " + "; ".join(p for p in parts if p) +
                         ". Expected keys scale, shift, spatial_vae.module.* (SD-XL AutoencoderKL) and temporal_vae.* "
                         f"({len(expected)} tensors)." + _wrong_model_hint(set(tensors)))
+    from qc_compile.validate import check_weights
+
+    check_weights(tensors, f"--vae {f}")  # a NaN/Inf weight decodes to garbage frames with exit 0 otherwise
     vae.load_state_dict({k: v.to(dtype if v.is_floating_point() and k not in ("scale", "shift") else v.dtype)
                          for k, v in tensors.items()}, assign=True)
     vae = vae.to(device).eval()

@@ -36,6 +36,48 @@ def _safetensors_header(path: Path) -> bytes:
         return f.read(n)
 
 
+def _weight_files(p: Path) -> list[Path]:
+    return sorted(x for x in p.glob("*.safetensors") if x.is_file())
+
+
+def check_t5_folder(path: str | os.PathLike, expected_dim: int | None = None) -> dict:
+    """``--text-encoder`` checked without loading anything (folder, config.json, safetensors weights, tokenizer);
+    returns its config. Cheap, so the commands call it before any model load."""
+    p = Path(path)
+    what = ("a T5 encoder folder such as DeepFloyd/t5-v1_1-xxl (config.json, model*.safetensors, spiece.model "
+            "or tokenizer.json)")
+    if not p.is_dir():
+        raise UserError(f"--text-encoder {p}: not a folder; pass {what}.")
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"--text-encoder {p}: no config.json; pass {what}.")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--text-encoder {cfg_path}: not valid JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"--text-encoder {cfg_path}: expected a JSON object (a transformers config), got "
+                        f"{type(cfg).__name__}; pass {what}.")
+    if cfg.get("model_type") != "t5":
+        raise UserError(f"--text-encoder {cfg_path}: model_type is {cfg.get('model_type')!r}, expected 't5' "
+                        f"(Open-Sora 1.2 uses T5 v1.1 XXL); pass {what}.")
+    if isinstance(cfg.get("d_model"), bool) or not isinstance(cfg.get("d_model"), int) or cfg["d_model"] < 1:
+        raise UserError(f"--text-encoder {cfg_path}: d_model is {cfg.get('d_model')!r}, expected a positive integer "
+                        "(T5 v1.1 XXL has 4096).")
+    if expected_dim is not None and cfg["d_model"] != expected_dim:
+        raise UserError(f"--text-encoder {cfg_path}: d_model is {cfg.get('d_model')}, but the model takes "
+                        f"{expected_dim}-channel caption features (T5 v1.1 XXL has d_model 4096).")
+    if not _weight_files(p):
+        pickled = sorted(x.name for x in p.glob("*.bin"))
+        extra = (f" It holds only pickled weights ({', '.join(pickled[:3])}); qc-compile never unpickles. "
+                 "Fetch the .safetensors variant of the checkpoint, or convert the .bin files once where you "
+                 "trust them (transformers save_pretrained writes safetensors).") if pickled else ""
+        raise UserError(f"--text-encoder {p}: no model*.safetensors weights.{extra}")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "spiece.model")):
+        raise UserError(f"--text-encoder {p}: no tokenizer (expected spiece.model or tokenizer.json).")
+    return cfg
+
+
 class T5TextEncoder:
     """A T5 encoder folder: checked on construction, loaded lazily; ``identity`` keys the caption cache."""
 
@@ -66,37 +108,11 @@ class T5TextEncoder:
     # -- checks ----------------------------------------------------------------------------------------------------
 
     def _check_folder(self, expected_dim: int | None) -> dict:
-        p = self.path
-        what = ("a T5 encoder folder such as DeepFloyd/t5-v1_1-xxl (config.json, model*.safetensors, spiece.model "
-                "or tokenizer.json)")
-        if not p.is_dir():
-            raise UserError(f"--text-encoder {p}: not a folder; pass {what}.")
-        cfg_path = p / "config.json"
-        if not cfg_path.is_file():
-            raise UserError(f"--text-encoder {p}: no config.json; pass {what}.")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"--text-encoder {cfg_path}: not valid JSON ({e}).") from None
-        if cfg.get("model_type") != "t5":
-            raise UserError(f"--text-encoder {cfg_path}: model_type is {cfg.get('model_type')!r}, expected 't5' "
-                            f"(Open-Sora 1.2 uses T5 v1.1 XXL); pass {what}.")
-        if expected_dim is not None and int(cfg.get("d_model", -1)) != expected_dim:
-            raise UserError(f"--text-encoder {cfg_path}: d_model is {cfg.get('d_model')}, but the model takes "
-                            f"{expected_dim}-channel caption features (T5 v1.1 XXL has d_model 4096).")
-        if not self.weight_files(p):
-            pickled = sorted(x.name for x in p.glob("*.bin"))
-            extra = (f" It holds only pickled weights ({', '.join(pickled[:3])}); qc-compile never unpickles. "
-                     "Fetch the .safetensors variant of the checkpoint, or convert the .bin files once where you "
-                     "trust them (transformers save_pretrained writes safetensors).") if pickled else ""
-            raise UserError(f"--text-encoder {p}: no model*.safetensors weights.{extra}")
-        if not any((p / f).is_file() for f in ("tokenizer.json", "spiece.model")):
-            raise UserError(f"--text-encoder {p}: no tokenizer (expected spiece.model or tokenizer.json).")
-        return cfg
+        return check_t5_folder(self.path, expected_dim)
 
     @staticmethod
     def weight_files(p: Path) -> list[Path]:
-        return sorted(x for x in p.glob("*.safetensors") if x.is_file())
+        return _weight_files(p)
 
     # -- identity (cache key) ----------------------------------------------------------------------------------------
 
@@ -145,7 +161,11 @@ class T5TextEncoder:
         except Exception as e:
             raise UserError(f"--text-encoder {self.path}: the T5 encoder weights do not load "
                             f"({type(e).__name__}: {e}).") from None
-        self._model = model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        from qc_compile.validate import check_weights
+
+        check_weights(model.state_dict(), f"--text-encoder {self.path}")  # NaN/Inf weights give garbage captions
+        self._model = model
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         self.load()

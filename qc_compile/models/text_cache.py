@@ -26,6 +26,19 @@ def entry_key(identity: str, text: str) -> str:
     return hashlib.sha256(f"{identity}\0{text}".encode()).hexdigest()[:40]
 
 
+def check_cache_path(path: str | os.PathLike) -> Path:
+    """``--caption-cache`` checked before any work: an existing regular file (read, then rewritten atomically), or a
+    new file in a writable folder. Written at the end of a run, so a bad location must fail at the start."""
+    from qc_compile.outputs import check_writable_parent
+
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ArtifactError(f"--caption-cache {path}: {'is a directory' if path.is_dir() else 'not a regular file'}; "
+                            "pass the path of a .safetensors file (created if it does not exist).")
+    check_writable_parent(path, "--caption-cache")
+    return path
+
+
 class CaptionCache:
     """Read on construction (if the file exists), looked up per text, written back by :meth:`save`."""
 
@@ -35,6 +48,7 @@ class CaptionCache:
         self.mask: dict[str, torch.Tensor] = {}
         self.texts: dict[str, str] = {}
         self.dirty = False
+        check_cache_path(self.path)
         if self.path.exists():
             self._read()
 

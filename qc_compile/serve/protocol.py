@@ -124,6 +124,13 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: Limits) -> ServeRequ
     prompt = _text(inputs, "prompt", limits.max_prompt_chars)
     if prompt is None or not prompt.strip():
         raise BadRequest("input 'prompt': give a non-empty prompt.")
+    from qc_compile.errors import UserError
+    from qc_compile.prompts import check_prompt
+
+    try:  # the CLI's prompt rules (no control characters; errors quote a short excerpt)
+        prompt = check_prompt(prompt, "input 'prompt'")
+    except UserError as e:
+        raise BadRequest(str(e)) from None
     seed = _scalar(inputs, "seed")
     seed = 0 if seed is None else int(seed)
     if seed < 0:

@@ -125,6 +125,10 @@ def _check_fast(device: str) -> None:
 def _load_ort(req: RunnerRequest):
     from qc_compile.runtime.runners.onnxruntime import OrtRunner
 
+    if req.quantized and req.plan is not None and not req.work.manifest_json.is_file():
+        raise UserError(f"{req.work.root} has a plan but no build (manifest.json is missing), so --executor "
+                        "onnxruntime would silently run the unquantized FP graphs. Run `qc-compile build "
+                        f"{req.work.root} --target T` first (e.g. --target rtx:sm89 or --target torch).")
     stage = "q" if req.quantized and req.work.manifest_json.is_file() else "fp"
     return OrtRunner.from_workdir(req.work, stage=stage, target=req.options.get("target"))
 
