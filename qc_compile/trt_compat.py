@@ -101,6 +101,15 @@ def capabilities(t: Target) -> tuple[dict[str, str], dict[str, str]]:
     return w, a
 
 
+def compute_dtype(t: Target) -> str:
+    """The float type a target's graphs compute in outside the quantized GEMMs: bfloat16 from sm_80 (Ampere) on,
+    float16 before (Turing has no bf16 tensor cores); float32 for the torch target's reference package and ``any``.
+    Every target accepted today (rtx:sm86/89/120, trt:sm80+) is bfloat16."""
+    if not t.is_trt:
+        return "float32"
+    return "bfloat16" if (t.sm or 90) >= 80 else "float16"
+
+
 def refusal_reason(t: Target, weight: str, activation: str) -> str | None:
     """Why the target cannot run a linear with these formats, or None."""
     from qc_compile.plan import ACTIVATION_FORMATS, WEIGHT_FORMATS

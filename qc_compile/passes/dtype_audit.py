@@ -126,6 +126,9 @@ def audit(model: onnx.ModelProto, *, half: str = "bfloat16", linears: dict | Non
         if not fout and (not fin or n.op_type in ("Shape", "Size")):
             continue  # integer / bool / shape work
         compute = fout[0] if fout else fin[0]
+        if n.domain == "qc":  # a plugin computes in its data type; float32 scales/stats are its declared interface
+            halves = [t for t in fin + fout if t in (T.BFLOAT16, T.FLOAT16)]
+            compute = halves[0] if halves else compute
         if n.op_type == "QuantizeLinear" or n.op_type == "TRT_FP4DynamicQuantize":
             compute = fin[0] if fin else compute
         rec["compute"] = NAMES.get(compute, f"type{compute}")
@@ -134,10 +137,6 @@ def audit(model: onnx.ModelProto, *, half: str = "bfloat16", linears: dict | Non
         ops.append(rec)
         counts[rec["compute"]] += 1
         if compute == half_t or compute in (T.FLOAT16, T.BFLOAT16) and half_t == T.FLOAT:
-            continue
-        if n.domain == "qc" and compute == T.FLOAT and not fout:
-            continue  # plugin scale inputs are float32 by the plugin's declaration
-        if n.domain == "qc" and n.op_type == "CacheStatsApply" and fout and fout[0] != T.FLOAT:
             continue
         if compute == T.FLOAT:
             if cat is None:
