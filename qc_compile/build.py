@@ -253,6 +253,7 @@ def build_workdir(work: WorkDir, target_name: str, *, max_batch: int = 2, plugin
             if twin is not None:
                 vrec["ort_onnx"] = file_records(save_onnx(twin, work.q_onnx(unit, variant, ort=True)), work.root)
             audit = audit_unit(proto, plan, info, unit, variant, half, where=str(qpath))
+            audit["trt_rules"] = check_trt_rules(proto, target, unit, where=str(qpath))
             reports = [write_report(work, target, unit, variant, "dtypes", audit)]
             report["dtype_audit"] = {"float32_ops": audit["float32_ops"], "by_category": audit["float32_by_category"]}
             del proto, twin
@@ -302,6 +303,21 @@ def audit_unit(proto: onnx.ModelProto, plan: Plan, info: ModelInfo, unit: str, v
     result["variant"] = variant
     check(result, where=where)
     return result
+
+
+def check_trt_rules(proto: onnx.ModelProto, target: Target, unit: str, *, where: str) -> dict:
+    """TensorRT's documented Q/DQ rules (:mod:`qc_compile.trt_rules`); UserError on a violation. For ``trt`` this is
+    the only check before the deploy machine's parser sees the graph."""
+    from qc_compile.trt_rules import check_graph
+
+    res = check_graph(proto, target.backend if target.is_trt else "tensorrt")
+    if res["errors"]:
+        e = res["errors"]
+        raise UserError(f"{where}: the graph of unit {unit!r} breaks TensorRT's explicit-quantization rules for "
+                        f"--target {target.name}: {'; '.join(e[:3])}{' …' if len(e) > 3 else ''} "
+                        "(qc_compile/trt_rules.py lists the rules). This is a bug in the graph passes; report it "
+                        "with the plan.")
+    return res
 
 
 def write_report(work: WorkDir, target: Target, unit: str, variant: str, kind: str, data: dict) -> dict:
