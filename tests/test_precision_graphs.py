@@ -197,3 +197,23 @@ def test_rtx_sm89_build_writes_bf16_engines_with_audit_and_layer_report():
             assert layers["layers"] and outs.get("BFloat16", 0) > 0 and outs.get("FP8", 0) > 0
             assert outs.get("Float", 0) <= len(rec["outputs"])  # only the float32 interface casts
     assert n == 20
+
+
+def test_plugin_graphs_get_half_type_plugin_io():
+    from qc_compile.build import unit_graph
+
+    work = WorkDir(calibrated("fp8_e4m3"))
+    info = read_model_info(work)
+    plan = load_plan(work.plan_json, model_info=info)
+    fp32 = unit_graph(work, info, plan, "spatial_0", "default", plugins=True)
+    half = precision_graph(fp32, "bfloat16")
+    entries = {n: e for n, e in plan.resolve("default").items() if n.startswith("spatial_blocks.0.")}
+    res = audit(half, half="bfloat16", linears=entries, unit="spatial_0")
+    assert res["violations"] == [] and res["float32_unexcepted"] == 0
+    fl = [n for n in half.graph.node if n.op_type == "FP8Linear"]
+    assert len(fl) == 7 and all(onnx.helper.get_attribute_value(a) == 2 for n in fl for a in n.attribute
+                                if a.name == "out_dtype")  # bf16 output
+    stats = next(n for n in half.graph.node if n.op_type == "CacheStatsApply")
+    assert [i for i in half.graph.input if i.name == "cached_residual"][0].type.tensor_type.elem_type == \
+        TensorProto.FLOAT  # engine interface stays float32; cast to bf16 inside
+    assert stats.input[1] != "cached_residual"
