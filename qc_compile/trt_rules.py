@@ -10,8 +10,9 @@ builder accept.
 rule     what TensorRT requires
 =======  ===========================================================================================================
 SYM      symmetric quantization only: a zero point, when given, is all zeros
-CONST    Q/DQ scales are build-time constants (initializers / Constant nodes, or a DQ of constants for FP4's
-         two-level scale), finite and positive, of a 16- or 32-bit float type
+CONST    Q/DQ scales are build-time constants (initializers / Constant nodes; for FP4's two-level scale a DQ of
+         constant FP8 block scales, or of the block scales ``TRT_FP4DynamicQuantize`` computes, by a constant
+         per-tensor scale), finite and positive, of a 16- or 32-bit float type
 GRAIN    a scale is a scalar (per tensor), 1-D along ``axis`` with that axis' extent (per channel), or a
          same-rank tensor with ``block_size`` (block quantization)
 INT4     INT4 is weight-only: only DequantizeLinear of a constant INT4 weight, block size 64 or 128 along one of the
@@ -83,8 +84,10 @@ def _scale_problems(g: _G, n: onnx.NodeProto, data: str, scale: str) -> list[str
     c = g.const(scale)
     p = g.prod.get(scale)
     if c is None:
-        if not (p is not None and p.op_type == "DequantizeLinear" and g.const(p.input[0]) is not None
-                and g.const(p.input[1]) is not None):
+        two_level = p is not None and p.op_type == "DequantizeLinear" and g.const(p.input[1]) is not None and (
+            g.const(p.input[0]) is not None  # FP4 weight: DQ(constant FP8 block scales)
+            or getattr(g.prod.get(p.input[0]), "op_type", "") == "TRT_FP4DynamicQuantize")  # FP4 activation
+        if not two_level:
             return [f"CONST: {n.op_type} {n.name!r}: scale {scale!r} is not a build-time constant"]
     else:
         if c.data_type not in FLOAT_SCALES:

@@ -23,6 +23,7 @@ from qc_compile.passes.dtype_audit import audit, check
 from qc_compile.passes.insert_qdq import pass_insert_qdq
 from qc_compile.plan import load_plan
 from qc_compile.trt_compat import Target, compute_dtype, parse_target
+from qc_compile.trt_rules import check_graph
 from qc_compile.workdir import WorkDir, read_model_info
 
 
@@ -81,6 +82,7 @@ def test_cast_pass_turns_a_float32_unit_into_bf16_with_its_qdq_kept(unit):
     assert [(i.name, i.type.tensor_type.elem_type) for i in half.graph.input] == \
         [(i.name, i.type.tensor_type.elem_type) for i in fp32.graph.input]
     onnx.shape_inference.infer_shapes(half, strict_mode=True)  # every edge type-consistent
+    assert check_graph(half)["errors"] == []  # TensorRT's documented Q/DQ rules (full TensorRT too)
     # same function: the bf16 graph (ONNX reference evaluator) against the float32 graph (onnxruntime)
     feed = _feed(fp32)
     ref = ort_session(fp32).run(None, feed)
@@ -113,12 +115,21 @@ def test_embed_keeps_the_timestep_sinusoid_in_float32():
     assert convs and all(o["compute"] == "bfloat16" for o in convs)
 
 
+def test_nvfp4_graph_follows_the_rules():
+    fp32, entries = _fp32_qdq("final", "nvfp4")
+    half = precision_graph(fp32, "bfloat16")
+    assert check_graph(half)["errors"] == []
+    res = audit(half, half="bfloat16", linears=entries, unit="final")
+    assert res["violations"] == [] and [o["compute"] for o in res["ops"] if "linear" in o] == ["w:fp4_e2m1 a:nvfp4"]
+
+
 def test_weight_only_int4_and_fp16_targets():
     fp32, entries = _fp32_qdq("final", weight="int4_b64")
     half = precision_graph(fp32, "float16")
     res = audit(half, half="float16", linears=entries, unit="final")
     assert res["violations"] == []
     assert [o["compute"] for o in res["ops"] if "linear" in o] == ["w:int4 a:float16"]
+    assert check_graph(half)["errors"] == []
     # the wrong plan (fp8 activations) is caught: the GEMM runs wider than that plan says
     wrong = {n: dataclasses.replace(e, activation="fp8_e4m3") for n, e in entries.items()}
     bad = audit(half, half="float16", linears=wrong, unit="final")
