@@ -103,10 +103,13 @@ def _logger(trt):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.messages: list[str] = []
+            self.layers: list[str] = []  # the builder's per-layer listing (ProfilingVerbosity.DETAILED, verbose)
 
         def log(self, severity, msg):
             if severity <= trt.ILogger.Severity.WARNING:
                 self.messages.append(f"[{severity.name}] {msg}")
+            elif msg.startswith("Layers:"):
+                self.layers.append(msg)
 
     return Collect()
 
@@ -134,13 +137,17 @@ def parse_onnx(trt, path: Path):
     return builder, network, parser, logger
 
 
-def build_engine(trt, target: Target, path: Path, shapes: dict) -> bytes:
-    """Parse ``path`` and build a serialized engine for ``target`` (shared by both TensorRT flavours)."""
+def build_engine(trt, target: Target, path: Path, shapes: dict, *, layers: dict | None = None) -> bytes:
+    """Parse ``path`` and build a serialized engine for ``target`` (shared by both TensorRT flavours). ``layers``
+    (optional) receives the per-layer report: :func:`qc_compile.engine_report.layer_report`."""
+    from qc_compile.engine_report import layer_report
     from qc_compile.trt_compat import configure
 
     builder, network, parser, logger = parse_onnx(trt, path)
     config = builder.create_builder_config()
     configure(trt, config, target)
+    if layers is not None and hasattr(trt, "ProfilingVerbosity"):
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if shapes:
         prof = builder.create_optimization_profile()
         for name, (mn, opt, mx) in shapes.items():
@@ -151,7 +158,10 @@ def build_engine(trt, target: Target, path: Path, shapes: dict) -> bytes:
         msgs = [m for m in logger.messages if "[ERROR]" in m or "[INTERNAL_ERROR]" in m]
         raise BuildError(f"{path}: TensorRT could not build an engine for {target.name}: "
                          f"{' | '.join(msgs)[-1500:] or 'no message'}")
-    return bytes(blob)
+    blob = bytes(blob)
+    if layers is not None:
+        layers.update(layer_report(trt, blob, logger.layers))
+    return blob
 
 
 # ------------------------------------------------------------------------------------------------ orchestration
@@ -216,6 +226,7 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
         raise UserError("--plugins: TensorRT-RTX 1.7 cannot load the qc:: Python plugins (no plugin layers in its "
                         "Python API; its ONNX parser aborts the process on such a node). Use --target trt (full "
                         "TensorRT) or build without --plugins.")
+    half = trt_compat.compute_dtype(target)
     trt = None
     if target.is_trt and not onnx_only:
         trt = trt_compat.load_trt(target)
@@ -254,18 +265,35 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
                 report: dict = {}
                 proto = unit_graph(work, info, plan, unit, variant, plugins=plugins, report=report,
                                    plan_sha256=plan_sha)
-                twin = None if plugins else ort_twin(proto)  # onnxruntime cannot run qc:: plugin nodes anyway
+                # onnxruntime runs the float32 Q/DQ graph (its CPU provider lacks bf16 kernels for most ops, and the
+                # golden runs lock its numbers); TensorRT gets the precision-true graph (cast_precision).
+                twin = None if plugins else (ort_twin(proto) or proto)  # no onnxruntime form for qc:: plugin nodes
+                if twin is proto:
+                    twin = onnx.ModelProto()
+                    twin.CopyFrom(proto)
+                    set_metadata(twin, stage="q-ort")
+                proto = precision_graph(proto, half, report=report)
                 qpath = work.q_onnx(unit, variant, plugins)
-                vrec = {"onnx": file_records(save_onnx(proto, qpath), work.root)}
+                vrec = {"onnx": file_records(save_onnx(proto, qpath), work.root), "dtype": half}
                 if twin is not None:
                     vrec["ort_onnx"] = file_records(save_onnx(twin, work.q_onnx(unit, variant, ort=True)), work.root)
+                audit = audit_unit(proto, plan, info, unit, variant, half, where=str(qpath))
+                audit["trt_rules"] = check_trt_rules(proto, target, unit, where=str(qpath))
+                reports = [write_report(work, target, unit, variant, "dtypes", audit)]
+                report["dtype_audit"] = {"float32_ops": audit["float32_ops"],
+                                         "by_category": audit["float32_by_category"]}
                 del proto, twin
                 vrec.update({"engine": None, "passes": report})
                 if trt is not None:
-                    blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch))
+                    layers: dict = {}
+                    blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch),
+                                          layers=layers)
                     epath = work.engine(target.dir_name, unit, variant)
                     sha = write_bytes_atomic(epath, blob)
                     vrec["engine"] = {"path": work.rel(epath), "sha256": sha, "bytes": len(blob)}
+                    if layers.get("layers"):
+                        reports.append(write_report(work, target, unit, variant, "layers", layers))
+                vrec["reports"] = reports
                 vrec["seconds"] = round(time.perf_counter() - t0, 3)
                 rec["variants"][variant] = vrec
         result.seconds = time.perf_counter() - start
@@ -374,6 +402,55 @@ def recover_interrupted_build(work: WorkDir, log=None) -> bool:
     if log:
         log(f"restored the previous build of {work.root} (an earlier build was interrupted).")
     return True
+
+
+def precision_graph(proto: onnx.ModelProto, half: str, *, report: dict | None = None) -> onnx.ModelProto:
+    """The float32 Q/DQ graph rewritten to run in ``half`` (see :mod:`qc_compile.passes.cast_precision`)."""
+    from qc_compile.passes.cast_precision import export_tagged, pass_cast_precision
+
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(proto))
+    sub: dict = {}
+    out = export_tagged(pass_cast_precision(graph, half, report=sub))
+    if report is not None:
+        report["cast_precision"] = sub
+    set_metadata(out, **{k: v for k, v in get_metadata(proto).items() if k != "format"})
+    set_metadata(out, dtype=half)
+    return out
+
+
+def audit_unit(proto: onnx.ModelProto, plan: Plan, info: ModelInfo, unit: str, variant: str, half: str, *,
+               where: str) -> dict:
+    """The dtype audit of a unit graph against the plan; UserError naming unit and op when a layer runs wider."""
+    from qc_compile.passes.dtype_audit import audit, check
+
+    names = {li["name"] for li in info.unit(unit)["linears"]}
+    entries = {n: e for n, e in plan.resolve(variant).items() if n in names}
+    result = audit(proto, half=half, linears=entries, unit=unit)
+    result["variant"] = variant
+    check(result, where=where)
+    return result
+
+
+def check_trt_rules(proto: onnx.ModelProto, target: Target, unit: str, *, where: str) -> dict:
+    """TensorRT's documented Q/DQ rules (:mod:`qc_compile.trt_rules`); UserError on a violation. For ``trt`` this is
+    the only check before the deploy machine's parser sees the graph."""
+    from qc_compile.trt_rules import check_graph
+
+    res = check_graph(proto, target.backend if target.is_trt else "tensorrt")
+    if res["errors"]:
+        e = res["errors"]
+        raise UserError(f"{where}: the graph of unit {unit!r} breaks TensorRT's explicit-quantization rules for "
+                        f"--target {target.name}: {'; '.join(e[:3])}{' …' if len(e) > 3 else ''} "
+                        "(qc_compile/trt_rules.py lists the rules). This is a bug in the graph passes; report it "
+                        "with the plan.")
+    return res
+
+
+def write_report(work: WorkDir, target: Target, unit: str, variant: str, kind: str, data: dict) -> dict:
+    """``engines/<T>/<unit>[.<variant>].<kind>.json`` written atomically; its manifest file record."""
+    path = work.engine(target.dir_name, unit, variant).with_suffix(f".{kind}.json")
+    write_json_atomic(path, data)
+    return {"path": work.rel(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def ort_twin(proto: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -130,7 +130,7 @@ class TargetRecord:
             for v in u["variants"].values():
                 if "same_as" in v:
                     continue
-                out += [FileRecord.of(r) for r in v["onnx"] + v.get("ort_onnx", [])]
+                out += [FileRecord.of(r) for r in v["onnx"] + v.get("ort_onnx", []) + v.get("reports", [])]
                 if v.get("engine"):
                     out.append(FileRecord.of(v["engine"]))
         return out

@@ -101,6 +101,15 @@ def capabilities(t: Target) -> tuple[dict[str, str], dict[str, str]]:
     return w, a
 
 
+def compute_dtype(t: Target) -> str:
+    """The float type a target's graphs compute in outside the quantized GEMMs: bfloat16 from sm_80 (Ampere) on,
+    float16 before (Turing has no bf16 tensor cores); float32 for the torch target's reference package and ``any``.
+    Every target accepted today (rtx:sm86/89/120, trt:sm80+) is bfloat16."""
+    if not t.is_trt:
+        return "float32"
+    return "bfloat16" if (t.sm or 90) >= 80 else "float16"
+
+
 def refusal_reason(t: Target, weight: str, activation: str) -> str | None:
     """Why the target cannot run a linear with these formats, or None."""
     from qc_compile.plan import ACTIVATION_FORMATS, WEIGHT_FORMATS
@@ -128,6 +137,11 @@ def refusal_reason(t: Target, weight: str, activation: str) -> str | None:
         return ("TensorRT-RTX 1.7 fails to build INT4 weights with quantized activations (W4A8: Myelin "
                 "'CHECK(is_constant())' internal error, tried here on sm89/sm120); use int4 weight-only (bf16 "
                 "activations) or fp8 weights")
+    if weight in ("int4_b64", "int4_b128") and activation != "bf16":
+        return ("TensorRT supports INT4 only as weight-only quantization (docs, Quantization Schemes: \"TensorRT only "
+                "supports INT4 for weight quantization\"; ModelOpt's support matrix deploys W4A8 through "
+                "TensorRT-LLM, not TensorRT), so its ONNX parser has no INT4 x FP8 GEMM; use int4 weight-only (bf16 "
+                "activations) or fp8 weights and activations")
     if weight != "bf16" and activation != "bf16":
         fam = {"fp8_e4m3": "fp8", "int8": "int8", "nvfp4": "fp4", "int4_b64": "int4", "int4_b128": "int4"}
         if fam.get(weight) != fam.get(activation) and not (fam.get(weight) == "int4" and activation == "fp8_e4m3"):

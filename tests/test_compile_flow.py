@@ -196,7 +196,9 @@ def _check_ort_twins(work: WorkDir, target: str) -> None:
     from qc_compile.manifest import Manifest, ort_session_for
     from qc_compile.models.stdit3 import UNIT_INPUTS, unit_kind
     from qc_compile.onnx_utils import ort_session
+    from qc_compile.build import unit_graph
     from qc_compile.passes.ort_twin import pass_ort_twin
+    from qc_compile.plan import load_plan
 
     info = read_model_info(work)
     sources = Manifest.load(work, target).target(target, "graphs").sources()
@@ -205,7 +207,12 @@ def _check_ort_twins(work: WorkDir, target: str) -> None:
         assert src.twin and src.ort_onnx.name == f"{unit}.ort.onnx" and src.ort_onnx.is_file()
         twin = onnx.load(src.ort_onnx)
         assert {n.domain for n in twin.graph.node} <= {"", "ai.onnx"}
-        ref = ort_session(gs.export_onnx(pass_ort_twin(gs.import_onnx(onnx.load(src.onnx)))))
+        trt_graph = onnx.load(src.onnx)  # what TensorRT builds: bf16 around the NVFP4 Q/DQ, no onnxruntime form
+        assert any(n.op_type == "TRT_FP4DynamicQuantize" for n in trt_graph.graph.node)
+        assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in trt_graph.graph.initializer)
+        # the twin is the float32 Q/DQ graph of the same plan after the twin pass
+        fp32 = unit_graph(work, info, load_plan(work.plan_json, model_info=info), unit, "default")
+        ref = ort_session(gs.export_onnx(pass_ort_twin(gs.import_onnx(fp32))))
         sess = ort_session_for(src)
         names = {i.name for i in sess.get_inputs()}
         ins = example_inputs(info.config(), info.geometry(), unit_kind(unit), seed=7)

@@ -33,7 +33,9 @@ def test_parse_target():
     ("trt:sm100", "nvfp4", "nvfp4", True),
     ("trt:sm80", "fp8_e4m3", "bf16", False),
     ("rtx:sm89", "int4_b64", "fp8_e4m3", False),  # W4A8: TensorRT-RTX 1.7 Myelin internal error
-    ("trt", "int4_b64", "fp8_e4m3", True),  # W4A8 (ModelOpt's w4a8_awq path; not executed here)
+    ("trt", "int4_b64", "fp8_e4m3", False),  # W4A8: TensorRT's INT4 is weight-only (TensorRT-LLM runs W4A8)
+    ("trt:sm89", "int4_b128", "int8", False),
+    ("trt", "int4_b128", "bf16", True),  # W4A16
     ("rtx:sm89", "fp8_e4m3", "bf16", True),
     ("trt", "int8", "fp8_e4m3", False),  # mixed 8-bit families
     ("rtx:sm120", "int6_sim", "bf16", False),
@@ -51,6 +53,7 @@ def test_refusal_messages_say_why():
     assert "Blackwell" in refusal_reason(parse_target("rtx:sm89"), "nvfp4", "nvfp4")
     assert "support matrix" in refusal_reason(parse_target("rtx:sm120"), "bf16", "int8")
     assert "simulated" in refusal_reason(parse_target("trt"), "int6_sim", "bf16")
+    assert "weight-only" in refusal_reason(parse_target("trt"), "int4_b64", "fp8_e4m3")
     w, a = capabilities(parse_target("rtx:sm120"))
     assert w["nvfp4"] == "FP4 GEMM" and "int8" not in a
 

@@ -120,7 +120,8 @@ class FakeTrt:
         for rec in man["targets"][target]["units"].values():
             for v in rec["variants"].values():
                 if v.get("engine"):
-                    self.by_sha[v["engine"]["sha256"]] = work / v["onnx"][0]["path"]
+                    # the engine was built from the bf16 graph; onnxruntime (CPU) runs its float32 twin
+                    self.by_sha[v["engine"]["sha256"]] = work / v.get("ort_onnx", v["onnx"])[0]["path"]
         self.engines = []
         self._hash = lambda b: hashlib.sha256(b).hexdigest()
         fake = self

@@ -3,7 +3,8 @@
 Placement (TensorRT explicit quantization; ModelOpt's pattern): DequantizeLinear on *both* MatMul inputs, nothing
 on the output. Weights are stored pre-quantized (low-bit initializer -> DequantizeLinear), activations get
 QuantizeLinear -> DequantizeLinear on the MatMul's input edge only (another consumer of the same tensor is left
-alone). Scales are float32 (the graphs are float32). Zero points are 0 (TensorRT is symmetric-only).
+alone). Scales are float32 here (the exported graphs are float32; :mod:`~qc_compile.passes.cast_precision`
+later turns the graph TensorRT builds, scales included, into bf16). Zero points are 0 (TensorRT is symmetric-only).
 
 ==========  =====================================================================================================
 weight      ``fp8_e4m3`` / ``int8``: per output channel, ``axis=1`` of the ``[K, N]`` MatMul weight; scale
