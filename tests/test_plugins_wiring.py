@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import json
 import subprocess
 import sys
@@ -21,9 +23,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+import torch
+from trt_standin import CANDIDATES, DataType, build_layer, plugin_api
 
+from qc_compile.errors import ArtifactError
 from qc_compile.passes.insert_qdq import lazy_const
 from qc_compile.plugins import trt_plugins as T
+from qc_compile.runtime.runners.tensorrt import EngineUnit, TrtRunner
 
 FP8 = onnx.TensorProto.FLOAT8E4M3FN
 
@@ -142,3 +148,169 @@ def test_onnx_parser_maps_qc_nodes_to_our_creators(tmp_path: Path) -> None:
             assert xq.endswith("[FP8]") and wq.endswith("[FP8]") and "[FLOAT]" in xs and "[FLOAT]" in ws, seen
         else:
             assert "[FP8]" not in seen and "[FLOAT]" in seen, seen
+
+
+# ------------------------------------------------------------------------------------------------ the runner's binding
+class _IOMode(enum.Enum):
+    INPUT = 0
+    OUTPUT = 1
+
+
+class _BindContext:
+    """Reads the bound host addresses like an engine reads device addresses (CPU stand-in)."""
+
+    def __init__(self, engine: "_BindEngine") -> None:
+        self.engine, self.shapes, self.addr, self.reads = engine, {}, {}, []
+
+    def set_input_shape(self, name, shape) -> bool:
+        assert name in self.engine.inputs, name
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr) -> None:
+        assert name in self.engine.inputs + self.engine.outputs, name
+        self.addr[name] = ptr
+
+    def _read(self, name) -> np.ndarray:
+        shape = self.shapes[name]
+        return np.frombuffer(ctypes.string_at(self.addr[name], 4 * int(np.prod(shape))), np.float32).reshape(shape)
+
+    def get_tensor_shape(self, name):
+        x = self.shapes["x"]
+        return (x[0], 10) if name == "cache_stats_out" else x
+
+    def execute_async_v3(self, stream: int) -> bool:
+        assert stream == 0
+        assert set(self.addr) == set(self.engine.inputs + self.engine.outputs), "an engine tensor was not bound"
+        ins = {n: self._read(n).copy() for n in self.engine.inputs}
+        self.reads.append(ins)
+        x, out = ins["x"], ins["x"] * 2 + ins["t_mlp"].sum()
+        res = out - x
+        stats = np.stack([np.abs(res - ins["cached_residual"]).reshape(len(x), -1).sum(1)] * 10, 1)
+        for name, arr in (("x_out", out), ("residual_out", res), ("cache_stats_out", stats)):
+            arr = np.ascontiguousarray(arr, np.float32)
+            ctypes.memmove(self.addr[name], arr.ctypes.data, arr.nbytes)
+        return True
+
+
+class _BindEngine:
+    def __init__(self, inputs=("x", "t_mlp", "cached_residual"),
+                 outputs=("x_out", "residual_out", "cache_stats_out")) -> None:
+        self.inputs, self.outputs = list(inputs), list(outputs)
+        self.num_io_tensors = len(self.inputs) + len(self.outputs)
+        self.contexts = []
+
+    def get_tensor_name(self, i):
+        return (self.inputs + self.outputs)[i]
+
+    def get_tensor_mode(self, name):
+        return _IOMode.INPUT if name in self.inputs else _IOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return DataType.FLOAT
+
+    def create_execution_context(self):
+        self.contexts.append(_BindContext(self))
+        return self.contexts[-1]
+
+
+_IO = {"spatial_0": {"inputs": [{"name": "x", "onnx_name": "x", "dtype": "float32"},
+                                {"name": "t_mlp", "onnx_name": "t_mlp", "dtype": "float32"}],
+                     "outputs": [{"name": "x", "onnx_name": "x_out", "dtype": "float32"}]}}
+
+
+def _fake_trt():
+    trt = plugin_api()
+    trt.TensorIOMode = _IOMode
+    return trt
+
+
+def test_trt_runner_binds_every_engine_input_and_carries_the_cached_residual() -> None:
+    trt, eng = _fake_trt(), _BindEngine()
+    runner = TrtRunner({"spatial_0": {"default": EngineUnit(trt, eng, Path("s.engine"), _IO["spatial_0"])}}, _IO,
+                       ("spatial_0",), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    x1, x2, t = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g), torch.randn(2, 3, generator=g)
+    o1 = runner.run_unit("spatial_0", "default", {"x": x1, "t_mlp": t})
+    ctx = eng.contexts[0]
+    assert set(o1) == {"x", "residual_out", "cache_stats_out"}  # every engine output comes back
+    assert torch.allclose(o1["x"], x1 * 2 + t.sum()) and torch.allclose(o1["residual_out"], o1["x"] - x1)
+    assert np.array_equal(ctx.reads[0]["cached_residual"], np.zeros((2, 4, 8), np.float32))  # no cache yet
+    o2 = runner.run_unit("spatial_0", "default", {"x": x2, "t_mlp": t})
+    assert np.array_equal(ctx.reads[1]["cached_residual"], o1["residual_out"].numpy())  # the previous residual
+    want = (o2["residual_out"] - o1["residual_out"]).abs().reshape(2, -1).sum(1)
+    assert torch.allclose(o2["cache_stats_out"][:, 0], want, rtol=1e-5)
+    runner.reset()
+    runner.run_unit("spatial_0", "default", {"x": x2, "t_mlp": t})
+    assert not ctx.reads[2]["cached_residual"].any()
+    with pytest.raises(ValueError, match="'t_mlp'"):
+        runner.run_unit("spatial_0", "default", {"x": x2})
+
+
+def test_trt_runner_refuses_engines_with_inputs_it_cannot_bind() -> None:
+    trt = _fake_trt()
+    with pytest.raises(ArtifactError, match=r"\['foo'\].*model.json"):
+        EngineUnit(trt, _BindEngine(inputs=("x", "t_mlp", "foo")), Path("s.engine"), _IO["spatial_0"])
+    with pytest.raises(ArtifactError, match="no 'residual_out' output"):
+        EngineUnit(trt, _BindEngine(outputs=("x_out",)), Path("s.engine"), _IO["spatial_0"])
+
+
+def test_trt_runner_registers_plugin_creators_before_deserializing(tmp_path: Path, monkeypatch) -> None:
+    from qc_compile.manifest import VariantSource
+    from qc_compile.runtime.runners import tensorrt as R
+    from qc_compile.runtime.runners.sources import Sources
+
+    trt, seen = _fake_trt(), []
+    engine_file = tmp_path / "spatial_0.engine"
+    engine_file.write_bytes(b"engine")
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            pass
+
+        def deserialize_cuda_engine(self, blob: bytes):
+            seen.append({n: trt.registry.get_creator(n, "1", "qc") is not None for n in T.PLUGIN_NAMES})
+            return _BindEngine()
+
+    trt.Runtime, trt.Logger = Runtime, type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
+    src = VariantSource("spatial_0", "default", "default", tmp_path / "s.onnx", (), None, engine_file)
+    for plugins in (False, True):
+        monkeypatch.setattr(R, "variant_sources", lambda *a, **k: Sources(
+            _IO, ("spatial_0",), {"spatial_0": {"default": src}}, "trt", plugins))
+        runner = TrtRunner.from_workdir(tmp_path, "trt", trt=trt, device="cpu", check_runnable=False)
+        assert seen[-1] == {n: plugins for n in T.PLUGIN_NAMES}  # registered before the engine was read
+        assert len(runner.plugin_creators) == (3 if plugins else 0)
+    assert TrtRunner.from_workdir(tmp_path, "trt", trt=trt, device="cpu", check_runnable=False).plugin_creators \
+        == runner.plugin_creators  # idempotent: TensorRT refuses a second creator of the same name
+
+
+# ------------------------------------------------------------------------------------------------ builder stand-in
+CONFIGS = [  # (op, attrs, input shapes, input types)
+    ("RotateQuantFP8", {"block": 64, "prologue": 0}, [(2, 9, 128)], ["BF16"]),
+    ("RotateQuantFP8", {"block": 0, "prologue": 1}, [(2, 9, 128)], ["FLOAT"]),
+    ("RotateQuantFP8", {"block": 32, "prologue": 2}, [(2, 9, 128), (2, 1, 128), (2, 1, 128)], ["BF16"] * 3),
+    ("FP8Linear", {"has_bias": 1, "out_dtype": 2}, [(2, 9, 128), (2, 9, 1), (64, 128), (64,), (64,)],
+     ["FP8", "FLOAT", "FP8", "FLOAT", "BF16"]),
+    ("FP8Linear", {"has_bias": 0, "out_dtype": 0}, [(18, 128), (18, 1), (64, 128), (64,)],
+     ["FP8", "FLOAT", "FP8", "FLOAT"]),
+    ("CacheStatsApply", {"mode": 0}, [(2, 9, 128)] * 2, ["FLOAT"] * 2),
+    ("CacheStatsApply", {"mode": 1}, [(2, 9, 128)] * 3, ["BF16"] * 3),
+    ("CacheStatsApply", {"mode": 2}, [(2, 9, 128)] * 2, ["FLOAT"] * 2),
+]
+
+
+@pytest.mark.parametrize("op,attrs,shapes,types", CONFIGS)
+def test_builder_standin_shapes_types_formats(op, attrs, shapes, types) -> None:
+    trt = plugin_api()
+    T.register_plugins(trt)
+    layer = build_layer(trt, op, attrs, shapes, [DataType[t] for t in types])
+    want = T.output_shapes(op, attrs, shapes)
+    assert [list(s) for s in layer.out_shapes] == want
+    dt = {"float32": "FLOAT", "bfloat16": "BF16", "float16": "HALF", "fp8": "FP8"}
+    assert [t.name for t in layer.out_types] == [dt[n] for n in T.output_dtypes(op, attrs, [
+        {"FLOAT": "float32", "BF16": "bfloat16", "FP8": "fp8"}[t] for t in types])]
+    if op == "FP8Linear":  # the quantized operands only as FP8, the scales only as FLOAT
+        assert set(layer.rejected[0]) == set(layer.rejected[2]) == set(CANDIDATES) - {DataType.FP8}
+        assert set(layer.rejected[1]) == set(CANDIDATES) - {DataType.FLOAT}
+    if op == "RotateQuantFP8":
+        assert layer.out_types == [DataType.FP8, DataType.FLOAT] and DataType.FP8 in layer.rejected[0]
