@@ -28,10 +28,11 @@ def check_ort_device(device: str) -> None:
         raise UserError(
             f"--executor onnxruntime --device {device} needs onnxruntime-gpu's CUDAExecutionProvider, and the "
             f"onnxruntime installed here ({ort.__version__}) has only {', '.join(have)}. On a machine with an NVIDIA "
-            "GPU and driver, replace it with the GPU build: `pip uninstall -y onnxruntime && pip install "
-            "'qc-compile[ort-gpu]'` (onnxruntime and onnxruntime-gpu cannot be installed side by side), or run the "
-            "Q/DQ graphs with --device cpu. Graph optimizations stay off on the GPU as on the CPU: onnxruntime's "
-            "Q/DQ fusions change the numbers the graphs define.")
+            "GPU and driver, switch to the GPU build: `pip install 'qc-compile[ort-gpu]' && pip uninstall -y "
+            "onnxruntime && pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.18,<1.32'` (both wheels "
+            "ship the same `onnxruntime` package, so only one may stay), or run the Q/DQ graphs with --device cpu. "
+            "Graph optimizations stay off on the GPU as on the CPU: onnxruntime's Q/DQ fusions change the numbers "
+            "the graphs define.")
 
 
 def session_for(path, device: str = "cpu"):
