@@ -314,3 +314,24 @@ def test_builder_standin_shapes_types_formats(op, attrs, shapes, types) -> None:
         assert set(layer.rejected[1]) == set(CANDIDATES) - {DataType.FLOAT}
     if op == "RotateQuantFP8":
         assert layer.out_types == [DataType.FP8, DataType.FLOAT] and DataType.FP8 in layer.rejected[0]
+
+
+@pytest.mark.slow  # shares the plugin build of the parser test
+def test_every_dynamic_input_of_a_plugin_graph_has_a_profile() -> None:
+    """Full TensorRT needs an optimisation-profile shape for every dynamic network input, including the plugin
+    pass's ``cached_residual``; the build derives them from model.json (+ that one input)."""
+    from compile_helpers import built_plugins
+
+    from qc_compile.build import profile_shapes
+    from qc_compile.workdir import WorkDir, read_model_info
+
+    info = read_model_info(WorkDir(built_plugins()))
+    for unit in ("embed", "spatial_0", "temporal_0", "final"):
+        proto = onnx.load(_plugin_graph(unit), load_external_data=False)
+        dynamic = {i.name for i in proto.graph.input
+                   if any(d.dim_param or d.dim_value <= 0 for d in i.type.tensor_type.shape.dim)}
+        shapes = profile_shapes(info.unit(unit)["inputs"], 4, plugins=True)
+        assert set(shapes) == dynamic, unit
+        if "cached_residual" in shapes:
+            assert shapes["cached_residual"] == shapes["x"] == ([1, 256, 128], [2, 256, 128], [4, 256, 128])
+    assert "cached_residual" in profile_shapes(info.unit("spatial_0")["inputs"], 2, plugins=True)
