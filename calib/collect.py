@@ -31,6 +31,7 @@ from torch import nn
 
 from qc_compile.errors import UserError
 from qc_compile.models.units import block_units
+from qc_compile.runtime.generation import GenerationSettings
 
 INDEX_SCHEMA = 1
 PCT_SAMPLE = 1 << 16  # |x| elements sampled per row for the percentiles (exact below this)
@@ -70,15 +71,9 @@ def random_captions(loaded, n: int, seed: int = 0, length: int | None = None) ->
 
 
 @dataclass(frozen=True)
-class CollectSettings:
-    steps: int
-    cfg: float
-    seed: int
-    frames: int
-    height: int
-    width: int
-    fps: int
-    shift: float | None
+class CollectSettings(GenerationSettings):
+    """The generation settings of the calibration runs, plus how many prompts run per batch."""
+
     batch_size: int = 8
 
     def digest(self, labels: Sequence[str], weights: str) -> str:

@@ -89,8 +89,10 @@ def generate(loaded: LoadedModel, prompts: list[str], settings: GenerationSettin
 
 
 def torch_executor(model, geometry, variant_models=None):
-    """The plain torch step executor for ``model`` (the FP computation unless ``variant_models`` say otherwise)."""
+    """The plain torch step executor for ``model`` (the FP computation unless ``variant_models`` say otherwise),
+    sharded over the current parallel mesh if there is one."""
+    from qc_compile.runtime.parallel import shard_runner
     from qc_compile.runtime.runners.torch import TorchRunner
     from qc_compile.runtime.step_executor import StepExecutor
 
-    return StepExecutor(TorchRunner(model, geometry, variant_models), geometry)
+    return StepExecutor(shard_runner(TorchRunner(model, geometry, variant_models), geometry), geometry)

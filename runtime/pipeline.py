@@ -32,6 +32,16 @@ from qc_compile.runtime.step_executor import StepExecutor
 EXECUTORS = tuple(BACKENDS)
 
 
+def parallel_record(mesh, steps: list) -> dict:
+    """What a parallel run records in its trace: the mesh, and whether every rank took the same decisions (a hash
+    of all its decisions, compared over ranks with one all_gather)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([s.decisions for s in steps], sort_keys=True).encode()).digest()
+    return dict(mesh.describe(), decisions_identical_across_ranks=mesh.agree(digest))
+
+
 class Pipeline:
     """Text-to-video with per-step policies. ``Pipeline(work_dir)`` uses a work dir (model.json, plan.json, graphs);
     ``Pipeline.from_pretrained(name)`` the FP model directly with the torch executor."""
@@ -111,7 +121,9 @@ class Pipeline:
                                 work=self._workdir, quantized=quantized,
                                 options=self.executor_options, cache=self._runner_cache)
             self._runner_cache[key] = load_runner(self.executor_kind, req)
-        return StepExecutor(self._runner_cache[key], g)
+        from qc_compile.runtime.parallel import shard_runner
+
+        return StepExecutor(shard_runner(self._runner_cache[key], g), g)
 
     @property
     def quantized(self) -> bool:
@@ -212,4 +224,9 @@ class Pipeline:
                                               else v) for k, v in h.items()} for h in hist]
         if reference:
             res.fp_videos, res.fp_seconds = self._fp_run(prompts, settings, progress, seeds)[:2]
+        from qc_compile.runtime.parallel import current_mesh
+
+        mesh = current_mesh()
+        if mesh is not None:
+            res.extra["parallel"] = parallel_record(mesh, steps_rec)
         return res

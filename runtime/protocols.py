@@ -52,8 +52,9 @@ class UnitRunner(Protocol):
     ``run_unit("embed", v, {x, timestep, y, mask, fps})`` returns the embed outputs (``x`` plus what blocks and
     ``final`` read); a block unit gets ``{**embed_outputs, "mask": ..., "x": h}`` and returns ``{"x": ...}``;
     ``final`` gets the same and returns ``{"v": ...}``. An unknown ``variant`` runs the default one.
-    ``supports`` lists what the runner offers beyond whole units: ``"parts"`` (``block_steps``, sub-block caches)
-    and ``"gate"`` (in-step cache tests, which need ``block_steps`` of the first block). ``stats`` names the
+    ``supports`` lists what the runner offers beyond whole units: ``"parts"`` (``block_steps``, sub-block caches),
+    ``"gate"`` (in-step cache tests, which need ``block_steps`` of the first block) and ``"shards"`` (``run_unit`` /
+    ``block_steps`` of a block take ``geometry=``, the token grid of a shard: :mod:`qc_compile.runtime.parallel`). ``stats`` names the
     statistics implementation the step executor uses with it (:data:`~qc_compile.runtime.step_stats.STATS_IMPLS`).
     """
 
@@ -69,6 +70,22 @@ class UnitRunner(Protocol):
     def begin_step(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class StatsReducer(Protocol):
+    """Combines what the processes sharing one video measured (:mod:`qc_compile.runtime.parallel`), on the device
+    and without a host sync, so that every process decides from the statistics of the whole video. A runner whose
+    units see a part of the video (a batch half, a token shard) carries one as ``runner.reducer``."""
+
+    def partials(self, p: torch.Tensor) -> torch.Tensor:
+        """The step's partials ``(units, K)`` of every process combined (:func:`..step_stats.combine`): one
+        collective per step."""
+        ...
+
+    def sums(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes (a gate probe's two sums)."""
+        ...
 
 
 @runtime_checkable

@@ -16,6 +16,11 @@ What runs where:
   the original methods.
 * the ``action`` statistic records what was actually done, written device-to-device (a Python scalar assigned into
   a CUDA tensor would be a host-to-device copy and synchronise inside the step).
+* statistics are kept as partial sums (:mod:`~qc_compile.runtime.step_stats`) and turned into ratios at the end of
+  the step, after the runner's :class:`~qc_compile.runtime.protocols.StatsReducer` (if it has one) combined them
+  over the processes that share the video (:mod:`qc_compile.runtime.parallel`: one collective per step, on the
+  device); the gate probes' sums are combined the same way before the gate decides. So every process takes the
+  same decisions, from statistics of the whole video.
 """
 
 from __future__ import annotations
@@ -26,16 +31,16 @@ from typing import Mapping
 import torch
 
 from qc_compile.models.units import block_units
-from qc_compile.runtime.policy import (COMPUTE, STAT_INDEX, STAT_NAMES, SUB_BLOCKS, Action, UnitDecision,
-                                      action_code_tensor)
-from qc_compile.runtime.protocols import BlockSteps, Conditioning, UnitRunner
-from qc_compile.runtime.step_stats import STATS_IMPLS, STATS_LEVELS
+from qc_compile.runtime.policy import COMPUTE, SUB_BLOCKS, Action, UnitDecision, action_code_tensor
+from qc_compile.runtime.protocols import BlockSteps, Conditioning, StatsReducer, UnitRunner
+from qc_compile.runtime.step_stats import LOCAL, P, STATS_IMPLS, STATS_LEVELS, finish, new_partials
 
 
 class StepExecutor:
     """``StepExecutor(runner, geometry)``: the sampler's :class:`~qc_compile.runtime.protocols.Executor`."""
 
-    def __init__(self, runner: UnitRunner, geometry, *, stats: str = "full") -> None:
+    def __init__(self, runner: UnitRunner, geometry, *, stats: str = "full",
+                 reducer: StatsReducer | None = None) -> None:
         if stats not in STATS_LEVELS:
             raise ValueError(f"stats must be one of {', '.join(STATS_LEVELS)}, got {stats!r}")
         self.runner = runner
@@ -46,6 +51,7 @@ class StepExecutor:
         self.stats_level = stats
         self._unit_stats = STATS_IMPLS[runner.stats]
         self._prefix = int(getattr(geometry, "prefix_tokens", 0))  # tokens before the video tokens (CogVideoX)
+        self.reducer: StatsReducer = reducer or getattr(runner, "reducer", None) or LOCAL
         self.residuals: dict[str, torch.Tensor] = {}
         self.parts: dict[str, dict[str, tuple]] = {}  # unit -> sub-block -> (last output, gate used)
         self._prev_z: torch.Tensor | None = None
@@ -63,11 +69,12 @@ class StepExecutor:
         return dict(self.runner.describe(), stats=self.stats_level)
 
     # ----------------------------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _rel_l1(cur: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor | float:
+    def _rel_l1(self, cur: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor | float:
+        """‖cur - ref‖₁ / ‖ref‖₁ over the whole video (the sums combined over processes); inf without a ref."""
         if ref is None or ref.shape != cur.shape:
             return math.inf
-        return (cur.float() - ref.float()).abs().mean() / ref.float().abs().mean().clamp_min(1e-12)
+        sums = self.reducer.sums(torch.stack([(cur.float() - ref.float()).abs().sum(), ref.float().abs().sum()]))
+        return sums[0] / sums[1].clamp_min(1e-12)
 
     def _run_parts(self, steps: BlockSteps, name: str, x: torch.Tensor, reuse: tuple[str, ...],
                    regate: bool) -> torch.Tensor:
@@ -99,17 +106,17 @@ class StepExecutor:
     def step(self, z: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
              decisions: Mapping[str, UnitDecision]) -> tuple[torch.Tensor, torch.Tensor]:
         """One model evaluation. Returns the velocity and a (units, len(STAT_NAMES)) stats tensor on the device."""
-        run, S = self.runner, STAT_INDEX
-        stats = torch.full((len(self.unit_names), len(STAT_NAMES)), float("nan"), device=z.device)
+        run = self.runner
+        stats = new_partials(len(self.unit_names), z.device)
         codes = action_code_tensor(z.device)
         emb = run.run_unit("embed", decisions.get("embed", COMPUTE).variant,
                            {"x": z, "timestep": timestep, "y": cond.y, "mask": cond.mask, "fps": cond.fps})
-        ctx = {**emb, "mask": cond.mask}
+        ctx = {"mask": cond.mask, **emb}  # a sharding runner's embed returns its own batch's mask
         h = h0 = emb["x"]
-        zf = z.float()
+        zf = z.float()  # the whole latent, on every process
         if self._prev_z is not None and self._prev_z.shape == zf.shape:
-            stats[0, S["latent_rel_l1"]] = ((zf - self._prev_z).abs().sum()
-                                            / self._prev_z.abs().sum().clamp_min(1e-12))
+            stats[0, P["latent_l1_diff"]] = (zf - self._prev_z).abs().sum()
+            stats[0, P["latent_l1_prev"]] = self._prev_z.abs().sum()
         self._prev_z = zf
         gates = {id(d.gate): d.gate for d in decisions.values() if d.action is Action.GATED}
         if len(gates) > 1 or (gates and None in gates.values()):
@@ -122,8 +129,8 @@ class StepExecutor:
             mod = run.block_steps(self.block_units[0], "default", ctx).attention_input(h)
             val = self._rel_l1(mod, self._prev_mod)
             self._prev_mod = mod
-            stats[0, S["gate_rel_l1"]] = val
-            stats[1, S["mod_rel_l1"]] = val
+            stats[0, P["gate_rel_l1"]] = val
+            stats[1, P["mod_rel_l1"]] = val
             gate_open = bool(gate.opens(float(val)))
         elif gate is not None and gate.probe != "residual":
             raise RuntimeError(f"unknown gate probe {gate.probe!r}")
@@ -138,32 +145,32 @@ class StepExecutor:
                 if gate_open is None:  # residual probe, at the first gated unit
                     probe = h - h0
                     val = self._rel_l1(probe, self._gate_ref)
-                    stats[0, S["gate_rel_l1"]] = val
+                    stats[0, P["gate_rel_l1"]] = val
                     gate_open = bool(gate.opens(float(val)))
                     if not gate_open:
                         self._gate_ref = probe
                 action = Action.REUSE if gate_open and name in self.residuals else Action.COMPUTE
             if action is Action.PRUNE:
-                row[S["action"]] = codes["prune"]
+                row[P["action"]] = codes["prune"]
                 continue
             if action is Action.REUSE:
                 if name not in self.residuals:
                     raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
                 h = h + self.residuals[name]
                 has_prev = True
-                row[S["action"]] = codes["reuse"]
+                row[P["action"]] = codes["reuse"]
                 continue
             if d.parts is None:
                 out = run.run_unit(name, d.variant, {**ctx, "x": h})["x"]
             else:
                 out = self._run_parts(run.block_steps(name, d.variant, ctx), name, h, tuple(d.parts), d.regate)
             if d.parts and set(d.parts) >= set(SUB_BLOCKS):  # nothing heavy ran: a reuse of the sub-block caches
-                row[S["action"]] = codes["reuse"]
+                row[P["action"]] = codes["reuse"]
                 h, has_prev = out, True
                 continue
-            row[S["action"]] = codes["partial" if d.parts else "compute"]
+            row[P["action"]] = codes["partial" if d.parts else "compute"]
             self.residuals[name] = self._unit_stats(row, h, out, self.residuals.get(name), has_prev, self.g.T,
                                                     self.stats_level, self._prefix)
             h, has_prev = out, True
         v = run.run_unit("final", decisions.get("final", COMPUTE).variant, {**ctx, "x": h})["v"]
-        return v.to(z.device), stats
+        return v.to(z.device), finish(self.reducer.partials(stats))

@@ -1,25 +1,28 @@
-"""6c: end-to-end sampling at Open-Sora 1.2 scale (STDiT3-XL/2, random weights, 480p 9:16, 51 frames, CFG, RFLOW).
+"""DiT sampling loop at Open-Sora 1.2 scale: our rows against the baselines a user already has, all in one process.
 
-Two parts, because decisions and fidelity need a trained model and the timing needs the real scale:
+STDiT3-XL/2 (``opensora-v1.2``, random weights), 480p 9:16 (latent 15 x 60 x 106), 51 frames, CFG (batch 2),
+RFLOW, 30 steps (and a 100-step pair). **Only the DiT sampling loop is timed**: T5 text encoding and VAE decoding
+are excluded (``tools/bench_request.py`` times the whole request). Rows (``ROWS``), all on the same inputs:
 
-``qcref``  (any device; run on the CPU here) — the shipped ``qc-ref`` model, 30 steps, CFG: the FP run, ``quantcache``
-           on the FP model (its per-step per-unit decision grid is what the XL run replays), our FP8 fast path
-           (dynamic per-token activation scales) alone and under ``quantcache``, and the plan's static per-tensor
-           scales (``torch_package``, the Q/DQ graphs' numerics) for comparison. PSNR/SSIM against the FP videos.
-``xl``     (GPU) — in one process: BF16 eager (TorchExecutor), BF16 + torch.compile (the same blocks compiled),
-           ours quantized only (FastExecutor, FP8 plan, compiled), ours cached only (FastExecutor, dense bf16,
-           compiled, replayed grid), both. Seconds for the whole 30-step sampling loop (CUDA-synchronised wall
-           clock after a warm-up run of 2 steps per configuration), speedup vs BF16 eager, fraction of unit
-           evaluations computed, and the qc-ref fidelity beside it, labelled as such.
+* ``plain_bf16_eager`` / ``plain_bf16_compile`` (/ ``_100``): the model's own ``STDiT3.forward`` (packed captions,
+  as Open-Sora runs it), bf16; ``compile`` = every block ``torch.compile``d (regional compile, one line);
+* ``torchao_fp8_compile``: torchao's ``Float8DynamicActivationFloat8WeightConfig(PerRow())`` on the same block
+  linears our plan quantizes, then the same regional compile (skipped, with the reason, where unavailable);
+* ``ours_fp8`` (full compute), ``ours_cached`` (bf16 + quantcache grid), ``ours_both`` (FP8 + quantcache grid),
+  ``ours_both_100``: the step executor over the ``torch-fast`` runner, compiled (``--cuda-graphs``: per-unit graphs).
 
-The grid replay: qc-ref has 4 spatial + 4 temporal blocks, STDiT3-XL/2 28 + 28; XL block ``j`` takes the decision
-of qc-ref block ``floor(j * 4 / 28)`` of the same kind (relative depth: XL blocks 0-6 <- qc-ref block 0, 7-13 <- 1,
-...). Random weights make adaptive statistics meaningless, so the XL run replays rather than decides; the executor
-still computes every statistic a policy would read (stats="full"), so the timing includes that cost.
+The quantcache decisions are replayed from qc-ref runs (``--make-grids``, committed in ``bench/results/e2e_grids.json``):
+random XL weights make adaptive statistics meaningless. The executor still computes every statistic a policy would
+read, so our rows carry that cost; the baselines carry nothing our path skips. Per row: seconds of the loop (CUDA
+events, after a separate 2-step warm-up that compiles/autotunes), median step, warm-up seconds, peak GPU memory
+(counter reset per row), compute fraction, the qc-ref fidelity of the same configuration (``--fidelity``), plus the
+overheads a user pays and a per-block kernel profile of ``plain_bf16_compile`` and ``ours_fp8``.
 
-    python tools/bench_e2e.py qcref --out bench/results/e2e_qcref.json
-    python tools/bench_e2e.py xl --grid bench/results/e2e_qcref.json --out OUT --commit abc1234
-    python tools/bench_e2e.py render bench/results/e2e_h100.json
+    python tools/bench_e2e.py --make-grids                  # CPU: qc-ref decision grids -> bench/results/e2e_grids.json
+    python tools/bench_e2e.py --fidelity --device cuda      # qc-ref fidelity per configuration (32 held-out captions)
+    python tools/bench_e2e.py --out DIR                     # GPU: the timed rows -> DIR/e2e_<gpu>.{json,md}
+    python tools/bench_e2e.py --quick --device cpu --out D  # tiny CPU smoke run of the same code
+    python tools/bench_e2e.py --render DIR/e2e_h100.json
 """
 
 from __future__ import annotations
@@ -27,474 +30,697 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-XL_FRAMES, XL_HEIGHT, XL_WIDTH = 51, 480, 853  # 480p 9:16 -> latent 15 x 60 x 106 -> 15 x 30 x 53 tokens
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_lib as B  # noqa: E402
+from bench_lib import (XL_FRAMES, XL_HEIGHT, XL_WIDTH, ReplayPolicy, _env, full_grid,  # noqa: E402,F401
+                       kernel_class, map_grid, xl_inputs, xl_model)
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+GRIDS_JSON = RESULTS / "e2e_grids.json"
+EVAL_CAPTION_SEED = 20261122  # the held-out captions: never tuned on
+GRID_PROMPT_SEED = 7  # the tuning captions' seed (tools/tune_policies.py): grids are decided on these
+WHAT = "DiT sampling loop"
+EXCLUDED = "T5 text encoding and VAE decoding (tools/bench_request.py times the whole request)"
 
 
-def _commit(given: str | None) -> str:
-    if given:
-        return given
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+    key: str
+    label: str
+    path: str  # plain | plain_compile | torchao_compile | ours
+    long: bool = False  # the 100-step pair
+    fp8: bool = False  # ours: the FP8 plan
+    grid: str | None = None  # ours: the replayed grid in e2e_grids.json (None: every unit computed)
+    fidelity: str = ""  # the configuration's key in the --fidelity JSON
 
 
-def _env(commit: str | None) -> dict:
-    import triton
-
-    d = {"commit": _commit(commit), "torch": torch.__version__, "triton": triton.__version__,
-         "python": platform.python_version(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
-    if torch.cuda.is_available():
-        d["cuda"] = torch.version.cuda
-    return d
-
-
-# ------------------------------------------------------------------------------------------------ replay policy
-def map_grid(grid: list[dict[str, dict]], src_depth: int, dst_depth: int) -> list[dict[str, dict]]:
-    """Decisions of a ``src_depth``-block model mapped to ``dst_depth`` blocks by relative depth."""
-    out = []
-    for step in grid:
-        row = {}
-        for kind in ("spatial", "temporal"):
-            for j in range(dst_depth):
-                d = step.get(f"{kind}_{j * src_depth // dst_depth}")
-                if d is not None:
-                    row[f"{kind}_{j}"] = d
-        out.append(row)
-    return out
+ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's linears, so it runs last
+    RowSpec("plain_bf16_eager", "plain STDiT3.forward, bf16, eager", "plain", fidelity="plain_bf16"),
+    RowSpec("plain_bf16_compile", "plain STDiT3.forward, bf16, every block torch.compile'd", "plain_compile",
+            fidelity="plain_bf16"),
+    RowSpec("plain_bf16_compile_100", "plain STDiT3.forward, bf16, every block torch.compile'd, 100 steps",
+            "plain_compile", long=True, fidelity="plain_bf16_100"),
+    RowSpec("ours_fp8", "ours: FP8 W8A8 plan, torch-fast runner, compiled, every unit computed", "ours", fp8=True,
+            fidelity="ours_fp8"),
+    RowSpec("ours_cached", "ours: bf16 torch-fast, quantcache decisions (replayed grid)", "ours", grid="cached_30",
+            fidelity="ours_cached"),
+    RowSpec("ours_both", "ours: FP8 + quantcache decisions (replayed grid)", "ours", fp8=True, grid="both_30",
+            fidelity="ours_both"),
+    RowSpec("ours_both_100", "ours: FP8 + quantcache, 100 steps (replayed 100-step grid)", "ours", long=True,
+            fp8=True, grid="both_100", fidelity="ours_both_100"),
+    RowSpec("torchao_fp8_compile", "torchao FP8 (dynamic activation + weight, per row) on the block linears, "
+            "every block torch.compile'd", "torchao_compile", fidelity="torchao_fp8"),
+)
+ROW_KEYS = tuple(r.key for r in ROWS)
+BASELINE = {False: "plain_bf16_compile", True: "plain_bf16_compile_100"}  # ratios are to these (same steps)
+PROFILE_ROWS = ("plain_bf16_compile", "ours_fp8")
 
 
-class ReplayPolicy:
-    """Replays recorded decisions (action + variant per unit and step); observes nothing."""
-
-    name = "replay"
-
-    def __init__(self, grid: list[dict[str, dict]]) -> None:
-        self.grid = grid
-
-    def reset(self, unit_names, num_steps: int) -> None:
-        if num_steps > len(self.grid):
-            raise ValueError(f"grid has {len(self.grid)} steps, the run {num_steps}")
-
-    def decide(self, step):
-        from qc_compile.runtime.policy import Action, UnitDecision
-
-        acts = {"compute": Action.COMPUTE, "reuse": Action.REUSE, "prune": Action.PRUNE}
-        return {u: UnitDecision(acts[d["action"]], d.get("variant", "default"))
-                for u, d in self.grid[step.index].items()}
-
-    def observe(self, step, stats) -> None:
-        pass
-
-
-def compute_fraction(grid: list[dict[str, dict]], units: list[str]) -> float:
-    total = len(grid) * len(units)
-    done = sum(1 for s in grid for u in units if s.get(u, {}).get("action", "compute") == "compute")
-    return done / total
-
-
-# ------------------------------------------------------------------------------------------------ qc-ref part
-def run_qcref(args) -> None:
-    from qc_compile.calib.ranges import RangeCollector, default_prompts
-    from qc_compile.metrics.fidelity import compare_videos
-    from qc_compile.models import load_model
-    from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.generation import torch_executor
-    from qc_compile.runtime.fast_blocks import fp8_block_plan
-    from qc_compile.runtime.runners.fast import FastRunner
-    from qc_compile.runtime.step_executor import StepExecutor
-    from qc_compile.runtime.generation import GenerationSettings, generate
-    from qc_compile.runtime.policies import get_policy
-    from qc_compile.torch_package import apply_plan
-
-    torch.set_grad_enabled(False)
-    loaded = load_model("qc-ref", device=args.device)
-    prompts = default_prompts("qc-ref", args.prompts, seed=args.prompt_seed)
-    calib_prompts = default_prompts("qc-ref", args.calib_prompts, seed=1234)
-    settings = GenerationSettings.defaults(loaded, seed=0)
-    g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
-    model = loaded.model
-    results: dict[str, dict] = {}
-
-    def run(name: str, executor, policy=None) -> tuple[torch.Tensor, list]:
-        t0 = time.perf_counter()
-        videos, sample = generate(loaded, prompts, settings, policy=policy, executor=executor, progress=False)
-        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        return videos, sample.steps
-
-    fp_videos, _ = run("fp", torch_executor(model, g))
-
-    def record(name: str, videos: torch.Tensor, steps: list, what: str) -> dict:
-        per = [compare_videos(v, r) for v, r in zip(videos, fp_videos)]
-        units = [u for u in model.unit_names() if u.startswith(("spatial_", "temporal_"))]
-        grid = [{u: s.decisions.get(u, {"action": "compute", "variant": "default"}) for u in units} for s in steps]
-        results[name] = {"what": what, "psnr_db": sum(p["psnr_db"] for p in per) / len(per),
-                         "ssim": sum(p["ssim"] for p in per) / len(per),
-                         "psnr_db_per_video": [p["psnr_db"] for p in per],
-                         "compute_fraction": compute_fraction(grid, units)}
-        print(name, {k: v for k, v in results[name].items() if k != "what"}, flush=True)
-        return {"grid": grid}
-
-    v, st = run("cached", torch_executor(model, g), get_policy("quantcache", None, None, seed=0))
-    grid = record("cached_only", v, st, "quantcache on the FP model (torch executor); its decisions are replayed")
-    plan = fp8_block_plan(model)
-    v, st = run("quant", StepExecutor(FastRunner(model, g, plan), g))
-    record("quantized_only", v, st, "our fast path: W8A8 FP8 on all block linears, dynamic per-token activation "
-                                   "scales (qc:: ops, CPU reference kernels), fp32 model")
-    v, st = run("both", StepExecutor(FastRunner(model, g, plan), g), get_policy("quantcache", None, None, seed=0))
-    both = record("both", v, st, "our FP8 fast path under quantcache (decisions from the quantized model's "
-                                 "statistics)")
-    # the static per-tensor scales of the plan (what the Q/DQ graphs / torch_package compute), calibrated on
-    # other prompts: the comparison the dynamic scales are measured against
-    with RangeCollector(model) as rc:
-        generate(loaded, calib_prompts, settings, executor=torch_executor(model, g), progress=False)
-    static_plan = fp8_block_plan(model, rc.reduce())
-    qmodel = apply_plan(copy.deepcopy(loaded), static_plan, device=args.device).model
-    v, st = run("static", torch_executor(qmodel, g))
-    record("quantized_static_scales", v, st, "the same W8A8 FP8 plan with static per-tensor activation scales "
-                                            f"(max ranges over {len(calib_prompts)} other prompts x 30 steps; "
-                                            "torch_package fake quantization = the Q/DQ graphs' numerics)")
-    doc = {"model": "qc-ref", "prompts": prompts, "calibration_prompts": calib_prompts, "seed": 0,
-           "steps": settings.steps, "cfg": settings.cfg, "size": [settings.frames, settings.height, settings.width],
-           "policy": "quantcache (defaults at this commit)", "env": _env(args.commit), "results": results,
-           "grid": grid["grid"], "grid_both": both["grid"], "depth": loaded.config.depth,
-           "note": "fidelity = mean over prompts of PSNR/SSIM of the video against the FP (fp32, policy none) "
-                   "video with the same seed; qc-ref in fp32 on this device"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1))
-    print(f"wrote {args.out}")
+# ------------------------------------------------------------------------------------------------ JSON schema
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+ROW_SCHEMA = {
+    "type": "object",
+    "required": ["key", "label", "steps"],
+    "properties": {
+        "key": {"enum": list(ROW_KEYS)},
+        "label": {"type": "string"},
+        "steps": {"type": "integer", "minimum": 1},
+        "seconds": _NUM, "median_step_ms": _NUM, "warmup_s": _NUM, "peak_gib": _NUM_OR_NULL,
+        "compute_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+        "fidelity": {"type": ["object", "null"]},
+        "speedup_vs_plain_bf16_compile": _NUM_OR_NULL,
+        "skipped": {"type": "string"}, "error": {"type": "string"},
+        "profile_per_block": {"type": "object"},
+    },
+    "oneOf": [  # a measured row has every number; a row that did not run says why
+        {"required": ["seconds", "median_step_ms", "warmup_s", "peak_gib", "compute_fraction", "fidelity"],
+         "not": {"anyOf": [{"required": ["skipped"]}, {"required": ["error"]}]}},
+        {"required": ["skipped"], "not": {"required": ["seconds"]}},
+        {"required": ["error"], "not": {"required": ["seconds"]}},
+    ],
+}
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": ["what", "excluded", "rows", "env", "overheads"],
+    "properties": {
+        "what": {"type": "string"}, "excluded": {"type": "string"},
+        "rows": {"type": "array", "items": ROW_SCHEMA, "minItems": 1},
+        "env": {"type": "object", "required": ["device", "torch", "triton", "commit", "date"]},
+        "overheads": {"type": "array", "items": {
+            "type": "object", "required": ["key", "what"],
+            "properties": {"key": {"type": "string"}, "value": _NUM_OR_NULL, "unit": {"type": "string"},
+                           "what": {"type": "string"}, "skipped": {"type": "string"}},
+            "oneOf": [{"required": ["value", "unit"]}, {"required": ["skipped"]}]}},
+    },
+}
 
 
-# ------------------------------------------------------------------------------------------------ XL part
-def xl_model(depth: int | None = None):
-    """STDiT3-XL/2 with random weights, built on the GPU in bf16 (Open-Sora's init, so temporal blocks would start as
-    the identity; their output projections are re-drawn so every block does real work)."""
-    from qc_compile.models.config import OPENSORA_V12
-    from qc_compile.models.stdit3 import STDiT3
+def validate_doc(doc: dict) -> None:
+    import jsonschema
 
-    cfg = OPENSORA_V12 if depth is None else dataclasses.replace(OPENSORA_V12, depth=depth)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = STDiT3(cfg)
-        m.initialize_weights()
-        for b in m.temporal_blocks:
-            for lin in (b.attn.proj, b.cross_attn.proj, b.mlp.fc2):
-                torch.nn.init.xavier_uniform_(lin.weight)
-    return m.to(torch.bfloat16).eval()
+    jsonschema.validate(doc, SCHEMA)
 
 
-def xl_inputs(cfg, n: int = 1, valid: int = 120, seed: int = 0):
-    """Noise (n, 4, 15, 60, 106), T5-sized caption features (n, 1, 300, 4096) with ``valid`` tokens, null caption."""
-    from qc_compile.models.stdit3 import Geometry
+# ------------------------------------------------------------------------------------------------ sampling
+@dataclasses.dataclass
+class Setup:
+    """The one set of inputs every row samples from."""
 
-    g = Geometry.for_model(cfg, XL_FRAMES, XL_HEIGHT, XL_WIDTH)
-    gen = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, cfg.in_channels, g.frames, g.height, g.width, generator=gen)
-    y = torch.randn(n, 1, cfg.model_max_length, cfg.caption_channels, generator=gen) * 0.2
-    mask = torch.zeros(n, cfg.model_max_length, dtype=torch.bool)
-    mask[:, :valid] = True
-    return g, z.cuda(), y.cuda(), mask.cuda()
-
-
-def compile_blocks(model) -> None:
-    """BF16 + torch.compile: each block's forward through one compiled function (one graph per block kind)."""
-    import types
-
-    import torch._dynamo
-
-    from qc_compile.models.stdit3 import STDiT3Block
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    fn = torch.compile(STDiT3Block.forward, dynamic=False)
-    for b in list(model.spatial_blocks) + list(model.temporal_blocks):
-        b.forward = types.MethodType(fn, b)
+    model: Any
+    g: Any
+    z: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    y_null: torch.Tensor
+    size: tuple[int, int, int]
+    steps: int
+    long_steps: int
+    depth: int
 
 
-def run_xl(args) -> None:
-    from qc_compile.runtime.generation import torch_executor
-    from qc_compile.runtime.fast_blocks import fp8_block_plan
-    from qc_compile.runtime.runners.fast import FastRunner
-    from qc_compile.runtime.step_executor import StepExecutor
+def sample(setup: Setup, executor, grid: list[dict], steps: int):
     from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
 
-    torch.set_grad_enabled(False)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    src = json.loads(Path(args.grid).read_text())
-    model = xl_model(args.depth)
-    cfg = model.config
-    g, z, y, mask = xl_inputs(cfg)
-    y_null = model.y_embedder.y_embedding[None, None].float().repeat(1, 1, 1, 1)
-    grid = map_grid(src["grid"], src["depth"], cfg.depth)[: args.steps]
-    grid_both = map_grid(src.get("grid_both", src["grid"]), src["depth"], cfg.depth)[: args.steps]
-    units = [u for u in model.unit_names() if u.startswith(("spatial_", "temporal_"))]
-    sampler = RFlowSampler(SamplerConfig(num_steps=args.steps, cfg_scale=7.0))
-    plan = fp8_block_plan(model)
-    compiled_model = None
+    s = RFlowSampler(SamplerConfig(num_steps=steps, cfg_scale=7.0))
+    return s.sample(executor, setup.z, setup.y, setup.mask, setup.y_null, setup.model.config.default_fps,
+                    video_size=setup.size, policy=ReplayPolicy(grid[:steps]), progress=False)
 
-    def sample(executor, policy, steps_override=None):
-        s = sampler if steps_override is None else RFlowSampler(SamplerConfig(num_steps=steps_override,
-                                                                              cfg_scale=7.0))
-        torch.cuda.synchronize()
+
+def measure(setup: Setup, executor, grid: list[dict], steps: int, meter: B.Meter, warmup_steps: int = 2) -> dict:
+    """Warm-up run (compile, autotune, graph capture) then the timed run, its peak memory alone."""
+    from qc_compile.runtime.trace import compute_fractions
+
+    warm_s, _ = meter.timed(lambda: sample(setup, executor, grid, min(warmup_steps, steps)))
+    meter.reset_peak()
+    secs, res = meter.timed(lambda: sample(setup, executor, grid, steps))
+    return {"seconds": secs, "median_step_ms": 1e3 * statistics.median(r.seconds for r in res.steps),
+            "warmup_s": warm_s, "peak_gib": meter.peak_gib(), "steps": len(res.steps),
+            "compute_fraction": compute_fractions(res.steps, executor.unit_names)[0],
+            "latent_finite": bool(torch.isfinite(res.z).all()), "_latent": res.z}
+
+
+def profile_per_block(setup: Setup, executor, grid: list[dict], median_step_ms: float, steps: int = 2) -> dict:
+    """Kernel milliseconds per computed block by class, and launch gaps = the timed run's median step minus its
+    kernel time, per block (embed/final kernels, <0.2% of the FLOPs, are spread over the blocks)."""
+    by, top = B.kernel_ms_by_class(lambda: sample(setup, executor, grid, steps))
+    blocks = 2 * setup.depth * steps
+    per = {k: v / blocks for k, v in sorted(by.items(), key=lambda kv: -kv[1])}
+    kernel = sum(per.values())
+    wall = median_step_ms / (2 * setup.depth)
+    return {"wall_ms": wall, "kernel_ms": kernel, "launch_gaps_ms": wall - kernel, "ms_by_class": per,
+            "top_kernels_ms_per_step": {k: v / steps for k, v in top.items()}, "profiled_steps": steps}
+
+
+# ------------------------------------------------------------------------------------------------ overheads
+def overhead(key: str, value: float | None, unit: str, what: str) -> dict:
+    return {"key": key, "value": value, "unit": unit, "what": what}
+
+
+def skipped_overhead(key: str, why: str, what: str) -> dict:
+    return {"key": key, "skipped": why, "what": what}
+
+
+def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict]):
+    """The FP8 plan as a user gets it: ranges from one calibration step, saved, then loaded and verified."""
+    from qc_compile.calib.ranges import RangeCollector
+    from qc_compile.plan import load_plan, save_plan
+    from qc_compile.runtime.fast_blocks import fp8_block_plan
+
+    with RangeCollector(setup.model) as rc:
+        cal_s, _ = meter.timed(lambda: sample(setup, B.PlainExecutor(setup.model, setup.g),
+                                              full_grid(1, setup.model.unit_names()), 1))
+    plan = fp8_block_plan(setup.model, rc.reduce())
+    plan.model = {**plan.model, "weights_sha256": None}  # random weights: no exported digest to bind to
+    plan.provenance = {**plan.provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       "command": "tools/bench_e2e.py (ranges of one sampling step)",
+                       "tool_versions": {"torch": torch.__version__}}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_plan(plan, Path(tmp) / "plan.json")
         t0 = time.perf_counter()
-        res = s.sample(executor, z, y, mask, y_null, cfg.default_fps, video_size=(XL_FRAMES, XL_HEIGHT, XL_WIDTH),
-                       policy=policy, progress=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0, res
+        plan = load_plan(Path(tmp) / "plan.json")
+        load_s = time.perf_counter() - t0
+    overheads += [overhead("plan_load_s", load_s, "s", "read + schema-validate + verify plan.json (W8A8 FP8 on "
+                           f"{sum(1 for e in plan.linears.values() if e.weight != 'bf16')} block linears)"),
+                  overhead("range_calibration_s", cal_s, "s", "collecting activation ranges over one sampling step "
+                           "(only to write a valid plan here; a user's plan comes from `qc-compile calibrate`)")]
+    return plan
 
-    rows = []
-    configs = [
-        ("bf16_eager", "BF16 eager (TorchExecutor)", "plain", None, grid_none(len(grid), units)),
-        ("bf16_compile", "BF16 + torch.compile (same blocks)", "compiled", None, grid_none(len(grid), units)),
-        ("ours_quant", "ours, quantized only (FP8 W8A8, fast path, compiled)", "fast", plan,
-         grid_none(len(grid), units)),
-        ("ours_cached", "ours, cached only (quantcache grid, bf16 fast path, compiled)", "fast", None, grid),
-        ("ours_both", "ours, quantized + cached (FP8 + quantcache grid)", "fast", plan, grid_both),
-    ]
-    for key, label, kind, p, gr in configs:
-        if args.only and key not in args.only:
-            continue
-        t_build = time.perf_counter()
-        if kind == "plain":
-            ex = torch_executor(model, g)
-        elif kind == "compiled":
-            if compiled_model is None:
-                compiled_model = model  # the blocks' forwards are swapped in place; restored below
-                compile_blocks(model)
-            ex = torch_executor(model, g)
-        else:
-            ex = StepExecutor(FastRunner(model, g, p, compile=not args.no_compile, cuda_graphs=args.cuda_graphs), g)
-        build_s = time.perf_counter() - t_build
+
+def build_fast_runner(setup: Setup, plan, args, meter: B.Meter, overheads: list[dict] | None):
+    from qc_compile.runtime.runners.fast import FastRunner
+
+    before = meter.allocated_gib()
+    secs, runner = meter.timed(lambda: FastRunner(setup.model, setup.g, plan, compile=not args.no_compile,
+                                                  cuda_graphs=args.cuda_graphs))
+    if overheads is not None and plan is not None:
+        after = meter.allocated_gib()
+        overheads.append(overhead("weight_quantization_s", secs, "s", "building the torch-fast runner from the "
+                                  "loaded plan: every block weight quantized to FP8 per output channel"))
+        if before is not None:
+            overheads.append(overhead("fp8_weights_gib", after - before, "GiB", "device memory the FP8 weights add "
+                                      "(the bf16 model stays resident for embed/final and the bf16 rows)"))
+    return runner
+
+
+def graph_pool_overhead(setup: Setup, plan, args, meter: B.Meter) -> list[dict]:
+    """Device memory and capture time of per-unit CUDA graphs for the FP8 runner (one step captures every unit)."""
+    what_mem = "device memory held by the CUDA graphs of every FP8 block unit (shared pool + static inputs)"
+    what_s = "first step with CUDA graphs on: compile (cached by then), 2 eager calls and capture per unit"
+    if not meter.cuda:
+        return [skipped_overhead("cuda_graph_pool_gib", "no CUDA device", what_mem),
+                skipped_overhead("cuda_graph_capture_s", "no CUDA device", what_s)]
+    from qc_compile.runtime.runners.fast import FastRunner
+    from qc_compile.runtime.step_executor import StepExecutor
+
+    runner = FastRunner(setup.model, setup.g, plan, compile=not args.no_compile, cuda_graphs=True)
+    ex = StepExecutor(runner, setup.g, stats=args.stats)
+    torch.cuda.empty_cache()
+    before = meter.allocated_gib()
+    secs, _ = meter.timed(lambda: sample(setup, ex, full_grid(1, ex.unit_names), 1))
+    ex.reset()  # drop the step's residual caches: what stays is the graphs' memory
+    pool = meter.allocated_gib() - before
+    del ex, runner
+    torch.cuda.empty_cache()
+    return [overhead("cuda_graph_pool_gib", pool, "GiB", what_mem), overhead("cuda_graph_capture_s", secs, "s", what_s)]
+
+
+def cache_overhead(executor) -> list[dict]:
+    """Residual-cache memory per cached unit after a cached run (what reusing a unit costs in memory)."""
+    res = getattr(executor, "residuals", {})
+    if not res:
+        return []
+    sizes = [t.numel() * t.element_size() / 2 ** 30 for t in res.values()]
+    shape = list(next(iter(res.values())).shape)
+    dtype = str(next(iter(res.values())).dtype).replace("torch.", "")
+    return [overhead("cache_gib_per_unit", sum(sizes) / len(sizes), "GiB", f"one cached residual {shape} {dtype} "
+                     "per block unit (the step executor's cache)"),
+            overhead("cache_gib_total", sum(sizes), "GiB", f"residual cache of all {len(sizes)} block units")]
+
+
+# ------------------------------------------------------------------------------------------------ the rows
+def load_grids(path: Path, depth: int) -> dict[str, dict]:
+    """Grids of e2e_grids.json mapped to ``depth`` blocks by relative depth."""
+    doc = json.loads(Path(path).read_text())
+    return {k: {**v, "grid": map_grid(v["grid"], doc["depth"], depth)} for k, v in doc["grids"].items()}
+
+
+def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, meter: B.Meter,
+             keep_latents: bool = False) -> tuple[list[dict], list[dict]]:
+    """Every row in order on the same inputs; one failing row is recorded and the others go on."""
+    from qc_compile.runtime.step_executor import StepExecutor
+
+    model, units = setup.model, setup.model.unit_names()
+    rows: list[dict] = []
+    overheads: list[dict] = []
+    runners: dict[bool, Any] = {}
+    plan = None
+    compiled = None  # the regional-compile context while plain_compile rows run
+
+    def runner_for(fp8: bool):
+        nonlocal plan
+        if fp8 not in runners:
+            if fp8 and plan is None:
+                plan = load_fp8_plan(setup, meter, overheads)
+            runners[fp8] = build_fast_runner(setup, plan if fp8 else None, args, meter, overheads)
+        return runners[fp8]
+
+    graphs_measured = False
+
+    def measure_graphs() -> None:  # before torchao rewrites the block linears the runner would quantize
+        nonlocal graphs_measured
+        if plan is None or graphs_measured or args.no_graph_overhead:
+            return
+        graphs_measured = True
         try:
-            warm_s, _ = sample(ex, ReplayPolicy(gr), steps_override=min(2, args.steps))  # compile, autotune, capture
-            secs, res = sample(ex, ReplayPolicy(gr))
-        except Exception as err:  # noqa: BLE001  (record and go on: one broken row must not lose the others)
+            overheads.extend(graph_pool_overhead(setup, plan, args, meter))
+        except Exception as err:  # noqa: BLE001
+            overheads.append(skipped_overhead("cuda_graph_pool_gib", f"failed: {type(err).__name__}: {err}"[:500],
+                                              "device memory held by per-unit CUDA graphs"))
+
+    for spec in specs:
+        steps = setup.long_steps if spec.long else setup.steps
+        if spec.path == "torchao_compile":
+            measure_graphs()
+        row: dict[str, Any] = {"key": spec.key, "label": spec.label, "steps": steps}
+        if compiled is not None and spec.path != "plain_compile":
+            compiled.__exit__(None, None, None)
+            compiled = None
+        try:
+            if spec.path == "torchao_compile":
+                why = B.torchao_fp8(model)
+                if why is not None:
+                    rows.append({**row, "skipped": why})
+                    continue
+            if spec.path == "plain_compile" and compiled is None:
+                compiled = B.regional_compile(model, backend=args.compile_backend)
+                compiled.__enter__()
+            if spec.path == "torchao_compile":
+                compiled = B.regional_compile(model, backend=args.compile_backend)
+                compiled.__enter__()
+            if spec.path == "ours":
+                ex = StepExecutor(runner_for(spec.fp8), setup.g, stats=args.stats)
+            else:
+                ex = B.PlainExecutor(model, setup.g)
+            if spec.grid is None:
+                grid = full_grid(steps, units)
+            else:
+                if spec.grid not in grids:
+                    rows.append({**row, "skipped": f"grid {spec.grid!r} is not in the grids file"})
+                    continue
+                grid = grids[spec.grid]["grid"]
+                if len(grid) < steps:
+                    rows.append({**row, "skipped": f"grid {spec.grid!r} has {len(grid)} steps, the row {steps}"})
+                    continue
+            row.update(measure(setup, ex, grid, steps, meter, args.warmup_steps))
+            if hasattr(ex, "describe"):
+                row["executor"] = ex.describe()
+            if spec.key == "ours_cached":
+                overheads += cache_overhead(ex)
+            if spec.key in PROFILE_ROWS and args.profile_steps and meter.cuda:
+                row["profile_per_block"] = profile_per_block(setup, ex, grid, row["median_step_ms"],
+                                                             args.profile_steps)
+        except Exception as err:  # noqa: BLE001  (one broken row must not lose the others)
             import traceback
 
             traceback.print_exc()
-            rows.append({"key": key, "label": label, "error": f"{type(err).__name__}: {err}"[:2000]})
-            del ex
-            torch.cuda.empty_cache()
-            continue
-        step_s = [r.seconds for r in res.steps]
-        cf = compute_fraction(gr, units)
-        row = {"key": key, "label": label, "seconds": secs, "step_seconds_median": statistics.median(step_s),
-               "steps": len(res.steps), "compute_fraction": cf, "warmup_seconds": warm_s, "build_seconds": build_s,
-               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-               "latent_finite": bool(torch.isfinite(res.z).all())}
-        if hasattr(ex, "describe"):
-            row["executor"] = ex.describe()
+            row = {"key": spec.key, "label": spec.label, "steps": steps, "error": f"{type(err).__name__}: {err}"[:2000]}
+        latent = row.pop("_latent", None)
+        if keep_latents and latent is not None:
+            row["_latent"] = latent
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "executor"}), flush=True)
-        if kind == "compiled":
-            for b in list(model.spatial_blocks) + list(model.temporal_blocks):
-                del b.forward  # back to the class's eager forward
-        del ex
-        torch.cuda.empty_cache()
-    base = next((r["seconds"] for r in rows if r["key"] == "bf16_eager" and "seconds" in r), None)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("_") and k != "executor"}), flush=True)
+        ex = None
+        if meter.cuda:
+            torch.cuda.empty_cache()
+    if compiled is not None:
+        compiled.__exit__(None, None, None)
+    measure_graphs()
+    for r in rows:  # the first compile a user waits for, per path
+        if r.get("warmup_s") is not None and r["key"] in ("plain_bf16_compile", "ours_fp8", "torchao_fp8_compile"):
+            overheads.append(overhead(f"compile_warmup_s.{r['key']}", r["warmup_s"], "s",
+                                      f"first {args.warmup_steps}-step run of {r['key']}: compile, autotune"
+                                      + (", graph capture" if args.cuda_graphs and r['key'] == 'ours_fp8' else "")))
+    return rows, overheads
+
+
+def add_ratios_and_fidelity(rows: list[dict], fidelity: dict | None) -> None:
+    spec = {s.key: s for s in ROWS}
+    secs = {r["key"]: r.get("seconds") for r in rows}
     for r in rows:
-        if "seconds" in r:
-            r["speedup_vs_bf16_eager"] = None if base is None else base / r["seconds"]
-    fid = src["results"]
-    fid_map = {"bf16_eager": None, "bf16_compile": None, "ours_quant": "quantized_only", "ours_cached": "cached_only",
-               "ours_both": "both"}
-    for r in rows:
-        k = fid_map.get(r["key"])
-        r["fidelity_qcref"] = None if k is None or k not in fid else {x: fid[k][x] for x in ("psnr_db", "ssim", "compute_fraction")}
-    doc = {"what": "6c end to end, STDiT3-XL/2 random weights, 480p 9:16 (latent 15x60x106, 23,850 tokens), "
-                   f"51 frames, CFG batch 2, {args.steps} RFLOW steps", "env": _env(args.commit),
-           "geometry": {"T": g.T, "S": g.S, "N": g.N, "M_cfg": 2 * g.N}, "depth": cfg.depth,
-           "grid_mapping": f"XL block j <- qc-ref block floor(j*{src['depth']}/{cfg.depth}) of the same kind",
-           "grid_source": {"file": str(args.grid), "qcref_env": src.get("env"), "policy": src.get("policy")},
-           "fidelity_source": "qc-ref runs of the same configuration (bench/results/e2e_qcref.json), PSNR/SSIM vs "
-                              "its FP video; random XL weights have no meaningful fidelity",
-           "qcref_static_vs_dynamic": {k: fid[k] for k in ("quantized_only", "quantized_static_scales") if k in fid},
-           "rows": rows}
+        if "seconds" not in r:
+            continue
+        base = secs.get(BASELINE[spec[r["key"]].long])
+        r["speedup_vs_plain_bf16_compile"] = None if not base else base / r["seconds"]
+        conf = (fidelity or {}).get("configs", {}).get(spec[r["key"]].fidelity)
+        r["fidelity"] = None if conf is None else {**conf, "config": spec[r["key"]].fidelity}
+
+
+def attach_fidelity(path: Path, fid_path: Path) -> None:
+    """Put a --fidelity JSON beside the rows of an existing result (the runs may come in either order)."""
+    doc = json.loads(path.read_text())
+    fidelity = json.loads(fid_path.read_text())
+    add_ratios_and_fidelity(doc["rows"], fidelity)
+    doc["fidelity_source"] = {"file": str(fid_path), "env": fidelity.get("env"), "reference": fidelity.get("reference")}
+    validate_doc(doc)
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def quick_config():
+    """A tiny STDiT3 (2+2 blocks, hidden 64) for CPU smoke runs and tests."""
+    from qc_compile.models.config import OPENSORA_V12
+
+    return dataclasses.replace(OPENSORA_V12, name="opensora-v1.2-tiny", hidden_size=64, depth=2, num_heads=4,
+                               caption_channels=32, model_max_length=16)
+
+
+def make_setup(args) -> Setup:
+    dev = args.device
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.quick:
+        cfg, size, valid = quick_config(), (17, 64, 64), 8
+    else:
+        cfg, size, valid = None, (XL_FRAMES, XL_HEIGHT, XL_WIDTH), 120
+    model = xl_model(args.depth, config=cfg, device=dev, dtype=dtype)
+    g, z, y, mask = xl_inputs(model.config, valid=valid, size=size, device=dev)
+    y_null = model.y_embedder.y_embedding[None, None].float()
+    return Setup(model, g, z, y, mask, y_null, size, args.steps, args.long_steps, model.config.depth)
+
+
+def gpu_stem() -> str:
+    if not torch.cuda.is_available():
+        return "e2e_cpu"
+    name = torch.cuda.get_device_name().lower()
+    for k in ("h200", "h100", "a100", "l40s", "b200"):
+        if k in name:
+            return f"e2e_{k}"
+    return "e2e_" + "".join(c if c.isalnum() else "_" for c in name)[:24]
+
+
+def run_bench(args, keep_latents: bool = False) -> dict:
+    """The timed rows -> OUT/<stem>.json and .md; ``keep_latents`` (tests) adds ``_latents`` after writing."""
+    torch.set_grad_enabled(False)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    meter = B.Meter(args.device)
+    setup = make_setup(args)
+    grids = load_grids(args.grids, setup.depth)
+    specs = [s for s in ROWS if not args.rows or s.key in args.rows]
+    rows, overheads = run_rows(setup, specs, grids, args, meter, keep_latents)
+    latents = {r["key"]: r.pop("_latent") for r in rows if "_latent" in r}
+    fid_path = Path(args.fidelity_json) if args.fidelity_json else None
+    fidelity = json.loads(fid_path.read_text()) if fid_path and fid_path.is_file() else None
+    add_ratios_and_fidelity(rows, fidelity)
+    g = setup.g
+    doc = {"what": WHAT, "excluded": EXCLUDED,
+           "setting": f"{setup.model.config.name} random weights, {setup.size[1]}x{setup.size[2]} px, {setup.size[0]} "
+                      f"frames (latent {g.frames}x{g.height}x{g.width}, {g.N} tokens), CFG batch 2, RFLOW, "
+                      f"{setup.steps} steps (100-step pair: {setup.long_steps}), {args.dtype}",
+           "geometry": {"T": g.T, "S": g.S, "N": g.N}, "depth": setup.depth,
+           "options": {"cuda_graphs": args.cuda_graphs, "compile": not args.no_compile, "stats": args.stats,
+                       "compile_backend": args.compile_backend, "warmup_steps": args.warmup_steps, "quick": args.quick},
+           "grids": {"file": str(args.grids), "mapping": "XL block j <- qc-ref block floor(j * 4 / depth) of the "
+                     "same kind", **{k: {kk: vv for kk, vv in v.items() if kk != "grid"} for k, v in grids.items()}},
+           "fidelity_source": None if fidelity is None else {"file": str(fid_path), "env": fidelity.get("env"),
+                                                              "reference": fidelity.get("reference")},
+           "rows": rows, "overheads": overheads, "env": _env(args.commit)}
+    validate_doc(doc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = args.stem
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    if args.profile_steps:
-        try:
-            doc["profile"] = profile_step(model, g, z, y, mask, y_null, plan, grid_both, args)
-        except Exception as err:  # noqa: BLE001
-            doc["profile_error"] = f"{type(err).__name__}: {err}"[:2000]
-        (out / f"{stem}.json").write_text(json.dumps(doc, indent=1))
-    render(out / f"{stem}.json")
+    path = out / f"{args.stem or gpu_stem()}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    render(path)
+    print(f"wrote {path} and .md")
+    if keep_latents:
+        doc["_latents"] = latents
+    return doc
 
 
-def grid_none(steps: int, units: list[str]) -> list[dict[str, dict]]:
-    return [{u: {"action": "compute", "variant": "default"} for u in units} for _ in range(steps)]
-
-
-KERNEL_CLASSES = (
-    ("attention", ("flash", "fmha", "attention", "efficient")),
-    ("gemm (bf16 and fp8)", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
-    ("qc producers", ("_producer", "_quant", "rotate")),
-    ("qc cache stats", ("_cache",)),
-    ("inductor fused", ("triton_",)),
-)
-
-
-def kernel_class(name: str) -> str:
-    low = name.lower()
-    for cls, keys in KERNEL_CLASSES:
-        if any(k in low for k in keys):
-            return cls
-    return "other elementwise/copy"
-
-
-def profile_step(model, g, z, y, mask, y_null, plan, grid_both, args) -> dict:
-    """GPU time by kernel class for one 2-step sampling of BF16 eager and of ours (both), after warm-up."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from qc_compile.runtime.generation import torch_executor
+# ------------------------------------------------------------------------------------------------ qc-ref: grids
+def run_grids(args) -> None:
+    """quantcache decision grids on qc-ref (tuning captions, one batch): bf16-less dense path (``cached_30``), FP8
+    fast path (``both_30``), FP8 at the long step count (``both_100``), replayed by the XL rows."""
+    from qc_compile.calib.ranges import default_prompts
+    from qc_compile.models import load_model
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.models.units import block_units
+    from qc_compile.runtime.fast_blocks import fp8_block_plan
+    from qc_compile.runtime.generation import GenerationSettings, generate
+    from qc_compile.runtime.policies import get_policy
     from qc_compile.runtime.runners.fast import FastRunner
     from qc_compile.runtime.step_executor import StepExecutor
-    from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
+    from qc_compile.runtime.trace import compute_fractions
 
+    torch.set_grad_enabled(False)
+    loaded = load_model("qc-ref", device=args.device)
+    model = loaded.model
+    prompts = default_prompts("qc-ref", args.grid_prompts, seed=GRID_PROMPT_SEED)
+    plan = fp8_block_plan(model)
+    sets = dict(kv.split("=", 1) for kv in args.set_long)
+    sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
     out = {}
-    s = RFlowSampler(SamplerConfig(num_steps=args.profile_steps, cfg_scale=7.0))
-    for key, ex, gr in (("bf16_eager", torch_executor(model, g), None),
-                        ("ours_both", StepExecutor(FastRunner(model, g, plan, compile=not args.no_compile), g), grid_both)):
-        pol = ReplayPolicy(gr[: args.profile_steps]) if gr else None
-        kw = dict(video_size=(XL_FRAMES, XL_HEIGHT, XL_WIDTH), progress=False)
-        s.sample(ex, z, y, mask, y_null, 24, policy=pol, **kw)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            s.sample(ex, z, y, mask, y_null, 24, policy=ReplayPolicy(gr[: args.profile_steps]) if gr else None, **kw)
-            torch.cuda.synchronize()
-        by: dict[str, float] = {}
-        top: dict[str, float] = {}
-        for evt in prof.key_averages():
-            t = getattr(evt, "device_time_total", None)
-            if t is None:
-                t = getattr(evt, "cuda_time_total", 0.0)
-            if not t or evt.device_type.name != "CUDA":
+    for name, fp8, steps, over in (("cached_30", False, args.steps, {}), ("both_30", True, args.steps, {}),
+                                   ("both_100", True, args.long_steps, sets)):
+        settings = GenerationSettings.defaults(loaded, seed=0, steps=steps)
+        g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
+        ex = StepExecutor(FastRunner(model, g, plan if fp8 else None), g)
+        t0 = time.perf_counter()
+        _, res = generate(loaded, prompts, settings, executor=ex, progress=False,
+                          policy=get_policy("quantcache", over, None, seed=0))
+        units = block_units(ex.unit_names)
+        grid = [{u: {"action": s.decisions.get(u, {}).get("action", "compute"),
+                     "variant": s.decisions.get(u, {}).get("variant", "default")} for u in units} for s in res.steps]
+        out[name] = {"steps": steps, "fp8": fp8, "policy": "quantcache", "overrides": over,
+                     "compute_fraction": compute_fractions(res.steps, units)[0], "grid": grid}
+        print(f"{name}: {out[name]['compute_fraction']:.3f} computed, {time.perf_counter() - t0:.0f} s", flush=True)
+    doc = {"model": "qc-ref", "depth": loaded.config.depth, "prompts": prompts, "prompt_seed": GRID_PROMPT_SEED,
+           "noise_seed": 0, "cfg": loaded.config.default_cfg, "device": args.device,
+           "precision": f"{next(model.parameters()).dtype} model; FP8 rows: the plan's block linears W8A8 with "
+                        "dynamic per-token scales (qc:: reference kernels on the CPU)",
+           "note": "one batch of the tuning captions decides one grid (the policy decides once per batch); the XL "
+                   "rows replay it by relative depth", "grids": out, "env": _env(args.commit)}
+    Path(args.grids).write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.grids}")
+
+
+# ------------------------------------------------------------------------------------------------ qc-ref: fidelity
+def run_fidelity(args) -> None:
+    """qc-ref fidelity of each row's configuration on the 32 held-out captions: PSNR/SSIM against the fp32 FP video
+    of the same caption, seed and step count, caption-checker accuracy and its drop, compute fraction."""
+    from qc_compile.data.shapes import sample_captions
+    from qc_compile.metrics.caption_checker import score_videos
+    from qc_compile.metrics.fidelity import compare_videos
+    from qc_compile.models import load_model
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.fast_blocks import fp8_block_plan
+    from qc_compile.runtime.generation import GenerationSettings, generate, torch_executor
+    from qc_compile.runtime.policies import get_policy
+    from qc_compile.runtime.runners.fast import FastRunner
+    from qc_compile.runtime.step_executor import StepExecutor
+
+    torch.set_grad_enabled(False)
+    dev = args.device
+    loaded = load_model("qc-ref", device=dev)  # fp32: the reference
+    captions = [c.text() for c in sample_captions(args.captions, seed=EVAL_CAPTION_SEED)]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    low = copy.deepcopy(loaded)
+    low.model = low.model.to(dtype)
+    plan = fp8_block_plan(low.model)
+    sets = dict(kv.split("=", 1) for kv in args.set_long)
+    sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
+
+    def videos(lm, executor_for, steps: int, policy: str | None = None, over=None):
+        out, cf = [], []
+        for i in range(0, len(captions), args.batch):
+            caps = captions[i:i + args.batch]
+            s = GenerationSettings.defaults(lm, seed=i, steps=steps)  # caption k: noise seed k
+            g = Geometry.for_model(lm.config, s.frames, s.height, s.width)
+            ex = executor_for(lm.model, g)
+            pol = get_policy(policy, over, None, seed=0) if policy else None
+            v, res = generate(lm, caps, s, executor=ex, policy=pol, progress=False)
+            out += list(v)
+            cf.append(res.compute_fraction(ex.unit_names))
+        return out, sum(cf) / len(cf)
+
+    def fast(p):
+        return lambda m, g: StepExecutor(FastRunner(m, g, p), g)
+
+    refs: dict[int, list] = {}
+    ref_checker: dict[int, float] = {}
+    configs: dict[str, dict] = {}
+    table = [("plain_bf16", "plain", args.steps, None, None), ("ours_fp8", fast(plan), args.steps, None, None),
+             ("ours_cached", fast(None), args.steps, "quantcache", None),
+             ("ours_both", fast(plan), args.steps, "quantcache", None),
+             ("torchao_fp8", "torchao", args.steps, None, None),
+             ("plain_bf16_100", "plain", args.long_steps, None, None),
+             ("ours_both_100", fast(plan), args.long_steps, "quantcache", sets)]
+    for name, how, steps, policy, over in table:
+        if args.configs and name not in args.configs:
+            continue
+        if steps not in refs:
+            t0 = time.perf_counter()
+            refs[steps], _ = videos(loaded, torch_executor, steps)
+            ref_checker[steps] = score_videos(refs[steps], captions)["all"]
+            print(f"reference {steps} steps: {time.perf_counter() - t0:.0f} s, checker {ref_checker[steps]:.3f}",
+                  flush=True)
+        lm = low
+        if how == "torchao":
+            lm = copy.deepcopy(low)
+            why = B.torchao_fp8(lm.model)
+            if why is not None:
+                configs[name] = {"skipped": why}
                 continue
-            by[kernel_class(evt.key)] = by.get(kernel_class(evt.key), 0.0) + t / 1e3
-            top[evt.key[:90]] = top.get(evt.key[:90], 0.0) + t / 1e3
-        out[key] = {"steps": args.profile_steps, "ms_by_class": dict(sorted(by.items(), key=lambda kv: -kv[1])),
-                    "top_kernels_ms": dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])}
-        del ex
-        torch.cuda.empty_cache()
-    return out
+        t0 = time.perf_counter()
+        if how in ("plain", "torchao"):
+            vids, cf = videos(lm, B.PlainExecutor, steps)
+        else:
+            vids, cf = videos(lm, how, steps, policy, over)
+        per = [compare_videos(a.float(), b) for a, b in zip(vids, refs[steps])]
+        checker = score_videos(vids, captions)["all"]
+        configs[name] = {"steps": steps, "psnr_db": sum(p["psnr_db"] for p in per) / len(per),
+                         "psnr_db_min": min(p["psnr_db"] for p in per),
+                         "ssim": sum(p["ssim"] for p in per) / len(per), "checker": checker,
+                         "checker_reference": ref_checker[steps],
+                         "checker_drop_points": 100.0 * (ref_checker[steps] - checker), "compute_fraction": cf,
+                         "videos": len(vids), "policy": policy or "none", "overrides": over or {}}
+        print(name, json.dumps(configs[name]), f"{time.perf_counter() - t0:.0f} s", flush=True)
+    doc = {"model": "qc-ref", "captions": captions, "caption_seed": EVAL_CAPTION_SEED, "batch": args.batch,
+           "dtype": args.dtype, "device": dev,
+           "reference": f"the fp32 model, policy none, same caption, noise seed and step count (torch executor)",
+           "note": "compile does not change the math: plain_bf16 stands for the eager and compiled rows; policies "
+                   "decide once per batch of `batch` captions", "configs": configs, "env": _env(args.commit)}
+    Path(args.out_fidelity).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out_fidelity).write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out_fidelity}")
 
 
 # ------------------------------------------------------------------------------------------------ render
+def _fid(f: dict | None) -> str:
+    if not f:
+        return "not measured"
+    if "skipped" in f:
+        return f"skipped: {f['skipped'][:80]}"
+    cf = "" if f.get("compute_fraction", 1.0) == 1.0 else f", {100 * f['compute_fraction']:.0f}% computed"
+    return (f"{f['psnr_db']:.2f} dB / {f['ssim']:.3f} / checker {100 * f['checker']:.0f}% "
+            f"(drop {f['checker_drop_points']:.1f} pt{cf})")
+
+
 def render(path: Path) -> None:
+    """The .md next to the JSON: rows with ratios to plain_bf16_compile, overheads, per-block profile."""
     doc = json.loads(Path(path).read_text())
-    rows = doc["rows"]
     env = doc["env"]
-    lines = [f"# {doc['what']}", "",
-             f"Device {env['device']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date'][:19]}Z. All rows measured in one process; seconds = the whole sampling loop (CUDA-"
-             "synchronised wall clock, after a 2-step warm-up run per row).", "",
-             "| configuration | seconds | speedup vs BF16 eager | unit evaluations computed | fidelity (qc-ref, same "
-             "configuration): PSNR / SSIM vs FP |", "|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'][:200]} | | | |")
+    L = [f"# {doc['what']}: {doc.get('setting', '')}", "",
+         f"Excluded: {doc['excluded']}. Device {env['device']}, commit {env['commit']}, torch {env['torch']}, "
+         f"triton {env['triton']}, {env['date']}. All rows in one process on the same inputs; seconds = the whole "
+         "sampling loop (CUDA events), after a separate warm-up run; peak memory reset per row. Ratios are to "
+         "`plain_bf16_compile` at the same step count. Fidelity: qc-ref, the same configuration, 32 held-out "
+         "captions, PSNR / SSIM vs its fp32 video / caption-checker accuracy (change vs fp32).", "",
+         "| row | seconds | × plain_bf16_compile | median step (ms) | warm-up (s) | peak (GiB) | computed | "
+         "fidelity (qc-ref) |", "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if "seconds" not in r:
+            L.append(f"| `{r['key']}` | {'skipped' if 'skipped' in r else 'failed'}: "
+                     f"{(r.get('skipped') or r.get('error'))[:160]} | | | | | | |")
             continue
-        f = r.get("fidelity_qcref")
-        fid = "— (reference)" if r["key"] == "bf16_eager" else (
-            "same math as BF16 eager" if f is None else f"{f['psnr_db']:.2f} dB / {f['ssim']:.4f}")
-        sp = r.get("speedup_vs_bf16_eager")
-        lines.append(f"| {r['label']} | {r['seconds']:.2f} | {'—' if sp is None else f'{sp:.2f}x'} | "
-                     f"{100 * r['compute_fraction']:.1f}% | {fid} |")
-    lines += ["", f"Decision grid: {doc['grid_mapping']} (replayed from the qc-ref `quantcache` run; the `both` row "
-              "replays the grid of qc-ref's quantized+cached run). Precision variants in the grid are not applied: "
-              "every computed unit runs the one FP8 plan (the plan has no variants).", ""]
-    sv = doc.get("qcref_static_vs_dynamic", {})
-    if sv:
-        lines += ["qc-ref, activation scales (W8A8 FP8, all block linears, policy none):", ""]
-        for k, v in sv.items():
-            lines.append(f"- {k}: PSNR {v['psnr_db']:.2f} dB, SSIM {v['ssim']:.4f} — {v['what']}")
-        lines.append("")
-    prof = doc.get("profile")
+        sp = r.get("speedup_vs_plain_bf16_compile")
+        peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        L.append(f"| `{r['key']}` ({r['steps']} steps) | {r['seconds']:.2f} | {'—' if sp is None else f'{sp:.2f}x'} "
+                 f"| {r['median_step_ms']:.0f} | {r['warmup_s']:.1f} | {peak} | {100 * r['compute_fraction']:.1f}% "
+                 f"| {_fid(r['fidelity'])} |")
+    L += ["", "Rows: " + "; ".join(f"`{r['key']}` = {r['label']}" for r in doc["rows"]) + ".", "",
+          f"Options: {json.dumps(doc.get('options', {}))}. Grids: {doc['grids'].get('mapping', '')}; replayed "
+          "from qc-ref `quantcache` runs (random weights make adaptive statistics meaningless); AIGQ's precision "
+          "requests in them (`high`) run the one FP8 plan (the plan has no variants), as in the fidelity runs.", "",
+          "## Overheads a user pays", "", "| what | value |", "|---|---|"]
+    for o in doc["overheads"]:
+        val = f"skipped: {o['skipped']}" if "skipped" in o else f"{o['value']:.3g} {o['unit']}"
+        L.append(f"| `{o['key']}`: {o['what']} | {val} |")
+    prof = {r["key"]: r["profile_per_block"] for r in doc["rows"] if "profile_per_block" in r}
     if prof:
-        lines += ["GPU time by kernel class (profiler, one sampling run of "
-                  f"{next(iter(prof.values()))['steps']} steps):", "", "| class | " +
-                  " | ".join(prof) + " |", "|---|" + "---|" * len(prof)]
         classes = sorted({c for p in prof.values() for c in p["ms_by_class"]},
                          key=lambda c: -max(p["ms_by_class"].get(c, 0.0) for p in prof.values()))
-        for c in classes:
-            lines.append(f"| {c} | " + " | ".join(f"{p['ms_by_class'].get(c, 0.0):.0f} ms" for p in prof.values())
-                         + " |")
-        lines.append("")
-    for r in (r for r in rows if "error" not in r):
-        lines.append(f"- {r['key']}: median step {r['step_seconds_median'] * 1e3:.0f} ms, warm-up run "
-                     f"{r['warmup_seconds']:.1f} s (compile/autotune), peak memory {r['peak_mem_gib']:.1f} GiB")
-    path = Path(path)
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    import matplotlib
+        L += ["", "## Where the time goes per computed block (ms)", "",
+              "Kernel time by class (torch.profiler over a short run, divided by the computed blocks); launch gaps = "
+              "the timed run's median step / blocks minus kernel time.", "",
+              "| class | " + " | ".join(f"`{k}`" for k in prof) + " |", "|---|" + "---|" * len(prof)]
+        for c in classes + ["launch_gaps", "wall"]:
+            vals = [p["ms_by_class"].get(c, 0.0) if c in classes else p["launch_gaps_ms" if c == "launch_gaps"
+                                                                            else "wall_ms"] for p in prof.values()]
+            L.append(f"| {c.replace('_', ' ')} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    Path(path).with_suffix(".md").write_text("\n".join(L) + "\n")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if "error" not in r]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
-    labels = [r["key"] for r in rows]
-    secs = [r["seconds"] for r in rows]
-    bars = ax.barh(labels[::-1], secs[::-1], color=["#9ecae1" if "bf16" in k else "#2b6cb0" for k in labels[::-1]])
-    for b, r in zip(bars, rows[::-1]):
-        sp = r.get("speedup_vs_bf16_eager")
-        ax.text(b.get_width(), b.get_y() + b.get_height() / 2,
-                f" {b.get_width():.1f} s" + ("" if sp is None else f"  {sp:.2f}x") +
-                f"  ({100 * r['compute_fraction']:.0f}% computed)", va="center", fontsize=8)
-    ax.set_xlabel(f"seconds for {rows[0]['steps']} steps (CFG batch 2)")
-    ax.set_xlim(0, max(secs) * 1.55)
-    ax.set_title(f"STDiT3-XL/2 480p 51f, {env['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(fig)
-    print(f"wrote {path.with_suffix('.md')} and .png")
+# ------------------------------------------------------------------------------------------------ CLI
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--make-grids", dest="mode_grids", action="store_true",
+                      help="compute the qc-ref decision grids (CPU) into --grids")
+    mode.add_argument("--fidelity", action="store_true", help="qc-ref fidelity of each configuration")
+    mode.add_argument("--render", default=None, metavar="JSON", help="re-render the .md of a result JSON")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="bench/results", help="timing: output folder (e2e_<gpu>.json/.md)")
+    ap.add_argument("--stem", default=None, help="output name without suffix (default e2e_<gpu>)")
+    ap.add_argument("--grids", default=str(GRIDS_JSON), help="the decision grids (read; --make-grids writes it)")
+    ap.add_argument("--fidelity-json", default=None, help="the --fidelity output to put beside the rows")
+    ap.add_argument("--out-fidelity", default=None, help="--fidelity: output (default bench/results/"
+                                                         "e2e_fidelity_<device>.json)")
+    ap.add_argument("--rows", nargs="*", default=None, choices=ROW_KEYS)
+    ap.add_argument("--configs", nargs="*", default=None, help="--fidelity: only these configurations")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--long-steps", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="tiny model and size (CPU smoke run of the same code)")
+    ap.add_argument("--depth", type=int, default=None, help="blocks per kind (default: the model's)")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    ap.add_argument("--no-compile", action="store_true", help="our rows without torch.compile")
+    ap.add_argument("--compile-backend", default=None, help="regional compile backend (default inductor; "
+                                                             "--quick: eager)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="our rows with per-unit CUDA graphs")
+    ap.add_argument("--stats", default="full", choices=("full", "cache"), help="statistics our executor computes")
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--profile-steps", type=int, default=2, help="0: no per-block profile")
+    ap.add_argument("--no-graph-overhead", action="store_true", help="skip the CUDA-graph memory measurement")
+    ap.add_argument("--grid-prompts", type=int, default=2, help="--make-grids: tuning captions in the batch")
+    ap.add_argument("--set-long", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="quantcache overrides for the 100-step grid/fidelity (e.g. hlc.tau_max=10)")
+    ap.add_argument("--captions", type=int, default=32, help="--fidelity: held-out captions")
+    ap.add_argument("--batch", type=int, default=1, help="--fidelity: captions per generate call")
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.long_steps = min(args.steps, 3), min(args.long_steps, 5)
+        args.profile_steps = min(args.profile_steps, 1)
+        args.no_compile = args.no_compile or not args.device.startswith("cuda")
+    if args.compile_backend is None:
+        args.compile_backend = "eager" if args.quick and not args.device.startswith("cuda") else "inductor"
+    if args.out_fidelity is None:
+        args.out_fidelity = str(RESULTS / f"e2e_fidelity_{'gpu' if args.device.startswith('cuda') else 'cpu'}.json")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    q = sub.add_parser("qcref")
-    q.add_argument("--out", default="bench/results/e2e_qcref.json")
-    q.add_argument("--device", default="cpu")
-    q.add_argument("--prompts", type=int, default=2)
-    q.add_argument("--prompt-seed", type=int, default=7)
-    q.add_argument("--calib-prompts", type=int, default=2)
-    q.add_argument("--commit", default=None)
-    x = sub.add_parser("xl")
-    x.add_argument("--grid", default="bench/results/e2e_qcref.json")
-    x.add_argument("--out", required=True)
-    x.add_argument("--stem", default="e2e_h100")
-    x.add_argument("--steps", type=int, default=30)
-    x.add_argument("--depth", type=int, default=None, help="blocks per kind (default 28; fewer for a smoke test)")
-    x.add_argument("--only", nargs="*", default=None)
-    x.add_argument("--no-compile", action="store_true")
-    x.add_argument("--cuda-graphs", action="store_true")
-    x.add_argument("--profile-steps", type=int, default=0)
-    x.add_argument("--commit", default=None)
-    r = sub.add_parser("render")
-    r.add_argument("json")
-    args = ap.parse_args(argv)
-    if args.cmd == "qcref":
-        run_qcref(args)
-    elif args.cmd == "xl":
-        run_xl(args)
+    args = parse_args(argv)
+    if args.render:
+        if args.fidelity_json:
+            attach_fidelity(Path(args.render), Path(args.fidelity_json))
+        render(Path(args.render))
+    elif args.mode_grids:
+        run_grids(args)
+    elif args.fidelity:
+        run_fidelity(args)
     else:
-        render(Path(args.json))
+        run_bench(args)
     return 0
 
 

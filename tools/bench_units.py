@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import _env, kernel_class, xl_inputs, xl_model  # noqa: E402
+from bench_lib import _env, kernel_class, xl_inputs, xl_model  # noqa: E402
 
 ROLES = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj", "mlp.fc1",
          "mlp.fc2")

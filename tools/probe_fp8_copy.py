@@ -5,7 +5,7 @@ import torch
 
 sys.path.insert(0, "tools")
 from bench_units import build_configs, unit_inputs  # noqa: E402
-from bench_e2e import xl_model, xl_inputs  # noqa: E402
+from bench_lib import xl_model, xl_inputs  # noqa: E402
 
 
 def main():

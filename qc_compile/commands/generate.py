@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
 
@@ -40,21 +41,33 @@ from qc_compile.errors import UserError
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="DiT and VAE precision; auto = bf16 for opensora-v1.2 on CUDA (as Open-Sora runs it), else fp32.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@gpu_options
 def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
              text_encoder: Path | None, vae: Path | None, caption_cache: Path | None, aes: float,
-             flow: float | None, dtype: str, quiet: bool) -> None:
-    """Generate videos from text prompts with the FP model."""
+             flow: float | None, dtype: str, quiet: bool, gpus: int, parallel_mode: str) -> None:
+    """Generate videos from text prompts with the FP model (--gpus N: one video split over N GPUs)."""
+    if output.suffix.lower() != ".mp4":
+        raise UserError(f"--output {output}: expected a path ending in .mp4.")
+    on_gpus(_generate, dict(prompts=prompts, output=output, model=model, checkpoint=checkpoint, steps=steps, cfg=cfg,
+                            seed=seed, frames=frames, height=height, width=width, device=device,
+                            text_encoder=text_encoder, vae=vae, caption_cache=caption_cache, aes=aes, flow=flow,
+                            dtype=dtype, quiet=quiet),
+            gpus, parallel_mode, device)
+
+
+def _generate(prompts, output, model, checkpoint, steps, cfg, seed, frames, height, width, device, text_encoder, vae,
+              caption_cache, aes, flow, dtype, quiet) -> None:
+    """The generation on this process (every rank of a --gpus run; rank 0 writes the videos)."""
     import torch
 
     from qc_compile.models import get_config, load_model
     from qc_compile.models.caption_encoder import CaptionTokenizer
     from qc_compile.models.opensora_parts import attach_opensora_parts
     from qc_compile.runtime.generation import GenerationSettings, generate as run_generation, resolve_device
+    from qc_compile.runtime.parallel import current_mesh, is_rank0
     from qc_compile.video_io import write_mp4, write_png_strip
 
-    if output.suffix.lower() != ".mp4":
-        raise UserError(f"--output {output}: expected a path ending in .mp4.")
     device = resolve_device(device)
     latent = get_config(model).space == "latent"
     torch_dtype = torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and latent and device != "cpu") \
@@ -70,10 +83,15 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
         decoder.check_geometry(loaded.config, settings.frames, settings.height, settings.width)
     torch.set_grad_enabled(False)
     start = time.perf_counter()
-    videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet)
+    videos, _ = run_generation(loaded, list(prompts), settings, progress=not quiet and is_rank0())
+    if not is_rank0():
+        return
     if decoder is not None:  # latents -> frames in [-1, 1] (Open-Sora 1.2's VAE)
         videos = decoder.decode(videos, num_frames=settings.frames, out_device="cpu").clamp(-1, 1)
     seconds = time.perf_counter() - start
+    mesh = current_mesh()
+    if mesh is not None:
+        device = f"{mesh.world_size} x {device} ({mesh.describe()['backend']})"
     for k, video in enumerate(videos):
         path = output if len(videos) == 1 else output.with_name(f"{output.stem}_{k}{output.suffix}")
         if decoder is not None:  # full-size frames: no upscale (x2 only if a side is odd), no PNG strip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
 
@@ -79,21 +80,21 @@ def _policy_help() -> str:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Run directory (default: WORK/runs/<id>, or ./runs/<id> without WORK).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@gpu_options
 def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, policy: str | None,
         sets: tuple[str, ...], reference: bool, model: str | None, checkpoint: Path | None, random_weights: bool,
         device: str, seed: int,
         steps: int | None, cfg: float | None, frames: int | None, height: int | None, width: int | None,
-        executor: str, fast: bool, output: Path | None, quiet: bool) -> None:
+        executor: str, fast: bool, output: Path | None, quiet: bool, gpus: int, parallel_mode: str) -> None:
     """Generate videos under a caching / pruning / precision policy.
 
     Writes RUN/video.mp4 (+ video.png frame strip; video_<k>.* for several prompts), RUN/trace.json (every decision
     per unit and step, statistics, timings), RUN/metrics.json (compute fraction; with --reference PSNR/SSIM against
     the FP video and the caption-checker drop) and RUN/decisions.png (units x steps).
 
-    Without WORK it runs the FP model (--model, default qc-ref) on the torch executor.
+    Without WORK it runs the FP model (--model, default qc-ref) on the torch executor. With --gpus N one video is
+    split over N GPUs (CFG and/or sequence parallel); the trace records whether every rank took the same decisions.
     """
-    from qc_compile.runtime.pipeline import Pipeline
-
     all_prompts = list(prompts) + (read_prompt_file(prompt_file) if prompt_file else [])
     if not all_prompts:
         raise UserError("give a prompt with --prompt TEXT or a file with --prompts FILE.")
@@ -104,10 +105,24 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         from qc_compile.runtime.policies import get_policy
 
         get_policy(policy, overrides, None, seed=seed)
+    on_gpus(_run, dict(work=work, all_prompts=all_prompts, policy=policy, overrides=overrides, reference=reference,
+                       model=model, checkpoint=checkpoint, random_weights=random_weights, device=device, seed=seed,
+                       steps=steps, cfg=cfg, frames=frames, height=height, width=width, executor=executor, fast=fast,
+                       output=output, quiet=quiet), gpus, parallel_mode, device)
+
+
+def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, random_weights, device, seed, steps, cfg,
+         frames, height, width, executor, fast, output, quiet) -> None:
+    """The run on this process (every rank of a --gpus run; rank 0 writes the run directory)."""
+    from qc_compile.runtime.parallel import is_rank0
+    from qc_compile.runtime.pipeline import Pipeline
+
     pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, executor=executor,
                     random_weights=random_weights, fast=fast)
     res = pipe(all_prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg, reference=reference,
-               frames=frames, height=height, width=width, progress=not quiet)
+               frames=frames, height=height, width=width, progress=not quiet and is_rank0())
+    if not is_rank0():
+        return
     root = (work / "runs") if work is not None else Path("runs")
     run_dir = output or new_run_dir(root, res.policy, seed)
     paths = res.save(run_dir)
@@ -120,4 +135,8 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         if r.get("checker_drop_points") is not None:
             line += f", checker {100 * m['checker']['all']:.0f}% (FP {100 * r['checker_fp']['all']:.0f}%)"
     click.echo(line)
+    par = res.extra.get("parallel")
+    if par:
+        click.echo(f"{par['world_size']} processes (CFG parallel {par['cfg_parallel']}, sequence {par['sp_size']}, "
+                   f"{par['backend']}): decisions identical across ranks: {par['decisions_identical_across_ranks']}")
     click.echo(f"wrote {run_dir}/ ({', '.join(sorted(p.name for p in paths.values()))})")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
 EVAL_CAPTION_SEED = 20261122  # the held-out captions (tools/eval_reference.py); tune on another seed
@@ -67,18 +68,17 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@gpu_options
 def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, sets, steps, frames, height, width,
-          batch, jobs, model, checkpoint, random_weights, device, output) -> None:
+          batch, jobs, model, checkpoint, random_weights, device, output, gpus, parallel_mode) -> None:
     """Compare step policies on the same model, prompts and seeds.
 
     Writes OUTPUT/sweep.{json,md} (compute fraction, block-FLOP fraction, PSNR/SSIM vs FP, caption-checker accuracy
     per config), OUTPUT/pareto.png, and OUTPUT/runs/<config>/{trace.json,metrics.json,decisions.png} for the first
     prompt and seed of each config.
     """
-    from qc_compile.artifacts import atomic_write, write_json_atomic
     from qc_compile.commands.run import parse_sets, read_prompt_file
-    from qc_compile.runtime.pipeline import Pipeline
-    from qc_compile.runtime.sweep import expand_configs, parse_grid, plot_pareto, run_sweep, to_markdown
+    from qc_compile.runtime.sweep import expand_configs, parse_grid
 
     specs = [s.strip() for s in policies.split(",") if s.strip()]
     if not specs:
@@ -99,13 +99,36 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         prompts = [c.text() for c in sample_captions(n_prompts, seed=caption_seed)]
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
+    if jobs > 1 and gpus > 1:
+        raise UserError(f"--jobs {jobs} with --gpus {gpus}: a --gpus run splits each video over its processes; "
+                        "give one of the two.")
+    on_gpus(_sweep, dict(work=work, configs=configs, prompts=prompts, seed_list=seed_list, steps=steps, batch=batch,
+                         output=output, frames=frames, height=height, width=width, jobs=jobs, model=model,
+                         checkpoint=checkpoint, random_weights=random_weights, device=device,
+                         caption_seed=None if prompt_file else caption_seed), gpus, parallel_mode, device)
+
+
+def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, height, width, jobs, model, checkpoint,
+           random_weights, device, caption_seed) -> None:
+    """The sweep on this process (every rank of a --gpus run; rank 0 writes the outputs)."""
+    from qc_compile.artifacts import atomic_write, write_json_atomic
+    from qc_compile.runtime.parallel import current_mesh, is_rank0
+    from qc_compile.runtime.pipeline import Pipeline
+    from qc_compile.runtime.sweep import plot_pareto, run_sweep, to_markdown
+
     pipe_kwargs = dict(work_dir=work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
     pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
     commit = _git_commit()  # the code that runs: HEAD may move while a long sweep runs
-    result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=output,
+    rank0 = is_rank0()
+    result = run_sweep(pipe, configs, prompts, seed_list, steps=steps, batch=batch, out_dir=output if rank0 else None,
                        size={"frames": frames, "height": height, "width": width}, jobs=jobs, pipe_kwargs=pipe_kwargs,
-                       log=click.echo)
-    result["caption_seed"] = None if prompt_file else caption_seed
+                       log=click.echo if rank0 else (lambda *a, **k: None))
+    if not rank0:
+        return
+    mesh = current_mesh()
+    if mesh is not None:
+        result["parallel"] = mesh.describe()
+    result["caption_seed"] = caption_seed
     result["model"] = pipe.loaded.config.name
     result["checkpoint"] = pipe.loaded.checkpoint
     result["device"] = pipe.device

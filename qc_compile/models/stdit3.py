@@ -28,7 +28,7 @@ from torch import nn
 
 from qc_compile.errors import UserError
 from qc_compile.models.config import STDiT3Config
-from qc_compile.models.units import unit_kind  # noqa: F401  (re-exported: the one rule)
+from qc_compile.models.units import PatchGrid, unit_kind  # noqa: F401  (unit_kind re-exported: the one rule)
 from qc_compile.models.layers import (Attention, CaptionEmbedder, Mlp, MultiHeadCrossAttention, PatchEmbed3D,
                                       PositionEmbedding2D, RotaryEmbedding, SizeEmbedder, TimestepEmbedder,
                                       t2i_modulate)
@@ -46,7 +46,7 @@ UNIT_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass(frozen=True)
-class Geometry:
+class Geometry(PatchGrid):
     """Sizes of one resolution/frames profile: the model input (Tx, Hx, Wx), the patch grid and the pixel size
     that sets the position-embedding scale."""
 
@@ -56,23 +56,6 @@ class Geometry:
     patch_size: tuple[int, int, int]
     height_px: int  # pixel height used for the pos-embed scale (Open-Sora passes the video's pixel size)
     width_px: int
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        pt, ph, pw = self.patch_size
-        return -(-self.frames // pt), -(-self.height // ph), -(-self.width // pw)
-
-    @property
-    def T(self) -> int:
-        return self.grid[0]
-
-    @property
-    def S(self) -> int:
-        return self.grid[1] * self.grid[2]
-
-    @property
-    def N(self) -> int:
-        return self.T * self.S
 
     @classmethod
     def for_model(cls, cfg: STDiT3Config, frames: int, height: int, width: int) -> "Geometry":

@@ -29,3 +29,34 @@ def is_block(name: str) -> bool:
 def block_units(unit_names) -> tuple[str, ...]:
     """The block units of ``unit_names``, in order."""
     return tuple(n for n in unit_names if is_block(n))
+
+
+class PatchGrid:
+    """Token counts of a geometry with ``frames``/``height``/``width`` (model input sizes) and ``patch_size``
+    (pt, ph, pw): mixed into every family's geometry so T, S and N mean the same everywhere (per-frame
+    statistics, sequence-parallel shards, unit costs)."""
+
+    frames: int
+    height: int
+    width: int
+    patch_size: tuple[int, int, int]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Tokens along (time, rows, columns); a partial patch counts as one (STDiT3 pads to the patch)."""
+        pt, ph, pw = self.patch_size
+        return -(-self.frames // pt), -(-self.height // ph), -(-self.width // pw)
+
+    @property
+    def T(self) -> int:
+        return self.grid[0]
+
+    @property
+    def S(self) -> int:
+        """Tokens per frame."""
+        return self.grid[1] * self.grid[2]
+
+    @property
+    def N(self) -> int:
+        """Video tokens."""
+        return self.T * self.S

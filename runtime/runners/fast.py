@@ -38,7 +38,7 @@ def check_fast_available(device: str) -> None:
 
 class FastRunner:
     backend = "torch-fast"
-    supports = frozenset({"parts", "gate"})
+    supports = frozenset({"parts", "gate", "shards"})
     stats = "fused"
 
     def __init__(self, model: STDiT3, geometry: Geometry, plan=None, *, compile: bool = False,
@@ -58,8 +58,10 @@ class FastRunner:
             self.variant_models = {v: build_fast_model(model, plan, v, fn=fn) for v in plan.variant_names}
             self.variant_models.setdefault("fp", self.fp_model)
         self.default_model = self.variant_models.get("default", self.fp_model)
-        self._graphs: dict[tuple[str, str], _UnitGraph] = {}
+        self._graphs: dict[tuple, _UnitGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
+        self._x: dict[tuple, torch.Tensor] = {}
+        self._x_dtype: torch.dtype | None = None
         self._pool = None
 
     def model_for(self, variant: str) -> FastModel:
@@ -77,42 +79,51 @@ class FastRunner:
                 "quantized_roles_first_block": some.quantized, "plan_linears_run_unquantized": ignored}
 
     # ----------------------------------------------------------------------------------------- protocol
-    def block_steps(self, unit: str, variant: str, ctx: Mapping[str, torch.Tensor]):
-        return self.model_for(variant).block_steps(unit, dict(ctx), self.g)
+    def block_steps(self, unit: str, variant: str, ctx: Mapping[str, torch.Tensor], geometry=None):
+        return self.model_for(variant).block_steps(unit, dict(ctx), geometry or self.g)
 
     def begin_step(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None:
         if self.cuda_graphs and h.is_cuda:
             self._ensure_static(h, ctx)
 
-    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor],
+                 geometry=None) -> dict[str, torch.Tensor]:
+        """``geometry``: the token grid of a shard (:mod:`qc_compile.runtime.parallel`) for block units."""
         if not is_block(unit):
             return self.model.run_unit(unit, dict(inputs), self.g)
-        fm, h = self.model_for(variant), inputs["x"]
+        fm, h, g = self.model_for(variant), inputs["x"], geometry or self.g
         if self.cuda_graphs and h.is_cuda:
-            return {"x": self._graph_unit(fm, variant if variant in self.variant_models else "default", unit, h)}
-        return {"x": fm.block(unit)(h, inputs["t_mlp"], inputs["y"], inputs["mask"], self.g.T, self.g.S)}
+            return {"x": self._graph_unit(fm, variant if variant in self.variant_models else "default", unit, h, g)}
+        return {"x": fm.block(unit)(h, inputs["t_mlp"], inputs["y"], inputs["mask"], g.T, g.S)}
 
     # ----------------------------------------------------------------------------------------- CUDA graphs
     def _ensure_static(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None:
-        want = {"x": h, "t_mlp": ctx["t_mlp"], "y": ctx["y"], "mask": ctx["mask"]}
-        if any(k not in self._static or self._static[k].shape != v.shape or self._static[k].dtype != v.dtype
-               for k, v in want.items()):
+        want = {"t_mlp": ctx["t_mlp"], "y": ctx["y"], "mask": ctx["mask"]}
+        if h.dtype != self._x_dtype or any(k not in self._static or self._static[k].shape != v.shape
+                                           or self._static[k].dtype != v.dtype for k, v in want.items()):
             self._graphs.clear()
+            self._x.clear()
+            self._x_dtype = h.dtype
             self._static = {k: torch.empty_like(v) for k, v in want.items()}
             self._pool = torch.cuda.graph_pool_handle()
         for k in ("t_mlp", "y", "mask"):
             self._static[k].copy_(want[k])
 
-    def _graph_unit(self, fm: FastModel, variant: str, name: str, h: torch.Tensor) -> torch.Tensor:
-        st, g = self._static, self.g
-        st["x"].copy_(h)
-        key = (variant, name)
+    def _graph_unit(self, fm: FastModel, variant: str, name: str, h: torch.Tensor, g) -> torch.Tensor:
+        """Replay the unit's graph; a unit input buffer per shape (a sharded run's spatial and temporal blocks may
+        see different token counts), made before any capture."""
+        st = self._static
+        x = self._x.get(tuple(h.shape))
+        if x is None:
+            x = self._x[tuple(h.shape)] = torch.empty_like(h)
+        x.copy_(h)
+        key = (variant, name, tuple(h.shape))
         entry = self._graphs.get(key)
         if entry is None:
             block = fm.block(name)
 
             def run() -> torch.Tensor:
-                return block(st["x"], st["t_mlp"], st["y"], st["mask"], g.T, g.S)
+                return block(x, st["t_mlp"], st["y"], st["mask"], g.T, g.S)
 
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

@@ -2,7 +2,8 @@
 
 ``variant_models`` holds e.g. fake-quantized copies of the model per plan variant (``fp`` = the unquantized model);
 a decision naming a variant that is not listed runs ``model``. It offers block sub-steps (``parts``) and the
-in-step gates, since the whole block structure is there.
+in-step gates, since the whole block structure is there, and runs blocks on a shard's token grid (``geometry=``,
+``"shards"``) for :mod:`qc_compile.runtime.parallel`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from qc_compile.models.stdit3 import Geometry
 
 class TorchRunner:
     backend = "torch"
-    supports = frozenset({"parts", "gate"})
+    supports = frozenset({"parts", "gate", "shards"})
     stats = "torch"
 
     def __init__(self, model: Any, geometry: Geometry, variant_models: Mapping[str, Any] | None = None) -> None:
@@ -28,11 +29,12 @@ class TorchRunner:
     def model_for(self, variant: str) -> Any:
         return self.variant_models.get(variant, self.model)
 
-    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.model_for(variant).run_unit(unit, dict(inputs), self.g)
+    def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor],
+                 geometry: Any = None) -> dict[str, torch.Tensor]:
+        return self.model_for(variant).run_unit(unit, dict(inputs), geometry or self.g)
 
-    def block_steps(self, unit: str, variant: str, ctx: Mapping[str, torch.Tensor]):
-        return self.model_for(variant).block_steps(unit, dict(ctx), self.g)
+    def block_steps(self, unit: str, variant: str, ctx: Mapping[str, torch.Tensor], geometry: Any = None):
+        return self.model_for(variant).block_steps(unit, dict(ctx), geometry or self.g)
 
     def begin_step(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None:
         pass

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from qc_compile.errors import UserError
+from qc_compile.models.units import PatchGrid
 
 
 @dataclass(frozen=True)
-class DiffusersGeometry:
+class DiffusersGeometry(PatchGrid):  # sizes divide by the patch (checked): grid = sizes / patch
     frames: int  # latent frames
     height: int  # latent height
     width: int  # latent width
@@ -30,24 +31,6 @@ class DiffusersGeometry:
         if bad:
             raise UserError(f"latent size does not divide by the transformer's patch size {self.patch_size}: "
                             f"{', '.join(bad)}. Choose a video size whose latent is a multiple of the patch size.")
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        pt, ph, pw = self.patch_size
-        return self.frames // pt, self.height // ph, self.width // pw
-
-    @property
-    def T(self) -> int:
-        return self.grid[0]
-
-    @property
-    def S(self) -> int:
-        return self.grid[1] * self.grid[2]
-
-    @property
-    def N(self) -> int:
-        """Video tokens (``x`` holds ``prefix_tokens + N`` tokens)."""
-        return self.T * self.S
 
     def video_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The (B, N, C) video tokens of a hidden state ``x`` (B, prefix + N, C), frame-major (t, h, w)."""
