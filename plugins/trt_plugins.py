@@ -219,8 +219,9 @@ def run_torch(plugin: str, attrs: Mapping[str, Any], inputs: Sequence[Any]) -> l
     return list(qc.cache_stats_apply(inputs[0], None, inputs[1]))
 
 
-# CUDA array interface typestr per dtype name; bf16/fp8 travel as raw unsigned ints and are re-viewed by torch.
-_CAI = {"float32": ("<f4", None), "float16": ("<f2", None), "bfloat16": ("<u2", "bfloat16"),
+# CUDA array interface typestr per dtype name; bf16/fp8 travel as raw ints of their width (int16: a type every torch
+# release reads from the interface) and are re-viewed by torch.
+_CAI = {"float32": ("<f4", None), "float16": ("<f2", None), "bfloat16": ("<i2", "bfloat16"),
         "fp8": ("|u1", "float8_e4m3fn"), "int8": ("|i1", None), "int32": ("<i4", None)}
 
 
@@ -348,14 +349,28 @@ def build_trt_classes(trt):
     return QcPlugin, QcPluginCreator
 
 
+# id(TensorRT module) -> (the module, our creators in its registry): kept alive, TensorRT holds raw pointers to them
+_REGISTERED: dict[int, tuple[Any, list[Any]]] = {}
+
+
 def register_plugins(trt=None) -> list[Any]:
-    """Register one creator per plugin with TensorRT's plugin registry; returns the creators (keep them alive)."""
+    """Register one creator per plugin with TensorRT's plugin registry; returns the creators (keep them alive).
+
+    Must run before an engine holding ``qc::`` layers is deserialized: Python plugins are not serialized into the
+    engine, TensorRT recreates them through the registry. Idempotent per registry (a second TrtRunner in the same
+    process reuses the creators; registering a name twice is an error in TensorRT)."""
     trt = trt or load_tensorrt()
     if trt is None:
         raise RuntimeError("neither tensorrt nor tensorrt_rtx is installed")
+    if id(trt) in _REGISTERED:
+        return _REGISTERED[id(trt)][1]
+    registry = trt.get_plugin_registry()
     _, creator_cls = build_trt_classes(trt)
     creators = [creator_cls(name) for name in PLUGIN_NAMES]
-    registry = trt.get_plugin_registry()
     for c in creators:
-        registry.register_creator(c, PLUGIN_NAMESPACE)
+        if registry.get_creator(c.name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            registry.register_creator(c, PLUGIN_NAMESPACE)
+        if registry.get_creator(c.name, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise RuntimeError(f"TensorRT did not register the plugin creator qc::{c.name} (version {PLUGIN_VERSION})")
+    _REGISTERED[id(trt)] = (trt, creators)
     return creators

@@ -114,13 +114,18 @@ def _logger(trt):
     return Collect()
 
 
-def profile_shapes(unit_io: list[dict], max_batch: int) -> dict[str, tuple[list[int], list[int], list[int]]]:
+def profile_shapes(unit_io: list[dict], max_batch: int, *, plugins: bool = False
+                   ) -> dict[str, tuple[list[int], list[int], list[int]]]:
+    """Optimisation-profile shapes of every dynamic network input: the unit's inputs from model.json, and with
+    ``plugins`` the ``cached_residual`` input the plugin pass adds to block units (shaped like ``x``)."""
     out = {}
     for io in unit_io:
         dims = io["shape"]
         if any(isinstance(d, str) for d in dims):
             mk = lambda b: [b if isinstance(d, str) else int(d) for d in dims]  # noqa: E731
             out[io["onnx_name"]] = (mk(1), mk(min(2, max_batch)), mk(max_batch))
+    if plugins and "x" in out and any(io["onnx_name"] == "t_mlp" for io in unit_io):  # block units only
+        out["cached_residual"] = out["x"]
     return out
 
 
@@ -286,8 +291,8 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
                 vrec.update({"engine": None, "passes": report})
                 if trt is not None:
                     layers: dict = {}
-                    blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch),
-                                          layers=layers)
+                    blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch,
+                                                                             plugins=plugins), layers=layers)
                     epath = work.engine(target.dir_name, unit, variant)
                     sha = write_bytes_atomic(epath, blob)
                     vrec["engine"] = {"path": work.rel(epath), "sha256": sha, "bytes": len(blob)}

@@ -30,6 +30,32 @@ import torch
 from qc_compile.models.stdit3 import UNIT_INPUTS, UNIT_OUTPUTS, unit_kind
 
 
+def select_polygraphy_trt(target) -> None:
+    """Make polygraphy use ``target``'s TensorRT flavour (``tensorrt`` or ``tensorrt_rtx``).
+
+    polygraphy reads ``POLYGRAPHY_USE_TENSORRT_RTX`` once, when ``polygraphy.config`` is first imported, and binds its
+    TensorRT module when ``polygraphy.backend.trt`` is first imported. So this runs before :func:`compare_workdir`
+    imports anything of polygraphy; if polygraphy was imported earlier in the process, its config is switched too,
+    and a process whose ``polygraphy.backend.trt`` already bound the other flavour is refused."""
+    import os
+    import sys
+
+    from qc_compile.errors import UserError
+    from qc_compile.trt_compat import polygraphy_env
+
+    env = polygraphy_env(target)
+    want = env["POLYGRAPHY_USE_TENSORRT_RTX"] != "0"
+    os.environ.update(env)
+    cfg = sys.modules.get("polygraphy.config")
+    if cfg is None or bool(cfg.USE_TENSORRT_RTX) == want:
+        return
+    if "polygraphy.backend.trt" in sys.modules:
+        have = "tensorrt_rtx" if cfg.USE_TENSORRT_RTX else "tensorrt"
+        raise UserError(f"compare --target {target.name}: polygraphy's TensorRT backend is already bound to {have} "
+                        "in this process; run the comparison in a new process (e.g. the qc-compile CLI).")
+    cfg.USE_TENSORRT_RTX = want
+
+
 def _quiet_polygraphy():
     from polygraphy.logger import G_LOGGER
 
@@ -151,10 +177,6 @@ class CompareOptions:
 
 def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
     """Run every comparison; returns the report dict (``report["passed"]`` overall)."""
-    _quiet_polygraphy()
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator
-
     from qc_compile.errors import UserError
     from qc_compile.manifest import Manifest
     from qc_compile.metrics.fidelity import compare_videos
@@ -169,6 +191,11 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
     trec = Manifest.load(work, opts.target, info=info).target(opts.target, need="graphs")
     tname, sources = trec.name, trec.sources()
     target = parse_target(tname)
+    select_polygraphy_trt(target)  # before polygraphy's first import: it reads the flavour once
+    _quiet_polygraphy()
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator
+
     trt_reason = "no engines in this build (--onnx-only)" if not trec.engines else runnable_reason(target)
     loaded = load_model_for(info)
     if loaded.text_encoder is None:
@@ -201,12 +228,7 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
                    OnnxrtRunner(SessionFromOnnx(qproto.SerializeToString(), graph_optimization_level=basic),
                                 name="onnxrt-q")]
         if trt_reason is None and src.engine:  # pragma: no cover - needs a GPU this target runs on
-            import os
-
-            from qc_compile.trt_compat import polygraphy_env
-
-            os.environ.update(polygraphy_env(target))
-            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner  # flavour chosen above
 
             runners.append(TrtRunner(EngineFromBytes(src.engine.read_bytes()), name="trt"))
         results = Comparator.run(runners, data_loader=captured[unit])

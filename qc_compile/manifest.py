@@ -257,7 +257,7 @@ def fp_sources(work: WorkDir, info: ModelInfo | None = None) -> dict[str, dict[s
     return out
 
 
-def ort_session_for(source: VariantSource, threads: int | None = None):
+def ort_session_for(source: VariantSource, threads: int | None = None, device: str = "cpu"):
     """An onnxruntime session for a variant (its twin where it has one); ArtifactError when onnxruntime cannot run
     this build (qc:: plugin nodes)."""
     from qc_compile.onnx_utils import ort_session
@@ -265,7 +265,7 @@ def ort_session_for(source: VariantSource, threads: int | None = None):
     if source.ort_onnx is None:
         raise ArtifactError(f"{source.onnx}: built with --plugins (qc:: plugin nodes), which onnxruntime cannot run; "
                             "rebuild without --plugins for the onnxruntime backend or compare.")
-    return ort_session(source.ort_onnx, threads=threads)
+    return ort_session(source.ort_onnx, threads=threads, device=device)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -10,7 +10,9 @@
   (MatMulIntegerToFloat) that reject FP8 and, for per-channel INT8 on the ``[K, N]`` weight axis, gave 10% errors;
   even the basic level's QDQPropagationTransformer turned a correct FP8 W8A8 linear (error 0.14) into a wrong one
   (error 3.2) when the quantized tensor also fed another node. The comparisons must measure the ONNX Q/DQ
-  semantics, so no rewrite is allowed (:data:`ORT_OPT_LEVEL`, also used for polygraphy's SessionFromOnnx).
+  semantics, so no rewrite is allowed (:data:`ORT_OPT_LEVEL`, also used for polygraphy's SessionFromOnnx). The same
+  holds on the GPU (``device="cuda"``, onnxruntime-gpu's CUDA provider): the fusions are provider-independent graph
+  rewrites, so they stay off there too.
 """
 
 from __future__ import annotations
@@ -125,8 +127,19 @@ def file_records(paths: Iterable[Path], root: Path) -> list[dict]:
     return [{"path": str(p.relative_to(root)), "sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths]
 
 
-def ort_session(model: onnx.ModelProto | str | os.PathLike | bytes, threads: int | None = None):
-    """An onnxruntime CPU session without graph rewrites (see the module docstring)."""
+def ort_providers(device: str = "cpu") -> list:
+    """onnxruntime providers for ``device``: ``cpu``, or ``cuda[:N]`` = onnxruntime-gpu's CUDA provider on GPU N with
+    the CPU provider behind it for the ops the CUDA provider lacks (onnxruntime places those on the CPU itself)."""
+    if not str(device).startswith("cuda"):
+        return ["CPUExecutionProvider"]
+    index = int(str(device).split(":", 1)[1]) if ":" in str(device) else 0
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
+def ort_session(model: onnx.ModelProto | str | os.PathLike | bytes, threads: int | None = None,
+                device: str = "cpu"):
+    """An onnxruntime session without graph rewrites (see the module docstring) on ``device`` (``cpu`` or
+    ``cuda[:N]``; the caller checks that the CUDA provider exists, :func:`ort_providers`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -142,7 +155,13 @@ def ort_session(model: onnx.ModelProto | str | os.PathLike | bytes, threads: int
             raise ValueError("large in-memory models: save them first and open the file")
     elif not isinstance(model, bytes):
         model = str(model)
-    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, sess_options=so, providers=ort_providers(device))
+    if str(device).startswith("cuda") and sess.get_providers()[0] != "CUDAExecutionProvider":
+        # onnxruntime falls back to the CPU silently when the CUDA provider's libraries fail to load
+        raise ArtifactError(f"onnxruntime could not start its CUDA provider for {device} (session providers: "
+                            f"{sess.get_providers()}); check that the CUDA and cuDNN libraries onnxruntime-gpu "
+                            f"{ort.__version__} needs are installed (its log above says which one failed to load).")
+    return sess
 
 
 def ort_opt_level():

@@ -26,7 +26,7 @@ import torch
 from qc_compile.errors import UserError
 from qc_compile.runtime.generation import GenerationSettings, generate, resolve_device
 from qc_compile.runtime.result import RunResult
-from qc_compile.runtime.runners import BACKENDS, RunnerRequest, check_backend, load_runner
+from qc_compile.runtime.runners import BACKENDS, RunnerRequest, check_backend, get_backend, load_runner
 from qc_compile.runtime.step_executor import StepExecutor
 
 EXECUTORS = tuple(BACKENDS)
@@ -50,12 +50,14 @@ class Pipeline:
                  checkpoint: str | Path | None = None, device: str = "cpu", executor: str = "torch",
                  random_weights: bool = False, loaded: Any = None, fast: bool = False,
                  executor_options: Mapping[str, Any] | None = None) -> None:
-        self.device = resolve_device(device)
         if fast:  # --fast is the torch-fast backend (bf16 + the qc:: CUDA kernels)
             if executor not in ("torch", "torch-fast"):
                 raise UserError(f"--fast runs the torch executor's fast path; it does not combine with --executor "
                                 f"{executor}. Drop one of the two.")
             executor = "torch-fast"
+        if str(device).startswith("cuda") and executor == "onnxruntime":
+            get_backend(executor).check(device)  # no CUDA provider: say so before "no CUDA GPU" (the fix differs)
+        self.device = resolve_device(device)
         check_backend(executor, self.device, work_dir is not None)
         self.fast = executor == "torch-fast"
         self.executor_options = dict(executor_options or {})

@@ -61,6 +61,8 @@ class StepExecutor:
     def reset(self) -> None:
         self.residuals.clear()
         self.parts.clear()
+        if hasattr(self.runner, "reset"):  # runners that carry values between calls (TrtRunner: cached_residual)
+            self.runner.reset()
         self._prev_z = self._prev_mod = self._gate_ref = None
 
     def describe(self) -> dict:

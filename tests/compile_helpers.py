@@ -63,3 +63,11 @@ def built(fmt: str, target: str) -> Path:
     work = copy_of(calibrated(fmt), f"built-{fmt}-{target.replace(':', '-')}")
     _ok(["build", work, "--target", target, "--quiet"])
     return work
+
+
+@functools.lru_cache(maxsize=None)
+def built_plugins() -> Path:
+    """An FP8 build with ``qc::`` plugin nodes for full TensorRT (graphs only: no engine can be built here)."""
+    work = copy_of(calibrated("fp8_e4m3"), "built-plugins")
+    _ok(["build", work, "--target", "trt", "--onnx-only", "--plugins", "--quiet"])
+    return work

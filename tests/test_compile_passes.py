@@ -262,6 +262,27 @@ def test_ort_twin_rejects_plugin_nodes():
 
 
 # ------------------------------------------------------------------------------------------------ plugin nodes
+def _check_plugin_weights(g: gs.Graph, ents) -> None:
+    """Every FP8Linear weight is ``QuantizeLinear(W float32 const, w_scale, fp8 zp, axis=0)`` (the form TensorRT's
+    explicit quantization accepts for an FP8 plugin input), and quantizing W gives back exactly the plan's FP8 codes
+    of insert_qdq (the engine's weight bytes)."""
+    import ml_dtypes
+
+    ref = pass_insert_qdq(pass_rotate(small_block(), {OTHER: 8}), ents).tensors()
+    lins = [n for n in g.nodes if n.op == "FP8Linear"]
+    assert lins
+    for n in lins:
+        q = n.inputs[2].inputs[0]
+        assert q.op == "QuantizeLinear" and q.attrs["axis"] == 0
+        w, s, zp = (i.values for i in q.inputs)
+        assert w.dtype == np.float32 and n.inputs[3].values is s and zp.dtype == ml_dtypes.float8_e4m3fn
+        codes = (w / s[:, None]).astype(ml_dtypes.float8_e4m3fn)  # QuantizeLinear's FP8 rule (saturating cast)
+        name = next(k for k in (QKV, OTHER) if n.name.startswith(k))
+        want = ref[f"{name}.weight_q"].values.T
+        assert np.array_equal(codes.view(np.uint8), np.ascontiguousarray(want).view(np.uint8)), name
+        assert np.array_equal(s, ref[f"{name}.weight_q"].outputs[0].inputs[1].values)
+
+
 def test_plugin_nodes_small_graph():
     from qc_compile.plugins.trt_plugins import validate_attrs
 
@@ -277,8 +298,10 @@ def test_plugin_nodes_small_graph():
     for n in qc_nodes:
         validate_attrs(n.op, n.attrs)
     assert not any(n.op == "LayerNormalization" for n in g.nodes)  # folded into the plugin's prologue
-    assert sum(n.op == "QuantizeLinear" for n in g.nodes) == 1  # the INT8 proj keeps its Q/DQ
+    acts = [n for n in g.nodes if n.op == "QuantizeLinear" and not isinstance(n.inputs[0], gs.Constant)]
+    assert len(acts) == 1  # the INT8 proj keeps its activation Q/DQ
     model = gs.export_onnx(g)
+    _check_plugin_weights(g, ents)
     out = reference_evaluator(model).run(None, feed())  # qc:: nodes run through trt_plugins.run_torch
     ref = run(small_block())
     for a, b in zip(out, ref):  # per-token dynamic FP8: same order of error as the static Q/DQ graph (25-32 dB)

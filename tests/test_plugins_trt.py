@@ -90,7 +90,7 @@ def test_supported_dtypes():
 
 def test_cuda_array_interface():
     cai, view = T.cuda_array_interface(1 << 20, (2, 3), "bfloat16")
-    assert cai["typestr"] == "<u2" and cai["shape"] == (2, 3) and cai["data"] == (1 << 20, False) and view == "bfloat16"
+    assert cai["typestr"] == "<i2" and cai["shape"] == (2, 3) and cai["data"] == (1 << 20, False) and view == "bfloat16"
     with pytest.raises(ValueError):
         T.cuda_array_interface(0, (1,), "float64")
 

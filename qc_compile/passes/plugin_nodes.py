@@ -7,7 +7,9 @@ FP8 activations it replaces
     -> Add(bias)
 
 by ``qc::RotateQuantFP8(x; block, prologue) -> (xq, x_scale)`` and
-``qc::FP8Linear(xq, x_scale, wq [N, K], w_scale [N], bias; has_bias=1, out_dtype=0)``. When the linear's input is
+``qc::FP8Linear(xq, x_scale, wq [N, K], w_scale [N], bias; has_bias=1, out_dtype=0)``, where ``wq`` is
+``QuantizeLinear(W [N, K] float32, w_scale, fp8 zero point, axis=0)`` of the dequantized weight (the form TensorRT's
+explicit quantization accepts for an FP8 plugin input: :func:`quantized_weight_input`). When the linear's input is
 exactly ``LayerNormalization(x0) * (1 + scale) + shift`` (nothing in between, no folded smoothing Muls) the plugin
 takes that prologue too (``prologue=2``, inputs ``x0, shift, scale``), so LayerNorm + modulation + rotation +
 quantization are one kernel.
@@ -28,6 +30,7 @@ is required, and was not available here. Their numerics are tested with onnx's r
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qc_compile.passes.common import PassError, cleanup, const_values, constant_value, producer, uid
@@ -35,6 +38,7 @@ from qc_compile.passes.insert_qdq import lazy_const
 from qc_compile.plan import LinearPlan
 
 DOMAIN = "qc"
+FP8 = onnx.TensorProto.FLOAT8E4M3FN  # graphsurgeon takes an ONNX type where numpy has none
 
 
 def _strip_online_rotation(t: gs.Tensor) -> tuple[gs.Tensor, int]:
@@ -88,6 +92,31 @@ def _quantized_linear(graph: gs.Graph, name: str):
     return mms[0], dq_w, add, (b if add is not None else None)
 
 
+def quantized_weight_input(graph: gs.Graph, name: str, codes: np.ndarray, w_scale: np.ndarray
+                           ) -> tuple[gs.Variable, gs.Constant]:
+    """``FP8Linear``'s weight input in the form TensorRT's explicit quantization accepts, and its scale constant.
+
+    The weight enters as a high-precision constant ``W [N, K] = codes * w_scale`` (float32, exact: an FP8 code times
+    an fp32 scale) followed by ``QuantizeLinear(W, w_scale, zero_point fp8, axis=0)``; the plugin declares that input
+    FP8. TensorRT types a Q output FP8 in a strongly typed network and quantizes a constant-input Q at build time
+    ("weights may be high precision, TensorRT quantizes them with the Q scale"), and a plugin input fed by a Q is its
+    documented way into a plugin that consumes quantized data (NVIDIA/TensorRT#1616, #3055: ``x -> Q -> plugin``).
+    A bare FP8 initializer wired into a plugin has no documented builder path, and ``Q -> DQ -> plugin`` would hand the
+    plugin dequantized floats. ``Q(codes * s, s)`` gives back exactly ``codes`` (checked in the tests), so the
+    engine's weight bytes are the plan's codes.
+    """
+    import ml_dtypes
+
+    w = (codes.astype(np.float32).T * w_scale[:, None]).astype(np.float32)  # [N, K]
+    w_c = gs.Constant(uid(f"{name}.w_nk"), np.ascontiguousarray(w))
+    s_c = gs.Constant(uid(f"{name}.w_scale"), w_scale)
+    zp = lazy_const(uid(f"{name}.w_zero_point"), np.zeros(w_scale.shape, dtype=ml_dtypes.float8_e4m3fn))
+    wq = gs.Variable(uid(f"{name}.wq_nk"), dtype=FP8, shape=list(w.shape))
+    graph.nodes.append(gs.Node("QuantizeLinear", name=uid(f"{name}.w_quantize"), inputs=[w_c, s_c, zp],
+                               outputs=[wq], attrs={"axis": 0}))
+    return wq, s_c
+
+
 def _fuse_linear(graph: gs.Graph, name: str, report: dict) -> None:
     mm, dq_w, bias_add, bias = _quantized_linear(graph, name)
     dq_x = producer(mm.inputs[0])
@@ -99,9 +128,10 @@ def _fuse_linear(graph: gs.Graph, name: str, report: dict) -> None:
     src, block = _strip_online_rotation(q_x.inputs[0])
     codes = const_values(dq_w.inputs[0])  # [K, N] fp8
     w_scale = const_values(dq_w.inputs[1]).astype(np.float32)  # [N]
-    wq = lazy_const(uid(f"{name}.wq_nk"), np.ascontiguousarray(codes.T))  # FP8Linear takes [N, K]
-    xq = gs.Variable(uid(f"{name}.xq"))
-    xs = gs.Variable(uid(f"{name}.x_scale"), dtype=np.float32)
+    wq, w_scale_c = quantized_weight_input(graph, name, codes, w_scale)
+    shape = list(src.shape) if src.shape is not None else None
+    xq = gs.Variable(uid(f"{name}.xq"), dtype=FP8, shape=shape)
+    xs = gs.Variable(uid(f"{name}.x_scale"), dtype=np.float32, shape=shape[:-1] + [1] if shape else None)
     mod = _ln_modulate(src)
     if mod is not None:
         x0, shift, scale = mod
@@ -112,7 +142,7 @@ def _fuse_linear(graph: gs.Graph, name: str, report: dict) -> None:
                      attrs={"block": block, "prologue": 0}, domain=DOMAIN)
     has_bias = bias_add is not None
     out = bias_add.outputs[0] if has_bias else mm.outputs[0]
-    ins = [xq, xs, wq, gs.Constant(uid(f"{name}.w_scale"), w_scale)]
+    ins = [xq, xs, wq, w_scale_c]
     if has_bias:
         ins.append(gs.Constant(uid(f"{name}.bias"), const_values(bias).astype(np.float32)))
     fl = gs.Node("FP8Linear", name=uid(f"{name}.fp8_linear"), inputs=ins, outputs=[out],

@@ -7,7 +7,7 @@ backend         runs                                                   devices  
                 copies per precision variant (``fp`` = unquantized)
 ``torch-fast``  block units on the ``qc::`` kernels (FP8 per plan),    cuda        sub-blocks, gates
                 optional torch.compile / CUDA graphs
-``onnxruntime`` the exported FP graphs, or the build's Q/DQ graphs     cpu         whole units
+``onnxruntime`` the exported FP graphs, or the build's Q/DQ graphs     cpu, cuda   whole units
 ``tensorrt``    the build's engines, bound by device address           cuda        whole units
 ==============  =====================================================  ==========  =======================
 
@@ -130,7 +130,13 @@ def _load_ort(req: RunnerRequest):
                         "onnxruntime would silently run the unquantized FP graphs. Run `qc-compile build "
                         f"{req.work.root} --target T` first (e.g. --target rtx:sm89 or --target torch).")
     stage = "q" if req.quantized and req.work.manifest_json.is_file() else "fp"
-    return OrtRunner.from_workdir(req.work, stage=stage, target=req.options.get("target"))
+    return OrtRunner.from_workdir(req.work, stage=stage, target=req.options.get("target"), device=req.device)
+
+
+def _check_ort(device: str) -> None:
+    from qc_compile.runtime.runners.onnxruntime import check_ort_device
+
+    check_ort_device(device)
 
 
 def _load_trt(req: RunnerRequest):
@@ -151,8 +157,8 @@ def _check_trt(device: str) -> None:
 register_backend(Backend("torch", "the model's torch modules, unit by unit", ("cpu", "cuda"), False, _load_torch))
 register_backend(Backend("torch-fast", "FP8 linears on the qc:: kernels, SDPA, optional compile/CUDA graphs",
                          ("cuda",), False, _load_fast, _check_fast))
-register_backend(Backend("onnxruntime", "the work dir's ONNX graphs (Q/DQ after a build)", ("cpu",), True,
-                         _load_ort))
+register_backend(Backend("onnxruntime", "the work dir's ONNX graphs (Q/DQ after a build); cuda: onnxruntime-gpu",
+                         ("cpu", "cuda"), True, _load_ort, _check_ort))
 register_backend(Backend("tensorrt", "the build's TensorRT engines", ("cuda",), True, _load_trt, _check_trt))
 
 

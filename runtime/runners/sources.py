@@ -14,6 +14,7 @@ class Sources:
     unit_names: tuple[str, ...]
     files: dict[str, dict[str, VariantSource]]  # unit -> variant -> verified source (same_as resolved)
     target: str | None  # the manifest target they come from (None: the exported FP graphs)
+    plugins: bool = False  # built with --plugins: qc:: plugin layers (their creators must be registered first)
 
 
 def unit_io(info) -> dict[str, dict]:
@@ -32,4 +33,4 @@ def variant_sources(work, *, stage: str, target: str | None, need: str) -> Sourc
     if stage == "fp":
         return Sources(io, names, fp_sources(work, info), None)
     t = Manifest.load(work, target, info=info).target(target, "engines" if need == "engine" else "graphs")
-    return Sources(io, names, t.sources(), t.name)
+    return Sources(io, names, t.sources(), t.name, t.plugins)

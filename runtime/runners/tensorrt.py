@@ -1,7 +1,9 @@
 """The TensorRT runner: the engines of ``qc-compile build`` (one per unit and precision variant) on the deploy GPU.
 
-Inputs are bound by device address (``set_input_shape`` + ``set_tensor_address``), outputs allocated from the shapes
-the context infers, and the engine enqueued on torch's current CUDA stream with ``execute_async_v3`` — no host
+Every engine input is bound by device address (``set_input_shape`` + ``set_tensor_address``): the unit's inputs
+from model.json, and the inputs a build adds (``cached_residual`` of a ``--plugins`` build, :data:`RUNNER_INPUTS`);
+every engine output is allocated from the shapes the context infers. A ``--plugins`` build's ``qc::`` plugin creators
+are registered with TensorRT before its engines are deserialized, and the engine enqueued on torch's current CUDA stream with ``execute_async_v3`` — no host
 synchronisation inside a step. Whole units only.
 
 Both TensorRT flavours expose this runtime API under the same names; which module to import for a target and whether
@@ -24,6 +26,18 @@ _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bf
                  "INT32": torch.int32, "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8}
 
 
+def register_plugin_creators(trt: Any) -> list[Any]:
+    """Register the ``qc::`` plugin creators with this TensorRT before an engine of a ``--plugins`` build is
+    deserialized (Python plugins are not stored in the engine; TensorRT recreates them through the registry)."""
+    from qc_compile.plugins.trt_plugins import register_plugins
+
+    try:
+        return register_plugins(trt)
+    except Exception as e:  # noqa: BLE001 (TensorRT raises its own types; the message says what failed)
+        raise ArtifactError(f"the engines were built with --plugins, but the qc:: plugin creators could not be "
+                            f"registered with {getattr(trt, '__name__', 'TensorRT')}: {e}") from e
+
+
 def torch_dtype(trt_dtype: Any) -> torch.dtype:
     """torch dtype of a ``trt.DataType`` (by member name, identical in both flavours)."""
     name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
@@ -33,10 +47,18 @@ def torch_dtype(trt_dtype: Any) -> torch.dtype:
     return _TORCH_DTYPES[name]
 
 
-class EngineUnit:
-    """One engine and its execution context, with the engine's I/O names split by direction."""
+# Engine inputs that the build adds beyond the unit's model.json record, and where the runner takes them from.
+# ``cached_residual`` (plugin builds, ``qc::CacheStatsApply``): this unit's ``residual_out`` of its previous computed
+# call, zeros before the first one (the cache statistics of that first call compare against "no change"; the step
+# executor's own statistics, which drive the policies, do not depend on it).
+RUNNER_INPUTS = {"cached_residual": ("residual_out", "x")}  # input -> (engine output it carries, input shaped like it)
 
-    def __init__(self, trt: Any, engine: Any, path: Path) -> None:
+
+class EngineUnit:
+    """One engine and its execution context, with the engine's I/O names split by direction. Every engine input must
+    have a source (the unit's model.json record or :data:`RUNNER_INPUTS`): checked here, before any step runs."""
+
+    def __init__(self, trt: Any, engine: Any, path: Path, io: Mapping[str, list] | None = None) -> None:
         self.engine = engine
         self.context = engine.create_execution_context()
         if self.context is None:
@@ -44,6 +66,18 @@ class EngineUnit:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
+        if io is not None:
+            known = {r["onnx_name"] for r in io["inputs"]} | set(RUNNER_INPUTS)
+            unknown = [n for n in self.inputs if n not in known]
+            if unknown:
+                raise ArtifactError(
+                    f"{path}: the engine has input(s) {unknown} that neither the unit's record in model.json "
+                    f"({sorted(r['onnx_name'] for r in io['inputs'])}) nor the runner ({sorted(RUNNER_INPUTS)}) "
+                    "provides; the engine was built from another graph. Rebuild it with `qc-compile build`.")
+            for n, (out, _) in RUNNER_INPUTS.items():
+                if n in self.inputs and out not in self.outputs:
+                    raise ArtifactError(f"{path}: the engine takes {n!r} but has no {out!r} output to fill it from; "
+                                        "rebuild it with `qc-compile build`.")
 
 
 class TrtRunner:
@@ -62,6 +96,12 @@ class TrtRunner:
         missing = [u for u in self.unit_names if "default" not in self.units.get(u, {})]
         if missing:
             raise ValueError(f"no default engine for unit(s) {missing}")
+        self.plugin_creators: list[Any] = []  # kept alive while the engines live (plugin builds)
+        self.carried: dict[tuple[str, str], torch.Tensor] = {}  # (unit, runner input) -> last value of its source
+
+    def reset(self) -> None:
+        """Forget the carried inputs (a new video)."""
+        self.carried.clear()
 
     @classmethod
     def from_workdir(cls, work, target: str | None = None, *, trt: Any = None, device: str = "cuda",
@@ -77,6 +117,7 @@ class TrtRunner:
             if why:
                 raise UserError(f"--executor tensorrt: the {src.target} engines in {work} cannot run here: {why}.")
         trt = trt if trt is not None else trt_compat.load_trt(t)
+        creators = register_plugin_creators(trt) if src.plugins else []
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         units: dict[str, dict[str, EngineUnit]] = {}
         for u, variants in src.files.items():
@@ -90,8 +131,10 @@ class TrtRunner:
                     raise ArtifactError(f"{path}: TensorRT could not deserialize this engine (built by another "
                                         f"TensorRT version or for another GPU?); rebuild it with `qc-compile build "
                                         f"WORK --target {src.target}` here.")
-                units[u][v] = EngineUnit(trt, engine, path)
-        return cls(units, src.io, src.unit_names, device=device)
+                units[u][v] = EngineUnit(trt, engine, path, src.io[u])
+        runner = cls(units, src.io, src.unit_names, device=device)
+        runner.plugin_creators = creators
+        return runner
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
@@ -99,26 +142,40 @@ class TrtRunner:
     def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         u = self.units[unit].get(variant) or self.units[unit]["default"]
         ctx, engine = u.context, u.engine
+        by_onnx = {r["onnx_name"]: r["name"] for r in self.io[unit]["inputs"]}
         keep = []  # the bound tensors must outlive the enqueue
-        for rec in self.io[unit]["inputs"]:
-            if rec["onnx_name"] not in u.inputs:
-                continue  # an input the builder folded away
-            t = inputs[rec["name"]].to(self.device, torch_dtype(engine.get_tensor_dtype(rec["onnx_name"])))
+        for name in u.inputs:  # every engine input (inputs the builder folded away are not engine inputs)
+            dtype = torch_dtype(engine.get_tensor_dtype(name))
+            if name in by_onnx:
+                if by_onnx[name] not in inputs:
+                    raise ValueError(f"unit {unit}: engine input {name!r} needs {by_onnx[name]!r}, which the caller "
+                                     f"did not pass (got {sorted(inputs)})")
+                t = inputs[by_onnx[name]].to(self.device, dtype)
+            else:  # a runner input (RUNNER_INPUTS): the carried value, zeros at first
+                t = self.carried.get((unit, name))
+                like = inputs[RUNNER_INPUTS[name][1]]
+                if t is None or t.shape != like.shape:  # first call, or another batch size
+                    t = torch.zeros(like.shape, dtype=dtype, device=self.device)
+                t = t.to(dtype)
             t = t.contiguous()
-            if not ctx.set_input_shape(rec["onnx_name"], tuple(t.shape)):
-                raise UserError(f"unit {unit}: input {rec['onnx_name']} has shape {tuple(t.shape)}, outside the "
+            if not ctx.set_input_shape(name, tuple(t.shape)):
+                raise UserError(f"unit {unit}: input {name} has shape {tuple(t.shape)}, outside the "
                                 "engine's optimisation profile (batch = 2 x prompts with CFG); run fewer prompts per "
                                 "call or rebuild with a larger `qc-compile build --max-batch`.")
-            ctx.set_tensor_address(rec["onnx_name"], t.data_ptr())
+            ctx.set_tensor_address(name, t.data_ptr())
             keep.append(t)
+        names = {r["onnx_name"]: r["name"] for r in self.io[unit]["outputs"]}
         outs = {}
-        for rec in self.io[unit]["outputs"]:
-            shape = tuple(ctx.get_tensor_shape(rec["onnx_name"]))
-            o = torch.empty(shape, dtype=torch_dtype(engine.get_tensor_dtype(rec["onnx_name"])), device=self.device)
-            ctx.set_tensor_address(rec["onnx_name"], o.data_ptr())
-            outs[rec["name"]] = o
+        for name in u.outputs:  # every engine output must have an address, recorded or not
+            shape = tuple(ctx.get_tensor_shape(name))
+            o = torch.empty(shape, dtype=torch_dtype(engine.get_tensor_dtype(name)), device=self.device)
+            ctx.set_tensor_address(name, o.data_ptr())
+            outs[names.get(name, name)] = o
         if not ctx.execute_async_v3(self._stream()):
             raise RuntimeError(f"unit {unit} ({variant}): TensorRT execute_async_v3 failed; see the TensorRT log.")
+        for name, (src_out, _) in RUNNER_INPUTS.items():
+            if name in u.inputs:
+                self.carried[(unit, name)] = outs[names.get(src_out, src_out)]
         return {k: v.float() for k, v in outs.items()}
 
     def block_steps(self, unit, variant, ctx):
