@@ -155,7 +155,9 @@ def check_graph(model: onnx.ModelProto, backend: str = "tensorrt") -> dict[str, 
             if c is None or np.any(numpy_helper.to_array(c).astype(np.float32) != 0):
                 problems.append(f"SYM: {n.op_type} {n.name!r}: zero point must be a constant 0")
         problems += _scale_problems(g, n, data if not q else data, scale)
-        is_weight = not q and g.const(data) is not None
+        # a constant weight: a DequantizeLinear of stored codes, or a QuantizeLinear of a float weight that the builder
+        # folds into codes (how the plugin pass hands FP8 weights to qc:: plugin inputs)
+        is_weight = g.const(data) is not None
         if qtype == T.INT4:
             if q or not is_weight:
                 problems.append(f"INT4: {n.op_type} {n.name!r}: INT4 is weight-only (DequantizeLinear of a constant "
