@@ -141,6 +141,9 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
 @click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--act-scales", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="--uniform fp8/int8: activation scales per tensor from the calibrated range (static) or per token "
+                   "at run time (dynamic: what the fast FP8 kernels compute; the Q/DQ graphs compute row scales).")
 @click.option("--exclude", multiple=True, help="--uniform: fnmatch pattern of linears to keep at bf16 (repeatable), "
                                                "e.g. 't_embedder.*'.")
 @click.option("--target", default="any", show_default=True,
@@ -157,7 +160,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
               act_high_fraction: float, srap_thresholds: bool, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
-              exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
+              act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
               device: str, quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
@@ -214,6 +217,11 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                   "command": f"qc-compile calibrate --uniform {fmt}", "tool_versions": tool_versions(),
                   "calibration": calib}
     plan, kept = uniform_plan(info, fmt, ranges, target=target, exclude=list(exclude), provenance=provenance)
+    if act_scales == "dynamic":
+        for e in plan.linears.values():
+            if e.activation in ("fp8_e4m3", "int8"):
+                e.act_scale = "dynamic"
+    calib["act_scales"] = act_scales
     rt = runtime_params.add_runtime_params(plan, signals, runtime_params.RuntimeOptions(
         act_high_fraction=act_high_fraction, srap=srap_thresholds, srap_quantile=srap_quantile,
         srap_max_error=srap_max_error))
