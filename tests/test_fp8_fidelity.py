@@ -63,3 +63,15 @@ def test_fp8_w8a8_fidelity_bound(setup, scales):
     mean = sum(vals) / len(vals)
     assert mean < 80  # the plan quantized something
     assert mean >= BOUNDS[scales], f"FP8 W8A8 ({scales} activation scales) fell to {vals} dB (bound {BOUNDS[scales]})"
+
+
+def test_high_variant_modes():
+    """`calibrate --high-variant fp`: the schedule's high steps run the unquantized model (weights too)."""
+    from qc_compile.calib.runtime_params import high_variant
+    from qc_compile.plan import LinearPlan, Plan
+
+    w8a8 = Plan(model={"name": "qc-ref"}, linears={"a": LinearPlan(unit="spatial_0", weight="fp8_e4m3",
+                                                                   activation="fp8_e4m3", act_scale=0.01)})
+    assert high_variant(w8a8) == {"*": {"activation": "bf16"}}
+    assert high_variant(w8a8, "fp") == {"*": {"weight": "bf16", "activation": "bf16"}}
+    assert high_variant(Plan(model={}, linears={"a": LinearPlan(unit="embed")}), "fp") is None

@@ -141,6 +141,9 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
 @click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--high-variant", type=click.Choice(["activations", "fp"]), default="activations", show_default=True,
+              help="--uniform: what the schedule's `high` steps run: bf16 activations (FP8 weights kept) or the "
+                   "unquantized model (fp: bf16 weights too; +4.8 dB mean on a small CPU ablation, see README).")
 @click.option("--act-scales", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="--uniform fp8/int8: activation scales per tensor from the calibrated range (static) or per token "
                    "at run time (dynamic: what the fast FP8 kernels compute; the Q/DQ graphs compute row scales).")
@@ -160,7 +163,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
               act_high_fraction: float, srap_thresholds: bool, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
-              act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
+              high_variant: str, act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
               device: str, quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
@@ -223,7 +226,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                 e.act_scale = "dynamic"
     calib["act_scales"] = act_scales
     rt = runtime_params.add_runtime_params(plan, signals, runtime_params.RuntimeOptions(
-        act_high_fraction=act_high_fraction, srap=srap_thresholds, srap_quantile=srap_quantile,
+        act_high_fraction=act_high_fraction, high=high_variant, srap=srap_thresholds, srap_quantile=srap_quantile,
         srap_max_error=srap_max_error))
     calib["runtime"] = rt
     from qc_compile.plan import validate
