@@ -6,6 +6,7 @@ method through :func:`measure`, the adaptive one from its statistics store), so 
 for the step policies as an AIGQ plan:
 
 * ``variants.high`` — activations in bf16 where the plan quantizes them (weight-only plans: the unquantized weights);
+  ``high="fp"`` (``calibrate --uniform``'s default): weights and activations unquantized;
   ``variants.low`` only when asked for (``low_activation``), since no 8-bit plan has a lower activation format that
   every target runs;
 * ``schedule`` — ``high`` on the ``high_fraction`` of steps whose block residuals change most (``act_schedule``);
@@ -29,7 +30,7 @@ from qc_compile.calib import srap as srap_calib
 class RuntimeOptions:
     act_high_fraction: float = 0.3
     act_reading: str = "distance"
-    high: str = "activations"  # "fp": the high variant runs unquantized weights too (calibrate --high-variant fp)
+    high: str = "activations"  # "fp": the high variant runs unquantized weights too (calibrate --uniform's default)
     low_activation: str | None = None
     srap: bool = False  # opt-in (calibrate --srap-thresholds): it hurt qc-ref badly at the default quantile
     srap_quantile: float = srap_calib.DEFAULT_QUANTILE

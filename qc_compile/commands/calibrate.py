@@ -141,9 +141,10 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--steps", type=int, default=None, help="Sampling steps (model default).")
 @click.option("--cfg", type=float, default=None, help="CFG scale (model default).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
-@click.option("--high-variant", type=click.Choice(["activations", "fp"]), default="activations", show_default=True,
-              help="--uniform: what the schedule's `high` steps run: bf16 activations (FP8 weights kept) or the "
-                   "unquantized model (fp: bf16 weights too; +4.8 dB mean on a small CPU ablation, see README).")
+@click.option("--high-variant", type=click.Choice(["activations", "fp"]), default="fp", show_default=True,
+              help="--uniform: what the schedule's `high` steps run: the unquantized model (fp: bf16 weights and "
+                   "activations; +1.6 dB mean / +5.3 dB min over `activations` on a small CPU ablation, "
+                   "bench/results/methods_qc_ref_cpu/ablation_fp8.md) or bf16 activations with the quantized weights.")
 @click.option("--act-scales", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="--uniform fp8/int8: activation scales per tensor from the calibrated range (static) or per token "
                    "at run time (dynamic: what the fast FP8 kernels compute; the Q/DQ graphs compute row scales).")
