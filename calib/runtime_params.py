@@ -6,6 +6,7 @@ method through :func:`measure`, the adaptive one from its statistics store), so 
 for the step policies as an AIGQ plan:
 
 * ``variants.high`` — activations in bf16 where the plan quantizes them (weight-only plans: the unquantized weights);
+  ``high="fp"`` (``calibrate --uniform``'s default): weights and activations unquantized;
   ``variants.low`` only when asked for (``low_activation``), since no 8-bit plan has a lower activation format that
   every target runs;
 * ``schedule`` — ``high`` on the ``high_fraction`` of steps whose block residuals change most (``act_schedule``);
@@ -29,6 +30,7 @@ from qc_compile.calib import srap as srap_calib
 class RuntimeOptions:
     act_high_fraction: float = 0.3
     act_reading: str = "distance"
+    high: str = "activations"  # "fp": the high variant runs unquantized weights too (calibrate --uniform's default)
     low_activation: str | None = None
     srap: bool = False  # opt-in (calibrate --srap-thresholds): it hurt qc-ref badly at the default quantile
     srap_quantile: float = srap_calib.DEFAULT_QUANTILE
@@ -47,8 +49,14 @@ class Signals:
     prune_error: Callable[[int, int, str], float] | None
 
 
-def high_variant(plan) -> dict | None:
-    """The ``high`` variant's overrides: bf16 activations where quantized, else bf16 weights where quantized."""
+def high_variant(plan, mode: str = "activations") -> dict | None:
+    """The ``high`` variant's overrides: bf16 activations where quantized, else bf16 weights where quantized;
+    ``mode="fp"``: bf16 weights and activations (the unquantized model at the schedule's high steps: on qc-ref the
+    early steps decide which way a trajectory goes, and FP8 *weights* alone flip some captions there; see
+    bench/results/methods_qc_ref_cpu/ablation_fp8.md)."""
+    quantized = any(e.activation != "bf16" or e.weight != "bf16" for e in plan.linears.values())
+    if mode == "fp" and quantized:
+        return {"*": {"weight": "bf16", "activation": "bf16"}}
     if any(e.activation != "bf16" for e in plan.linears.values()):
         return {"*": {"activation": "bf16"}}
     if any(e.weight != "bf16" for e in plan.linears.values()):
@@ -59,7 +67,7 @@ def high_variant(plan) -> dict | None:
 def add_runtime_params(plan, signals: Signals, opts: RuntimeOptions) -> dict:
     """Add variants, schedule and SRAP/AIGQ parameters to ``plan`` in place; returns a report dict."""
     report: dict = {}
-    high = high_variant(plan)
+    high = high_variant(plan, opts.high)
     if high is not None:
         plan.variants.setdefault("high", high)
         if opts.low_activation:

@@ -4,7 +4,8 @@
 
 * ``weight`` format — ``bf16`` (unquantized) | ``fp8_e4m3`` / ``int8`` (per output channel) | ``int4_b64`` /
   ``int4_b128`` (weight-only, blocks along K) | ``nvfp4`` (E2M1, FP8 scale per 16, fp32 per tensor);
-* ``activation`` format — ``bf16`` | ``fp8_e4m3`` / ``int8`` (per-tensor, static ``act_scale`` = amax / qmax) |
+* ``activation`` format — ``bf16`` | ``fp8_e4m3`` / ``int8`` (per-tensor, static ``act_scale`` = amax / qmax, or
+  ``act_scale: "dynamic"``: one scale per token computed at run time, what the fast kernels do) |
   ``nvfp4`` (``act_scale: "dynamic"``: block-16 scales computed at run time, per-tensor scale amax / (6·448));
 * ``smoothing`` — per-input-channel divisor ``s`` (the linear sees ``x / s``, its weight rows are multiplied by
   ``s``): inline list or ``{"tensor": key}`` in the sidecar safetensors file; ``rotation`` — Hadamard block or null.
@@ -269,11 +270,13 @@ def _check_entry(plan: Plan, name: str, e: LinearPlan, info: dict | None, where:
         if not e.act_amax or not math.isfinite(e.act_amax):
             raise UserError(f"{where}/act_amax: {e.activation} needs the calibrated amax (> 0) for its per-tensor "
                             "scale.")
+    elif e.act_scale == "dynamic" and e.activation in ("fp8_e4m3", "int8"):
+        pass  # fp8 / int8 per token, scales computed at run time (calibrate --act-scales dynamic)
     else:
         if not isinstance(e.act_scale, (int, float)) or isinstance(e.act_scale, bool) or not (
                 0 < e.act_scale < math.inf):
             raise UserError(f"{where}/act_scale: {e.activation} activations need a static positive scale "
-                            f"(amax / {af.qmax:g}); got {e.act_scale!r}.")
+                            f"(amax / {af.qmax:g}) or \"dynamic\" (per token); got {e.act_scale!r}.")
     if e.rotation is not None:
         r = e.rotation
         if isinstance(r, bool) or not isinstance(r, int):

@@ -83,7 +83,11 @@ def fake_quant_activation(x: torch.Tensor, e: LinearPlan) -> torch.Tensor:
         return x
     if e.activation == "nvfp4":
         return fake_quant_nvfp4(x, torch.tensor(e.global_scale, dtype=torch.float32)).to(x.dtype)
-    return codec(e.activation).fake_quant(x, float(e.act_scale)).to(x.dtype)
+    c = codec(e.activation)
+    if e.act_scale == "dynamic":  # per token: the fast kernels' computation (qc::rotate_quant_fp8)
+        q, scale = c.quantize_rows(x)
+        return (q.float() * scale).to(x.dtype)
+    return c.fake_quant(x, float(e.act_scale)).to(x.dtype)
 
 
 def transform_activation(x: torch.Tensor, e: LinearPlan, s: torch.Tensor | None, rot: int | None) -> torch.Tensor:

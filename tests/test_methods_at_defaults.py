@@ -99,7 +99,8 @@ def test_uniform_plan_carries_variants_schedule_and_srap():
 
     work = calibrated("fp8_e4m3")
     plan = load_plan(work / "plan.json")
-    assert plan.variants["high"] == {"*": {"activation": "bf16"}}
+    # --high-variant fp (default): the schedule's high steps run the unquantized model (ablation_fp8.md)
+    assert plan.variants["high"] == {"*": {"weight": "bf16", "activation": "bf16"}}
     assert len(plan.schedule) == 3 and set(plan.schedule) <= {"high", "default"} and "high" in plan.schedule
     params = plan.cache_policy["params"]
     # SRAP thresholds are opt-in (calibrate --srap-thresholds): at the default quantile they cost qc-ref ~17 dB

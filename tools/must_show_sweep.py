@@ -26,7 +26,7 @@ PEERS = ("fora", "teacache", "fbcache", "dbcache", "pab", "tdc", "interval")
 def groups(args) -> list[tuple[str, str | None, list[str]]]:
     """(label prefix, work dir, policies)."""
     return [
-        ("", args.bf16, ["none", "hlc", "srap", "quantcache", "hlc+aigq"]),
+        ("", args.bf16, ["none", "hlc", "hlc+guard", "srap", "quantcache", "hlc+aigq"]),
         ("FP8 plan: ", args.fp8, ["none", "quantcache", "hlc+aigq"]),
         ("AIGQ plan: ", args.aigq, ["none", "quantcache", "hlc+aigq"]),
         ("", None, list(PEERS)),
@@ -90,7 +90,7 @@ def main() -> None:
                                            text=True).stdout.strip()
     result = {"schema_version": 1, "prompts": prompts, "seeds": seeds, "batch": False, "rows": rows,
               "videos": videos, "worst": worst, "model": "qc-ref", "device": args.device,
-              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
               "steps": 30, "caption_seed": args.caption_seed, "commit": commit, "date": time.strftime("%Y-%m-%d"),
               "seconds": round(time.perf_counter() - start, 1)}
     args.output.mkdir(parents=True, exist_ok=True)

@@ -147,6 +147,13 @@ def _write_heatmap(work, plan, per_call: dict) -> Path:
 @click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default).")
 @click.option("--cfg", type=V.CFG, default=None, help="CFG scale (model default).")
 @click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed.")
+@click.option("--high-variant", type=click.Choice(["activations", "fp"]), default="fp", show_default=True,
+              help="--uniform: what the schedule's `high` steps run: the unquantized model (fp: bf16 weights and "
+                   "activations; +1.6 dB mean / +5.3 dB min over `activations` on a small CPU ablation, "
+                   "bench/results/methods_qc_ref_cpu/ablation_fp8.md) or bf16 activations with the quantized weights.")
+@click.option("--act-scales", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="--uniform fp8/int8: activation scales per tensor from the calibrated range (static) or per token "
+                   "at run time (dynamic: what the fast FP8 kernels compute; the Q/DQ graphs compute row scales).")
 @click.option("--exclude", multiple=True, help="--uniform: fnmatch pattern of linears to keep at bf16 (repeatable), "
                                                "e.g. 't_embedder.*'.")
 @click.option("--target", default="any", show_default=True,
@@ -163,7 +170,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
               act_high_fraction: float, srap_thresholds: bool, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
-              exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
+              high_variant: str, act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
               device: str, quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
@@ -225,8 +232,13 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                   "command": f"qc-compile calibrate --uniform {fmt}", "tool_versions": tool_versions(),
                   "calibration": calib}
     plan, kept = uniform_plan(info, fmt, ranges, target=target, exclude=list(exclude), provenance=provenance)
+    if act_scales == "dynamic":
+        for e in plan.linears.values():
+            if e.activation in ("fp8_e4m3", "int8"):
+                e.act_scale = "dynamic"
+    calib["act_scales"] = act_scales
     rt = runtime_params.add_runtime_params(plan, signals, runtime_params.RuntimeOptions(
-        act_high_fraction=act_high_fraction, srap=srap_thresholds, srap_quantile=srap_quantile,
+        act_high_fraction=act_high_fraction, high=high_variant, srap=srap_thresholds, srap_quantile=srap_quantile,
         srap_max_error=srap_max_error))
     calib["runtime"] = rt
     from qc_compile.plan import validate

@@ -15,7 +15,10 @@ weight      ``fp8_e4m3`` / ``int8``: per output channel, ``axis=1`` of the ``[K,
             ``amax / (6 * 448)``: ``DQ(DQ(scales_fp8, s_tensor), codes, axis=0, block_size=16)`` (opset 23),
             computed by :func:`qc_compile.plugins.formats.quantize_nvfp4` (the kernels' reference).
             ``int6_sim``: INT8 storage with codes in [-31, 31] — simulated, never sent to TensorRT.
-activation  ``fp8_e4m3`` / ``int8``: per-tensor static ``act_scale`` (scalar Q/DQ).
+activation  ``fp8_e4m3`` / ``int8``: per-tensor static ``act_scale`` (scalar Q/DQ); or, with ``act_scale:
+            "dynamic"``, per token: ``s = max(ReduceMax(|x|, -1), floor) / qmax``, ``Q/DQ(x / s)`` at scale 1 into
+            the MatMul and ``Mul(s)`` on its output (exact: a per-row scale commutes with ``x W``), so the GEMM still
+            sees a plain scalar Q/DQ pair (the fast kernels' per-token computation, torch_package's too).
             ``nvfp4``: ``trt::TRT_FP4DynamicQuantize(x, s_tensor; axis=-1, block_size=16, scale_type=FP8E4M3)``
             -> ``DQ(block_scales, s_tensor)`` -> ``DQ(x_fp4, ., axis=-1, block_size=16)``, the ModelOpt export
             pattern. TensorRT-only: onnxruntime has no kernel for it (and none for FLOAT4E2M1 DequantizeLinear), so
@@ -150,6 +153,8 @@ def _act_qdq(graph: gs.Graph, lin, e: LinearPlan) -> None:
             out = back
         mm.inputs[0] = out
         return
+    if e.act_scale == "dynamic":
+        return _act_qdq_per_token(graph, lin, e)
     scale = np.array(e.act_scale, dtype=np.float32)
     zp_dtype = ml_dtypes.float8_e4m3fn if fmt == "fp8_e4m3" else np.int8
     zp = lazy_const(uid(f"{name}.x_zp"), np.zeros((), dtype=zp_dtype))
@@ -162,6 +167,40 @@ def _act_qdq(graph: gs.Graph, lin, e: LinearPlan) -> None:
                       name=f"{name}.x_clip", dtype=None)
     insert_before(graph, mm, 0, "DequantizeLinear", [gs.Constant(uid(f"{name}.x_scale"), scale)],
                   name=f"{name}.x_dq", dtype=np.float32)
+
+
+def _act_qdq_per_token(graph: gs.Graph, lin, e: LinearPlan) -> None:
+    """Per-token dynamic activation quantization around the MatMul (see the module docstring)."""
+    from qc_compile.plugins.codecs import AMAX_FLOOR
+
+    fmt, name, mm = e.activation, lin.name, lin.matmul
+    c = ACTIVATION_FORMATS[fmt]
+    x = mm.inputs[0]
+    f32 = np.float32
+    ab, mx, mf, sc = (gs.Variable(uid(f"{name}.x_{k}"), dtype=f32) for k in ("abs", "rowmax", "rowmax_f", "rowscale"))
+    graph.nodes += [
+        gs.Node("Abs", name=uid(f"{name}.x_abs"), inputs=[x], outputs=[ab]),
+        gs.Node("ReduceMax", name=uid(f"{name}.x_rowmax"), attrs={"keepdims": 1},
+                inputs=[ab, gs.Constant(uid(f"{name}.x_axes"), np.array([-1], dtype=np.int64))], outputs=[mx]),
+        gs.Node("Max", name=uid(f"{name}.x_rowmax_f"), inputs=[mx, gs.Constant(uid(f"{name}.x_floor"),
+                                                                                np.array(AMAX_FLOOR, f32))],
+                outputs=[mf]),
+        gs.Node("Div", name=uid(f"{name}.x_rowscale"), inputs=[mf, gs.Constant(uid(f"{name}.x_qmax"),
+                                                                                np.array(c.qmax, f32))],
+                outputs=[sc]),
+    ]
+    insert_before(graph, mm, 0, "Div", [sc], name=f"{name}.x_norm")
+    one = np.array(1.0, dtype=f32)
+    zp_dtype = ml_dtypes.float8_e4m3fn if fmt == "fp8_e4m3" else np.int8
+    zp = lazy_const(uid(f"{name}.x_zp"), np.zeros((), dtype=zp_dtype))
+    insert_before(graph, mm, 0, "QuantizeLinear", [gs.Constant(uid(f"{name}.x_scale"), one), zp],
+                  name=f"{name}.x_q", dtype=None)
+    insert_before(graph, mm, 0, "DequantizeLinear", [gs.Constant(uid(f"{name}.x_scale"), one)],
+                  name=f"{name}.x_dq", dtype=f32)
+    y = mm.outputs[0]
+    raw = gs.Variable(uid(f"{name}.mm_raw"), dtype=f32)
+    mm.outputs[0] = raw
+    graph.nodes.append(gs.Node("Mul", name=uid(f"{name}.x_unscale"), inputs=[raw, sc], outputs=[y]))
 
 
 def required_opset(entries: dict[str, LinearPlan]) -> int:

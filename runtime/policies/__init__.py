@@ -17,6 +17,7 @@ teacache    TeaCache with the Open-Sora 1.2 coefficients                    — 
 fbcache     First-Block Cache                                               — :mod:`.peers`
 dbcache     DBCache (Fn/Bn)                                                 — :mod:`.peers`
 pab         Pyramid Attention Broadcast                                     — :mod:`.peers`
+guard       forces a compute of a unit skipped too long (combine: hlc+guard) — :mod:`.guard`
 ==========  ==========================================================================================
 
 Combinations: ``a+b+c`` combines any of them (merge rules in :class:`Compose`); named ones:
@@ -37,6 +38,7 @@ from typing import Any, Mapping
 from qc_compile.errors import UserError
 from qc_compile.runtime.policy import Action, StepInfo, StepStats, UnitDecision
 from qc_compile.runtime.policies.base import BasePolicy, Param, variant_rank
+from qc_compile.runtime.policies.guard import ReuseGuard
 from qc_compile.runtime.policies.hlc import HLC
 from qc_compile.runtime.policies.peers import DBCache, FBCache, FORA, PAB, StaticInterval, TeaCache
 from qc_compile.runtime.policies.precision import AIGQ, DMPQ, PrecisionSchedule
@@ -53,7 +55,7 @@ class NoPolicy(BasePolicy):
 
 POLICIES: dict[str, type[BasePolicy]] = {c.name: c for c in (
     NoPolicy, HLC, SRAP, AIGQ, PrecisionSchedule, DMPQ, TDC, VarianceCompensation, StaticInterval, FORA, TeaCache,
-    FBCache, DBCache, PAB)}
+    FBCache, DBCache, PAB, ReuseGuard)}
 
 COMBINATIONS: dict[str, tuple[str, ...]] = {
     "quantcache": ("hlc", "aigq", "srap"),
@@ -103,7 +105,11 @@ class Compose:
             c.reset(unit_names, num_steps)
 
     def decide(self, step: StepInfo) -> Mapping[str, UnitDecision]:
-        return merge_decisions([c.decide(step) for c in self.components])
+        out = merge_decisions([c.decide(step) for c in self.components])
+        for c in self.components:  # guards act on the merged decisions (they may turn a skip into a compute)
+            if hasattr(c, "enforce"):
+                out = c.enforce(step, out)
+        return out
 
     def observe(self, step: StepInfo, stats: StepStats) -> None:
         for c in self.components:
@@ -249,5 +255,5 @@ def get_policy(spec: str, overrides: Mapping[str, Any] | None = None, plan: Any 
 
 __all__ = ["POLICIES", "COMBINATIONS", "get_policy", "policy_names", "merge_decisions", "Compose", "BasePolicy",
            "Param", "HLC", "SRAP", "AIGQ", "PrecisionSchedule", "DMPQ", "TDC", "VarianceCompensation",
-           "StaticInterval", "FORA", "TeaCache", "FBCache", "DBCache", "PAB", "plan_sections",
+           "StaticInterval", "FORA", "TeaCache", "FBCache", "DBCache", "PAB", "ReuseGuard", "plan_sections",
            "plan_policy_name"]
