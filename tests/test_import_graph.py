@@ -92,3 +92,48 @@ def test_loading_and_running_a_work_dir_imports_no_compiler(name):
                f"WORK = {str(work)!r}\nP = ['a red circle moving right on a black background']\n"
                + code + "\nprint(json.dumps(forbidden()))")
     assert got == [], f"{name} imported {got}"
+
+
+PACKAGE_DIRS = {"qc_compile": ROOT / "qc_compile", "qc_compile.runtime": ROOT / "runtime",
+                "qc_compile.calib": ROOT / "calib", "qc_compile.plugins": ROOT / "plugins"}
+
+
+def static_imports() -> dict[str, set[str]]:
+    """Module -> the qc_compile modules it imports anywhere in its body (function-level imports included)."""
+    import ast
+
+    mods: dict[str, Path] = {}
+    for pkg, base in PACKAGE_DIRS.items():
+        for p in base.rglob("*.py"):
+            if ".venv" in p.parts or (pkg == "qc_compile" and p.relative_to(base).parts[0] in ("runtime", "calib")):
+                continue
+            parts = p.relative_to(base).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            mods[".".join((pkg,) + parts)] = p
+    graph: dict[str, set[str]] = {}
+    for name, p in mods.items():
+        found = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            found |= {t for t in targets if t in mods}
+            if isinstance(node, ast.ImportFrom) and node.module in mods:  # from pkg import submodule
+                found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in mods}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_commands_form_no_import_cycle():
+    """The CLI commands sit on top: a command imports library modules, never another command that imports it back
+    (the old calibrate <-> calibrate_aigq cycle); the calibration inputs live in calib/inputs.py."""
+    graph = static_imports()
+    assert "qc_compile.calib.inputs" in graph["qc_compile.commands.calibrate_aigq"]
+    cmds = [m for m in graph if m.startswith("qc_compile.commands.")]
+    for a in cmds:
+        for b in graph[a]:
+            if b.startswith("qc_compile.commands.") and b != "qc_compile.commands":
+                assert a not in graph.get(b, set()), f"{a} <-> {b} import each other"
+    for m in graph:  # nothing below the CLI imports a command
+        if not m.startswith(("qc_compile.commands", "qc_compile.cli")):
+            bad = {b for b in graph[m] if b.startswith("qc_compile.commands") or b == "qc_compile.cli"}
+            assert not bad, f"{m} imports the CLI: {sorted(bad)}"

@@ -1,8 +1,9 @@
-"""`qc-compile calibrate WORK --uniform FORMAT`: activation ranges over a few prompts and all steps -> plan.json."""
+"""`qc-compile calibrate WORK --uniform FORMAT | --method aigq`: options and messages; the work is in
+``calib/uniform.py`` and ``calib/aigq.py`` (through ``commands/calibrate_aigq.py``)."""
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,96 +12,6 @@ import click
 import qc_compile.validate as V
 
 from qc_compile.errors import UserError
-
-
-def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts: int, *, steps, cfg, seed,
-                         hint: str, text_encoder: Path | None = None, caption_cache: Path | None = None,
-                         device: str = "cpu"):
-    """Shared by both calibration methods: the work dir's model, the calibration prompts (each checked against the
-    caption vocabulary) and the sampling settings at the exported geometry. ``text_encoder``: opensora-v1.2's T5
-    folder (prompts go through Open-Sora's conventions and T5, optionally through a caption cache)."""
-    from qc_compile.calib.ranges import default_prompts
-    from qc_compile.prompts import read_prompt_file
-    from qc_compile.models.caption_encoder import CaptionTokenizer
-    from qc_compile.runtime.generation import GenerationSettings
-    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
-
-    from qc_compile.models.opensora_parts import check_part_paths
-
-    check_part_paths(text_encoder=text_encoder, caption_cache=caption_cache)  # before any load
-    work = WorkDir(work_dir)
-    info = read_model_info(work)
-    prompts = read_prompt_file(prompts_file) if prompts_file else default_prompts(info.name, num_prompts)
-    if not prompts:
-        raise UserError(f"model {info.name} has no built-in calibration prompts; pass --prompts FILE.")
-    from qc_compile.runtime.generation import resolve_device
-
-    loaded = load_model_for(info, device=resolve_device(device))
-    if loaded.text_encoder is None and text_encoder is None:
-        raise UserError(f"model {info.name} takes T5 caption features: pass --text-encoder with the folder of its T5 "
-                        f"(T5 v1.1 XXL) to calibrate from text prompts; {hint}")
-    if text_encoder is not None or caption_cache is not None:
-        from qc_compile.models.opensora_parts import attach_opensora_parts
-
-        attach_opensora_parts(loaded, text_encoder=text_encoder, caption_cache=caption_cache, need_vae=False)
-    if loaded.text_encoder is not None:
-        try:
-            CaptionTokenizer().encode(prompts, max_length=loaded.config.model_max_length)
-        except UserError as e:
-            raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
-    frames, height, width = info.video_size
-    settings = GenerationSettings.defaults(loaded, steps=steps, cfg=cfg, seed=seed, frames=frames, height=height,
-                                           width=width)
-    return work, info, loaded, prompts, settings
-
-
-def _write_report(work, plan, ranges: dict, kept: list[str], settings: dict, per_call: dict) -> Path:
-    from qc_compile.artifacts import atomic_write
-
-    lines = [f"# Calibration report: {plan.model['name']}", "",
-             f"- prompts: {len(settings['prompts'])}, steps: {settings['steps']}, cfg {settings['cfg']}, "
-             f"seed {settings['seed']}, method: {settings['method']}"
-             + (f" (p{settings['percentile']})" if settings["percentile"] is not None else ""),
-             f"- uniform format: `{settings['format']}`; kept at bf16: {len(kept)}", "",
-             "| linear | unit | W | A | range used | max |", "|---|---|---|---|---|---|"]
-    for name, e in plan.linears.items():
-        r = ranges[name]
-        lines.append(f"| `{name}` | {e.unit} | {e.weight} | {e.activation} | {r['amax']:.4g} | {r['max']:.4g} |")
-    png = _write_heatmap(work, plan, per_call)
-    lines += ["", f"![per-step input ranges]({png.name})"]
-    path = work.report_dir / "calibration.md"
-    with atomic_write(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
-
-
-def _write_heatmap(work, plan, per_call: dict) -> Path:
-    """log10 of each linear's input |x| max per denoising step (linears x steps)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from qc_compile.artifacts import write_bytes_atomic
-
-    names = list(plan.linears)
-    data = np.log10(np.maximum(np.array([per_call[n] for n in names], dtype=np.float64), 1e-6))
-    fig, ax = plt.subplots(figsize=(min(4 + data.shape[1] * 0.25, 16), 2 + len(names) * 0.12))
-    im = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(names)), names, fontsize=5)
-    ax.set_xlabel("denoising step")
-    ax.set_title(f"{plan.model['name']}: log10 max|x| at each linear's input")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    path = work.report_dir / "calibration_ranges.png"
-    write_bytes_atomic(path, buf.getvalue())
-    return path
 
 
 @click.command("calibrate")
@@ -192,67 +103,32 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                         seed=seed, target=target, quiet=quiet, text_encoder=text_encoder,
                         caption_cache=caption_cache, device=device)
     import torch
-    from safetensors.torch import save
 
-    from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
-    from qc_compile.calib.ranges import RangeCollector
-    from qc_compile.manifest import tool_versions
-    from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan
     from qc_compile.calib import runtime_params
+    from qc_compile.calib.inputs import load_for_calibration
+    from qc_compile.calib.uniform import UniformOptions, calibrate_uniform
 
-    fmt = {"fp8": "fp8_e4m3", "int4": "int4_b128", "fp4": "nvfp4"}.get(fmt, fmt)
-    if fmt not in WEIGHT_FORMATS:
-        raise UserError(f"--uniform {fmt!r}: unknown format; known: {', '.join(WEIGHT_FORMATS)} (alias fp8).")
-    if not 0.0 <= act_high_fraction <= 1.0:
-        raise UserError(f"--act-high-fraction must be in [0, 1], got {act_high_fraction}.")
+    opts = UniformOptions(fmt=fmt, percentile=percentile, exclude=tuple(exclude), target=target,
+                          act_scales=act_scales).checked()  # before any load
     if not 0.0 < srap_quantile < 1.0 or srap_max_error <= 0:
         raise UserError(f"--srap-quantile must be in (0, 1) and --srap-max-error positive; got {srap_quantile} and "
                         f"{srap_max_error}.")
-    if percentile is not None and not (0.0 < percentile <= 100.0):
-        raise UserError(f"--percentile must be in (0, 100], got {percentile}.")
-    from qc_compile.trt_compat import parse_target
-
-    parse_target(target, allow_any=True)
+    runtime = runtime_params.RuntimeOptions(act_high_fraction=act_high_fraction, high=high_variant,
+                                            srap=srap_thresholds, srap_quantile=srap_quantile,
+                                            srap_max_error=srap_max_error)
     start = time.perf_counter()
     work, info, loaded, prompts, settings = load_for_calibration(
         work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
         hint="calibrate qc-ref, or supply a plan written elsewhere.", text_encoder=text_encoder,
         caption_cache=caption_cache, device=device)
     torch.set_grad_enabled(False)
-    rc = RangeCollector(loaded.model, percentile=percentile)
-    _, signals = runtime_params.measure(loaded, prompts, settings, progress=not quiet, contexts=[rc])
-    ranges = rc.reduce()
-    work.calib_dir.mkdir(parents=True, exist_ok=True)
-    ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
-    calib = {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
-             "video": list(info.video_size), "method": "percentile" if percentile is not None else "max",
-             "percentile": percentile, "ranges_sha256": ranges_sha}
-    write_json_atomic(work.calib_dir / "ranges.json", {"schema_version": 1, "calibration": calib, "ranges": ranges})
-    provenance = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": f"qc-compile calibrate --uniform {fmt}", "tool_versions": tool_versions(),
-                  "calibration": calib}
-    plan, kept = uniform_plan(info, fmt, ranges, target=target, exclude=list(exclude), provenance=provenance)
-    if act_scales == "dynamic":
-        for e in plan.linears.values():
-            if e.activation in ("fp8_e4m3", "int8"):
-                e.act_scale = "dynamic"
-    calib["act_scales"] = act_scales
-    rt = runtime_params.add_runtime_params(plan, signals, runtime_params.RuntimeOptions(
-        act_high_fraction=act_high_fraction, high=high_variant, srap=srap_thresholds, srap_quantile=srap_quantile,
-        srap_max_error=srap_max_error))
-    calib["runtime"] = rt
-    from qc_compile.plan import validate
-
-    lins = {li["name"]: li for li in info.linears()}
-    validate(plan, linears=lins, model_name=info.name, config_sha256=info.config_sha256, where="calibrated plan")
-    save_plan(plan, work.plan_json)
-    report = _write_report(work, plan, ranges, kept,
-                           {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
-                            "method": calib["method"], "percentile": percentile, "format": fmt},
-                           {n: st.amax for n, st in rc.stats.items()})
-    sim = " (simulated format: not runnable on TensorRT targets)" if WEIGHT_FORMATS[fmt].simulated else ""
-    click.echo(f"calibrated {len(ranges)} linears over {len(prompts)} prompt(s) x {settings.steps} steps "
-               f"({calib['method']}); wrote {work.plan_json} with {len(plan.linears) - len(kept)} linear(s) in "
-               f"{fmt}{sim}, {len(kept)} kept at bf16; report {report}; {time.perf_counter() - start:.1f} s")
+    res = calibrate_uniform(work, info, loaded, prompts, settings, dataclasses.replace(opts, runtime=runtime),
+                            progress=not quiet)
+    n_lin, kept = len(res.plan.linears), res.kept
+    sim = " (simulated format: not runnable on TensorRT targets)" if res.simulated else ""
+    click.echo(f"calibrated {len(res.ranges)} linears over {len(prompts)} prompt(s) x {settings.steps} steps "
+               f"({'percentile' if percentile is not None else 'max'}); wrote {work.plan_json} with "
+               f"{n_lin - len(kept)} linear(s) in {opts.fmt}{sim}, {len(kept)} kept at bf16; report {res.report}; "
+               f"{time.perf_counter() - start:.1f} s")
     if kept:
         click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))

@@ -21,7 +21,7 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
 
     from qc_compile.calib import aigq, allocate, report
     from qc_compile.calib.collect import CollectSettings, text_captions
-    from qc_compile.commands.calibrate import load_for_calibration
+    from qc_compile.calib.inputs import load_for_calibration
     from qc_compile.manifest import tool_versions
     from qc_compile.linears import model_linears
     from qc_compile.plan import save_plan, validate
