@@ -31,6 +31,7 @@ class RunResult:
     fp_videos: torch.Tensor | None = None
     fp_seconds: float | None = None
     extra: dict = field(default_factory=dict)
+    frame_upscale: int = 8  # nearest upscale of the written mp4s (small pixel-space videos); 1 for decoded frames
 
     @property
     def compute_fraction(self) -> float:
@@ -96,6 +97,16 @@ class RunResult:
             m["reference"] = ref
         return m
 
+    def decode_with(self, decoder) -> None:
+        """Replace latent videos (and the FP reference) by the VAE's frames in [-1, 1], written at full size."""
+        frames = self.settings["frames"]
+        self.videos = decoder.decode(self.videos, num_frames=frames, out_device="cpu").float().clamp(-1, 1)
+        if self.fp_videos is not None:
+            self.fp_videos = decoder.decode(self.fp_videos, num_frames=frames, out_device="cpu").float().clamp(-1, 1)
+        H, W = self.videos.shape[-2:]
+        self.frame_upscale = 2 if (H | W) % 2 else 1  # yuv420p needs even sizes
+        self.extra["decoded"] = "latents decoded by the VAE before writing and comparing"
+
     def save(self, run_dir: str | Path) -> dict[str, Path]:
         """Write video(s) (.mp4 + PNG strip), trace.json, metrics.json and decisions.png into ``run_dir``."""
         from qc_compile.artifacts import write_json_atomic
@@ -108,7 +119,7 @@ class RunResult:
         fps = int(self.settings.get("fps", 8))
         for k, v in enumerate(self.videos):
             stem = "video" if len(self.videos) == 1 else f"video_{k}"
-            paths[f"{stem}.mp4"] = write_mp4(run_dir / f"{stem}.mp4", v, fps=fps)
+            paths[f"{stem}.mp4"] = write_mp4(run_dir / f"{stem}.mp4", v, fps=fps, upscale=self.frame_upscale)
             paths[f"{stem}.png"] = write_png_strip(run_dir / f"{stem}.png", v)
         trace = self.trace()
         write_json_atomic(run_dir / "trace.json", trace)

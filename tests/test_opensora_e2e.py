@@ -109,8 +109,10 @@ def test_wrong_files_name_the_file_and_expected_keys(files, tmp_path, capsys):
     code, err = run_cli(base + ["--text-encoder", str(files["t5"]), "--vae", str(files["dit"])], capsys)
     assert code == 2 and str(files["dit"]) in err and "spatial_vae.module" in err and "temporal_vae" in err
     assert "DiT checkpoint" in err
+    import shutil
+
     bad = tmp_path / "bad_t5"
-    bad.mkdir()
+    shutil.copytree(files["t5"], bad)  # a complete folder whose config is then made wrong
     (bad / "config.json").write_text('{"model_type": "bert", "d_model": 32}')
     code, err = run_cli(base + ["--text-encoder", str(bad), "--vae", str(files["vae"])], capsys)
     assert code == 2 and "config.json" in err and "'t5'" in err
@@ -118,6 +120,8 @@ def test_wrong_files_name_the_file_and_expected_keys(files, tmp_path, capsys):
     code, err = run_cli(base + ["--text-encoder", str(bad), "--vae", str(files["vae"])], capsys)
     assert code == 2 and "d_model is 64" in err
     (bad / "config.json").write_text('{"model_type": "t5", "d_model": 32}')
+    for f in bad.glob("*.safetensors"):  # pickled weights only
+        f.unlink()
     (bad / "pytorch_model.bin").write_bytes(b"\x80\x02")
     code, err = run_cli(base + ["--text-encoder", str(bad), "--vae", str(files["vae"])], capsys)
     assert code == 2 and "pytorch_model.bin" in err and "safetensors" in err
@@ -172,3 +176,30 @@ def test_prompt_to_mp4_on_gpu_bf16(files, tmp_path):
     main(_gen(files, out, "--device", "cuda"))
     video = read_video(out, size=(32, 48))
     assert video.shape == (3, 17, 32, 48) and float(video.std()) > 0.01
+
+
+def test_run_with_a_policy_decodes_and_compares_frames(files, tmp_path, capsys):
+    """`run` on opensora-v1.2 with T5 and the VAE: the run dir holds full-size decoded frames at the model's fps, the
+    trace its decisions, and --reference compares *decoded* frames (PSNR finite, below identity: hlc reuses)."""
+    import json
+
+    from qc_compile.video_io import read_video
+
+    out = tmp_path / "run"
+    main(["run", "--model", "opensora-v1.2", "--checkpoint", str(files["dit"]), "--text-encoder", str(files["t5"]),
+          "--vae", str(files["vae"]), "-p", PROMPT, "--policy", "hlc", "--steps", "8",
+          "--reference", "-o", str(out), "--quiet"])
+    video = read_video(out / "video.mp4", size=(32, 48))
+    assert video.shape == (3, 17, 32, 48) and float(video.std()) > 0.01
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["compute_fraction"] < 1.0  # the policy reused something
+    psnr = m["reference"]["psnr_db"]
+    assert 0 < psnr < 200, psnr
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["decoded"].startswith("latents decoded")
+
+
+def test_run_without_the_parts_names_the_option(files, tmp_path, capsys):
+    code, err = run_cli(["run", "--model", "opensora-v1.2", "--checkpoint", str(files["dit"]), "-p", PROMPT,
+                         "-o", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 2 and "--text-encoder" in err and "Traceback" not in err

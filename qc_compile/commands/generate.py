@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 import qc_compile.validate as V
+from qc_compile.commands.opensora_opts import opensora_options
 from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
@@ -28,17 +29,7 @@ from qc_compile.errors import UserError
 @click.option("--height", type=V.SIZE, default=None, help="Height in pixels (model default).")
 @click.option("--width", type=V.SIZE, default=None, help="Width in pixels (model default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
-@click.option("--text-encoder", type=click.Path(path_type=Path), default=None,
-              help="opensora-v1.2: folder of its T5 v1.1 XXL (e.g. DeepFloyd/t5-v1_1-xxl: config.json, "
-                   "*.safetensors, tokenizer).")
-@click.option("--vae", type=click.Path(path_type=Path), default=None,
-              help="opensora-v1.2: the OpenSora-VAE-v1.2 folder or its model.safetensors (latents -> frames).")
-@click.option("--caption-cache", type=click.Path(path_type=Path), default=None,
-              help="opensora-v1.2: safetensors file of T5 features, read and extended (T5 runs only on new prompts).")
-@click.option("--aes", type=V.FiniteFloat(-100.0, 100.0), default=6.5, show_default=True,
-              help="opensora-v1.2: ' aesthetic score: X.' appended to each prompt, as Open-Sora's sampling config "
-                   "does (negative: none).")
-@click.option("--flow", type=V.FiniteFloat(-100.0, 100.0), default=None, help="opensora-v1.2: ' motion score: X.' appended (default none).")
+@opensora_options
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="DiT and VAE precision; auto = bf16 for opensora-v1.2 on CUDA (as Open-Sora runs it), else fp32.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 import qc_compile.validate as V
+from qc_compile.commands.opensora_opts import opensora_options
 from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
@@ -72,13 +73,15 @@ def _policy_help() -> str:
               help="Run directory (default: WORK/runs/<id>, or ./runs/<id> without WORK).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty -o directory (written whole, then "
               "swapped in).")
+@opensora_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gpu_options
 def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, policy: str | None,
         sets: tuple[str, ...], reference: bool, model: str | None, checkpoint: Path | None, random_weights: bool,
         device: str, seed: int,
         steps: int | None, cfg: float | None, frames: int | None, height: int | None, width: int | None,
-        executor: str, fast: bool, output: Path | None, overwrite: bool, quiet: bool, gpus: int,
+        executor: str, fast: bool, output: Path | None, overwrite: bool, text_encoder: Path | None, vae: Path | None,
+        caption_cache: Path | None, aes: float, flow: float | None, quiet: bool, gpus: int,
         parallel_mode: str) -> None:
     """Generate videos under a caching / pruning / precision policy.
 
@@ -86,7 +89,9 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
     per unit and step, statistics, timings), RUN/metrics.json (compute fraction; with --reference PSNR/SSIM against
     the FP video and the caption-checker drop) and RUN/decisions.png (units x steps).
 
-    Without WORK it runs the FP model (--model, default qc-ref) on the torch executor. With --gpus N one video is
+    Without WORK it runs the FP model (--model, default qc-ref) on the torch executor. opensora-v1.2 (a work dir of
+    it, or --model opensora-v1.2 --checkpoint DIT) takes --text-encoder and --vae: prompts go through T5 and the
+    videos (and the FP reference) are decoded by the VAE before they are written and compared. With --gpus N one video is
     split over N GPUs (CFG and/or sequence parallel); the trace records whether every rank took the same decisions.
     """
     from qc_compile.outputs import check_output_dir
@@ -100,6 +105,9 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         check_output_dir(output, "--output", overwrite)
     if work is not None and checkpoint is not None:
         raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
+    from qc_compile.models.opensora_parts import check_part_paths
+
+    check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)  # before any load
     overrides = parse_sets(sets)
     if policy is not None and work is None:  # check the policy and its parameters before loading the model
         from qc_compile.runtime.policies import get_policy
@@ -108,11 +116,12 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
     on_gpus(_run, dict(work=work, all_prompts=all_prompts, policy=policy, overrides=overrides, reference=reference,
                        model=model, checkpoint=checkpoint, random_weights=random_weights, device=device, seed=seed,
                        steps=steps, cfg=cfg, frames=frames, height=height, width=width, executor=executor, fast=fast,
-                       output=output, quiet=quiet), gpus, parallel_mode, device)
+                       output=output, parts=dict(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache,
+                                                 aes=aes, flow=flow), quiet=quiet), gpus, parallel_mode, device)
 
 
 def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, random_weights, device, seed, steps, cfg,
-         frames, height, width, executor, fast, output, quiet) -> None:
+         frames, height, width, executor, fast, output, parts, quiet) -> None:
     """The run on this process (every rank of a --gpus run; rank 0 writes the run directory)."""
     from qc_compile.outputs import fresh_dir
     from qc_compile.runtime.parallel import is_rank0
@@ -120,10 +129,19 @@ def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, ran
 
     pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, executor=executor,
                     random_weights=random_weights, fast=fast)
+    from qc_compile.models.opensora_parts import attach_opensora_parts
+
+    dtype = next(pipe.loaded.model.parameters()).dtype
+    decoder = attach_opensora_parts(pipe.loaded, dtype=dtype, **parts)  # None for pixel-space models (qc-ref)
+    if decoder is not None:
+        s = pipe.settings(seed, steps, cfg, frames=frames, height=height, width=width)
+        decoder.check_geometry(pipe.loaded.config, s.frames, s.height, s.width)
     res = pipe(all_prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg, reference=reference,
                frames=frames, height=height, width=width, progress=not quiet and is_rank0())
     if not is_rank0():
         return
+    if decoder is not None:  # latents -> frames in [-1, 1]: what users see is what is written and compared
+        res.decode_with(decoder)
     root = (work / "runs") if work is not None else Path("runs")
     run_dir = output or new_run_dir(root, res.policy, seed)
     with fresh_dir(run_dir) as tmp:  # a run dir holds one run's results, complete, or nothing new
