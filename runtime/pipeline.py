@@ -92,6 +92,18 @@ class Pipeline:
                                          random_weights=random_weights)
         self._fp_cache: dict[tuple, tuple[torch.Tensor, float]] = {}
         self.fp_cache_size = 8  # FP reference runs kept (oldest dropped first)
+        self.decoder = None  # a latent model's VAE (attach_opensora_parts): results are decoded frames
+
+    def attach_opensora_parts(self, *, text_encoder=None, vae=None, caption_cache=None, aes: float | None = 6.5,
+                              flow: float | None = None) -> None:
+        """Give opensora-v1.2 its T5 (prompts -> caption features) and VAE: every result's videos, and the FP
+        reference, are then decoded frames in [-1, 1], so PSNR/SSIM compare what users see. A pixel-space model
+        refuses these parts (UserError)."""
+        from qc_compile.models.opensora_parts import attach_opensora_parts
+
+        dtype = next(self.loaded.model.parameters()).dtype
+        self.decoder = attach_opensora_parts(self.loaded, text_encoder=text_encoder, vae=vae,
+                                             caption_cache=caption_cache, aes=aes, flow=flow, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, name: str = "qc-ref", checkpoint: str | Path | None = None, *, device: str = "cpu",
@@ -195,6 +207,8 @@ class Pipeline:
 
             CaptionTokenizer().encode(prompts, max_length=self.loaded.config.model_max_length)
         settings = self.settings(seed, steps, cfg, frames=frames, height=height, width=width)
+        if self.decoder is not None:
+            self.decoder.check_geometry(self.loaded.config, settings.frames, settings.height, settings.width)
         name, pol = self.build_policy(policy, overrides, seed)
         executor = self.make_executor(settings)
         missing = set(getattr(pol, "requires", ())) - set(executor.supports)
@@ -231,4 +245,6 @@ class Pipeline:
         mesh = current_mesh()
         if mesh is not None:
             res.extra["parallel"] = parallel_record(mesh, steps_rec)
+        if self.decoder is not None:  # latents -> frames in [-1, 1]
+            res.decode_with(self.decoder)
         return res

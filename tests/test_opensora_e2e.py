@@ -203,3 +203,22 @@ def test_run_without_the_parts_names_the_option(files, tmp_path, capsys):
     code, err = run_cli(["run", "--model", "opensora-v1.2", "--checkpoint", str(files["dit"]), "-p", PROMPT,
                          "-o", str(tmp_path / "r"), "--quiet"], capsys)
     assert code == 2 and "--text-encoder" in err and "Traceback" not in err
+
+
+def test_sweep_compares_decoded_frames(files, tmp_path, capsys):
+    """`sweep` on opensora-v1.2 with T5 + VAE: one row per policy, PSNR of decoded frames against the FP run."""
+    import json
+
+    out = tmp_path / "sweep"
+    main(["sweep", "--model", "opensora-v1.2", "--checkpoint", str(files["dit"]), "--text-encoder", str(files["t5"]),
+          "--vae", str(files["vae"]), "--policies", "none,hlc", "--prompts", "1", "--steps", "8", "-o", str(out)])
+    doc = json.loads((out / "sweep.json").read_text())
+    rows = {r["config"]: r for r in doc["rows"]}
+    assert rows["none"]["compute_fraction"] == 1.0 and rows["hlc"]["compute_fraction"] < 1.0
+    assert rows["none"]["psnr_db"] >= 100  # policy none (identical: PSNR capped at 100) reproduces the FP frames
+    assert rows["hlc"]["psnr_db"] < rows["none"]["psnr_db"]
+    code, err = run_cli(["sweep", "--model", "opensora-v1.2", "--checkpoint", str(files["dit"]), "--text-encoder",
+                         str(files["t5"]), "--vae", str(files["vae"]), "--policies", "hlc", "--jobs", "2", "-o",
+                         str(tmp_path / "s2")],
+                        capsys)
+    assert code == 2 and "--jobs 2" in err

@@ -129,19 +129,11 @@ def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, ran
 
     pipe = Pipeline(work, model=model, checkpoint=checkpoint, device=device, executor=executor,
                     random_weights=random_weights, fast=fast)
-    from qc_compile.models.opensora_parts import attach_opensora_parts
-
-    dtype = next(pipe.loaded.model.parameters()).dtype
-    decoder = attach_opensora_parts(pipe.loaded, dtype=dtype, **parts)  # None for pixel-space models (qc-ref)
-    if decoder is not None:
-        s = pipe.settings(seed, steps, cfg, frames=frames, height=height, width=width)
-        decoder.check_geometry(pipe.loaded.config, s.frames, s.height, s.width)
+    pipe.attach_opensora_parts(**parts)  # opensora-v1.2: T5 + VAE (results are decoded frames); qc-ref: none given
     res = pipe(all_prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg, reference=reference,
                frames=frames, height=height, width=width, progress=not quiet and is_rank0())
     if not is_rank0():
         return
-    if decoder is not None:  # latents -> frames in [-1, 1]: what users see is what is written and compared
-        res.decode_with(decoder)
     root = (work / "runs") if work is not None else Path("runs")
     run_dir = output or new_run_dir(root, res.policy, seed)
     with fresh_dir(run_dir) as tmp:  # a run dir holds one run's results, complete, or nothing new

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 import qc_compile.validate as V
+from qc_compile.commands.opensora_opts import opensora_options
 from qc_compile.commands.parallel_opts import gpu_options, on_gpus
 from qc_compile.errors import UserError
 
@@ -73,9 +74,11 @@ def _ints(text: str, what: str) -> list[int]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty output directory (written whole, "
               "then swapped in).")
+@opensora_options
 @gpu_options
 def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, sets, steps, frames, height, width,
-          batch, jobs, model, checkpoint, random_weights, device, output, overwrite, gpus, parallel_mode) -> None:
+          batch, jobs, model, checkpoint, random_weights, device, output, overwrite, text_encoder, vae, caption_cache,
+          aes, flow, gpus, parallel_mode) -> None:
     """Compare step policies on the same model, prompts and seeds.
 
     Writes OUTPUT/sweep.{json,md} (compute fraction, block-FLOP fraction, PSNR/SSIM vs FP, caption-checker accuracy
@@ -110,15 +113,22 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     if jobs > 1 and gpus > 1:
         raise UserError(f"--jobs {jobs} with --gpus {gpus}: a --gpus run splits each video over its processes; "
                         "give one of the two.")
+    parts = dict(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache, aes=aes, flow=flow)
+    if jobs > 1 and any(parts[k] is not None for k in ("text_encoder", "vae", "caption_cache")):
+        raise UserError(f"--jobs {jobs} with --text-encoder/--vae: each worker would load its own T5 and VAE; run "
+                        "opensora-v1.2 sweeps with --jobs 1 (on a GPU) or split the prompts over commands.")
+    from qc_compile.models.opensora_parts import check_part_paths
+
+    check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)
     check_output_dir(output, "--output", overwrite)  # before any work: a sweep must not fail at its end
     on_gpus(_sweep, dict(work=work, configs=configs, prompts=prompts, seed_list=seed_list, steps=steps, batch=batch,
                          output=output, frames=frames, height=height, width=width, jobs=jobs, model=model,
                          checkpoint=checkpoint, random_weights=random_weights, device=device,
-                         caption_seed=None if prompt_file else caption_seed), gpus, parallel_mode, device)
+                         caption_seed=None if prompt_file else caption_seed, parts=parts), gpus, parallel_mode, device)
 
 
 def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, height, width, jobs, model, checkpoint,
-           random_weights, device, caption_seed) -> None:
+           random_weights, device, caption_seed, parts) -> None:
     """The sweep on this process (every rank of a --gpus run; rank 0 writes the outputs)."""
     import contextlib
 
@@ -130,6 +140,7 @@ def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, heig
 
     pipe_kwargs = dict(work_dir=work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
     pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
+    pipe.attach_opensora_parts(**parts)  # opensora-v1.2: T5 + VAE, fidelity on decoded frames
     commit = _git_commit()  # the code that runs: HEAD may move while a long sweep runs
     rank0 = is_rank0()
     # rank 0 writes into a fresh dir swapped in whole at the end: the output holds this sweep, complete, or is left
