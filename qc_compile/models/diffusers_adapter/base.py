@@ -29,6 +29,7 @@ The model-side protocol (the same one :class:`qc_compile.models.stdit3.STDiT3` f
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Iterator
 
 import torch
@@ -70,8 +71,8 @@ class AdapterBlockSteps:
         return self.adapter.block_mlp(self.name, x, self.mods, self.ctx)[0]
 
 
-class DiffusersAdapter(nn.Module):
-    """Base class: wraps a diffusers transformer (kept as ``self.transformer``, weights shared, never copied)."""
+class DiffusersAdapter(nn.Module, ABC):
+    """Base class (abstract: each family implements the marked parts): wraps a diffusers transformer (kept as ``self.transformer``, weights shared, never copied)."""
 
     family: str = ""
     sub_blocks: tuple[str, ...] = SUB_BLOCKS_ALL
@@ -85,8 +86,9 @@ class DiffusersAdapter(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- protocol
     @property
+    @abstractmethod
     def blocks(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The family's transformer blocks, in execution order."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -152,32 +154,40 @@ class DiffusersAdapter(nn.Module):
         return self.add_gated(x, out, gate)
 
     # ----------------------------------------------------------------------------------- family-specific parts
+    @abstractmethod
     def geometry_of(self, latent: torch.Tensor, **kw):
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def embed(self, inputs: dict[str, torch.Tensor], g) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def run_block(self, name: str, inputs: dict[str, torch.Tensor], g) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def final(self, inputs: dict[str, torch.Tensor], g) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def block_modulation(self, name: str, ctx: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def block_modulated_input(self, name: str, x: torch.Tensor, ctx: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def block_self_attention(self, name: str, x: torch.Tensor, mods: dict[str, torch.Tensor],
                              ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        ...
 
     def block_cross_attention(self, name: str, x: torch.Tensor, ctx: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{self.family} blocks have no cross-attention sub-block (sub_blocks = "
                                   f"{self.sub_blocks})")
 
+    @abstractmethod
     def block_mlp(self, name: str, x: torch.Tensor, mods: dict[str, torch.Tensor],
                   ctx: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        ...
