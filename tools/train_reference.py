@@ -131,6 +131,24 @@ def run_info(args, device: str, step: int, total: int, wall: float) -> dict:
             "lr": args.lr, "total_steps": total}
 
 
+def compiled_or_eager(core, compile_it: bool):
+    """``core`` under ``torch.compile`` when asked, falling back to eager for good on a compiler failure (a
+    compiler problem must not cost a budgeted training run)."""
+    state = {"fn": torch.compile(core) if compile_it else core}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as e:
+            if state["fn"] is core:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {e}); continuing eagerly", flush=True)
+            state["fn"] = core
+            return core(*args)
+
+    return run
+
+
 def train_loop(args, *, net: torch.nn.Module, ema: torch.nn.Module, opt, params: list, device: str,
                next_batch, loss_fn, save_all, log: dict, step: int, total: int, max_steps: int = 0) -> int:
     """The budgeted training loop: lr schedule (warm-up + cosine to 10%), bf16 autocast on CUDA, grad clip 1, EMA,
@@ -228,20 +246,11 @@ def main() -> None:
         v = net.model.forward_units(xt, tau * 1000, y, mask, fps, g)
         return F.mse_loss(v.float(), (x0 - eps).float())
 
-    compiled = torch.compile(core) if args.compile else core
+    run_core = compiled_or_eager(core, args.compile)
 
     def step_fn(x0: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        nonlocal compiled
         ids, mask = tok.encode(texts, max_length=cfg.model_max_length)  # strings stay outside the compiled graph
-        ids, mask = ids.to(device), mask.to(device).bool()
-        try:
-            return compiled(x0, ids, mask)
-        except Exception as e:  # a compiler failure must not cost the run: fall back to eager
-            if compiled is core:
-                raise
-            print(f"torch.compile failed ({type(e).__name__}: {e}); continuing eagerly", flush=True)
-            compiled = core
-            return core(x0, ids, mask)
+        return run_core(x0, ids.to(device), mask.to(device).bool())
 
     def save_all(step: int, total: int, wall: float, final: bool = False) -> None:
         """Resume state + the shipped EMA checkpoint; written periodically so a killed run loses little."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_reference import (add_common_args, add_noise, git_commit, load_state, run_info,  # noqa: E402
+from train_reference import (add_common_args, add_noise, compiled_or_eager, git_commit, load_state, run_info,  # noqa: E402
                              sample_tau, save_state, train_loop)
 
 from qc_compile.data.shapes import sample_batch  # noqa: E402
@@ -85,24 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         v = net.transformer(qrw.with_frame_channel(xt), tau * 1000, y, return_dict=False)[0]
         return F.mse_loss(v.float(), (eps - x0).float())
 
-    compiled = torch.compile(core) if args.compile else core
+    run_core = compiled_or_eager(core, args.compile)
 
     def loss_fn(x0: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        nonlocal compiled
         from qc_compile.models.caption_encoder import CaptionTokenizer
 
         drop = torch.rand(len(texts), generator=drop_gen) < CLASS_DROPOUT
         texts = ["" if d else t for d, t in zip(drop.tolist(), texts)]  # the null caption: the empty one
         ids, mask = CaptionTokenizer().encode(texts, max_length=qrw.TEXT_ENCODER_CONFIG["max_length"])
-        ids, mask = ids.to(device), mask.to(device)
-        try:
-            return compiled(x0, ids, mask)
-        except Exception as e:  # a compiler failure must not cost the run: fall back to eager
-            if compiled is core:
-                raise
-            print(f"torch.compile failed ({type(e).__name__}: {e}); continuing eagerly", flush=True)
-            compiled = core
-            return core(x0, ids, mask)
+        return run_core(x0, ids.to(device), mask.to(device))
 
     def save_all(step: int, total: int, wall: float, final: bool) -> None:
         run = run_info(args, device, step, total, wall)
