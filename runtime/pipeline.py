@@ -245,6 +245,7 @@ class Pipeline:
         mesh = current_mesh()
         if mesh is not None:
             res.extra["parallel"] = parallel_record(mesh, steps_rec)
-        if self.decoder is not None:  # latents -> frames in [-1, 1]
+        # latents -> frames in [-1, 1]; in a --gpus run rank 0 alone writes and compares, so it alone decodes
+        if self.decoder is not None and (mesh is None or mesh.rank == 0):
             res.decode_with(self.decoder)
         return res
