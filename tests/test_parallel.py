@@ -173,10 +173,17 @@ def test_bench_parallel_quick_on_gloo(tmp_path):
     import bench_parallel
 
     out = tmp_path / "p.json"
+    # a row left behind by a launch that was killed before it wrote --out is kept
+    leftover = {"config": "bf16", "frames": 4, "gpus": 1, "label": "left", "latent_frames": 4, "seconds": 9.0,
+                "comm_share_mean": 0.0, "comm_share_max": 0.0, "peak_mem_gib_per_rank": [0.0],
+                "decisions_identical_across_ranks": True, "compute_fraction": 1.0}
+    (tmp_path / "p.partial-gpus1.jsonl").write_text(json.dumps(leftover) + "\n")
     assert bench_parallel.main(["run", "--quick", "--device", "cpu", "--gpus", "1,2", "--frames", "8",
                                 "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    rows = {(r["config"], r["gpus"]): r for r in doc["rows"]}
+    assert [r["seconds"] for r in doc["rows"] if r["frames"] == 4] == [9.0]
+    assert not list(tmp_path.glob("*.partial-*"))
+    rows = {(r["config"], r["gpus"]): r for r in doc["rows"] if r["frames"] == 8}
     assert set(rows) == {("bf16", 1), ("bf16", 2), ("headline", 1), ("headline", 2)}
     for (c, n), r in rows.items():
         assert r["decisions_identical_across_ranks"] and r["weights_identical_across_ranks"] and r["latent_finite"]

@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -204,30 +203,43 @@ def _derive(rows: list[dict]) -> None:
 
 
 def run(args) -> None:
+    from qc_compile.artifacts import write_json_atomic
     from qc_compile.runtime.parallel import ParallelConfig, launch
 
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {"rows": []}
     args_d = {k: v for k, v in vars(args).items() if k != "fn"}
-    with tempfile.TemporaryDirectory() as tmp:
-        for gpus in args.gpus:
-            rows_path = str(Path(tmp, f"rows{gpus}.jsonl"))
-            launch(bench_rank, (args_d, rows_path, gpus), config=ParallelConfig.for_gpus(gpus, args.parallel),
-                   device=args.device)
-            new = [json.loads(line) for line in Path(rows_path).read_text().splitlines()]
-            keys = {(r["config"], r["frames"], r["gpus"]) for r in new}
-            doc["rows"] = [r for r in doc["rows"] if (r["config"], r["frames"], r["gpus"]) not in keys] + new
-    doc["rows"].sort(key=lambda r: (r["config"], r["frames"], r["gpus"]))
-    _derive(doc["rows"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def fold(path: Path) -> None:
+        """Rows rank 0 appended to ``path`` replace the same (configuration, frames, GPUs) rows of ``doc``."""
+        new = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        keys = {(r["config"], r["frames"], r["gpus"]) for r in new}
+        doc["rows"] = [r for r in doc["rows"] if (r["config"], r["frames"], r["gpus"]) not in keys] + new
+
+    def save() -> None:
+        doc["rows"].sort(key=lambda r: (r["config"], r["frames"], r["gpus"]))
+        _derive(doc["rows"])
+        write_json_atomic(out, doc)
+
+    # Rank 0 appends each row beside --out as soon as it is measured, so a launch killed by a time limit keeps the
+    # rows it finished; the next run folds such leftovers in before it starts.
+    for path in sorted(out.parent.glob(f"{out.stem}.partial-gpus*.jsonl")):
+        fold(path)
+        save()
+        path.unlink()
     doc.update(what=("one video over several GPUs: STDiT3-XL/2 random weights" if not args.quick else
                      "smoke test: qc-ref random weights on gloo processes"),
                size={"height": args.height, "width": args.width}, steps=args.steps, parallel_mode=args.parallel,
                compile=args.compile, cuda_graphs=args.cuda_graphs,
                env=dict(doc.get("env", {}), **{f"run_gpus_{','.join(map(str, args.gpus))}": _env(args)}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from qc_compile.artifacts import write_json_atomic
-
-    write_json_atomic(out, doc)
+    for gpus in args.gpus:
+        rows_path = out.parent / f"{out.stem}.partial-gpus{gpus}.jsonl"
+        launch(bench_rank, (args_d, str(rows_path), gpus), config=ParallelConfig.for_gpus(gpus, args.parallel),
+               device=args.device)
+        fold(rows_path)
+        save()
+        rows_path.unlink(missing_ok=True)
     render(out)
 
 
@@ -235,8 +247,10 @@ def render(path: Path) -> None:
     doc = json.loads(Path(path).read_text())
     rows = doc["rows"]
     envs = doc.get("env", {})
-    lines = [f"# One video over several GPUs: {doc.get('what')}, {doc['size']['height']}x{doc['size']['width']}, "
-             f"{doc['steps']} steps, CFG batch 2", ""]
+    what = str(doc.get("what", ""))
+    lines = [f"# {what[:1].upper() + what[1:]}, {doc['size']['height']}x{doc['size']['width']}, {doc['steps']} steps, "
+             f"CFG batch 2", "", f"Headline rows: torch.compile {'on' if doc.get('compile') else 'off'}, CUDA graphs "
+             f"{'on' if doc.get('cuda_graphs') else 'off'}.", ""]
     for k, e in envs.items():
         lines.append(f"- {k.replace('run_gpus_', 'GPUs ')}: {e.get('device')}, commit {e.get('commit')}, torch "
                      f"{e.get('torch')}, NCCL {e.get('nccl', '-')}, NVLS {e.get('nccl_nvls_enable')}, {e.get('date')}")
@@ -254,6 +268,8 @@ def render(path: Path) -> None:
                      f"| {ef} | {100 * r['comm_share_mean']:.1f}% ({100 * r['comm_share_max']:.1f}%) | "
                      f"{'-' if mem != mem else f'{mem:.1f}'} | {r['decisions_identical_across_ranks']} | "
                      f"{100 * r['compute_fraction']:.1f}% |")
+    if doc.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in doc["notes"]]
     md = Path(path).with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     try:
