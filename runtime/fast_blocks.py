@@ -117,7 +117,7 @@ def _qkv_from_input(spec: BlockSpec, w: BlockWeights, x: torch.Tensor, shift: to
             xq, xs = _to_time_major(xq, B, T, S), _to_time_major(xs, B, T, S)
         else:
             xq, xs = xq.reshape(B * T, S, -1), xs.reshape(B * T, S, 1)
-        return fl.linear_q(w.qkv, xq, xs, x.dtype)
+        return fl.linear_q(spec.qkv, w.qkv, xq, xs, x.dtype)
     return _qkv_from_modulated(spec, w, _layer_norm(x) * (1 + scale) + shift, T, S)
 
 
@@ -133,7 +133,8 @@ def _proj_back(spec: BlockSpec, w: BlockWeights, a: torch.Tensor, B: int, T: int
         return fl.linear(spec.proj, w.proj, a).reshape(B, T * S, -1)
     if spec.proj.mode == fl.FP8:  # permute the FP8 codes (1 byte/element) rather than the bf16 output
         aq, as_ = fl.quant_input(spec.proj, w.proj, a)
-        return fl.linear_q(w.proj, _from_time_major(aq, B, T, S), _from_time_major(as_, B, T, S), a.dtype)
+        return fl.linear_q(spec.proj, w.proj, _from_time_major(aq, B, T, S), _from_time_major(as_, B, T, S),
+                            a.dtype)
     return _from_time_major(fl.linear(spec.proj, w.proj, a), B, T, S)
 
 
@@ -180,13 +181,14 @@ class FastBlock:
     """One block unit: specs + weights + the (eager or compiled) forward."""
 
     def __init__(self, block: STDiT3Block, rope_freqs: torch.Tensor, entries: Mapping[str, tuple] | None = None,
-                 *, prefix: str = "block", fn: Callable = block_forward) -> None:
+                 *, prefix: str = "block", fn: Callable = block_forward, fused: bool = False) -> None:
         entries = entries or {}
         specs, weights = {}, {}
         for key, role in ROLES:
             mod = block.get_submodule(role)
             e = entries.get(role)
-            specs[key], weights[key] = fl.prepare_linear(mod, *(e or (None, None, None)), name=f"{prefix}.{role}")
+            specs[key], weights[key] = fl.prepare_linear(mod, *(e or (None, None, None)), name=f"{prefix}.{role}",
+                                                         fused=fused)
         attn = block.attn
         qk = not isinstance(attn.q_norm, torch.nn.Identity)
         self.spec = BlockSpec(block.temporal, attn.num_heads, attn.head_dim, qk, attn.q_norm.eps if qk else 1e-6,
@@ -250,8 +252,10 @@ class FastModel:
         return {"x": self.blocks[name](inputs["x"], inputs["t_mlp"], inputs["y"], inputs["mask"], g.T, g.S)}
 
 
-def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: Callable = block_forward) -> FastModel:
-    """Fast blocks of ``model`` under ``plan``'s ``variant`` (None: dense FP blocks sharing the model's weights)."""
+def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: Callable = block_forward,
+                     fused: bool = False) -> FastModel:
+    """Fast blocks of ``model`` under ``plan``'s ``variant`` (None: dense FP blocks sharing the model's weights);
+    ``fused``: FP8 linears as inductor-fusable torch ops (for a compiled ``fn``)."""
     entries_by_unit: dict[str, dict[str, tuple]] = {}
     if plan is not None:
         resolved = plan.resolve(variant)
@@ -267,7 +271,7 @@ def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: 
     for unit in model.unit_names():
         if unit_kind(unit) == "block":
             blocks[unit] = FastBlock(model.block(unit), model.rope.freqs, entries_by_unit.get(unit), prefix=unit,
-                                     fn=fn)
+                                     fn=fn, fused=fused)
     return FastModel(model, blocks)
 
 
@@ -294,13 +298,6 @@ def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *
                 provenance={"made_by": "qc_compile.runtime.fast_blocks.fp8_block_plan",
                             "act_scale": "calibrated ranges" if ranges is not None else
                             "none: dynamic per-token scales only"})
-
-
-def _compiled_block_forward() -> Callable:
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(block_forward, dynamic=False)
 
 
 def compiled_block_forward() -> Callable:

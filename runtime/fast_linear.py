@@ -16,6 +16,13 @@ Modes:
 * ``dq`` — weight-only formats (activation bf16): the dequantized weight in the model dtype (correct numerics, no
   speed gain; there is no fast W-only kernel on Hopper worth using).
 
+Two ways to run ``fp8`` (``LinearSpec.fused``): the ``qc::`` custom ops (opaque to ``torch.compile``: each producer
+is its own Triton kernel), or — when the block is compiled — the same quantization written as torch ops
+(:mod:`qc_compile.plugins.reference`, the kernels' truth) and the GEMM as ``torch._scaled_mm`` with the kernels'
+row-wise scales and fast accumulation, so inductor fuses the per-token quantization into the kernel that produces
+the activation (LayerNorm + modulation, GELU, the attention output's transpose) instead of writing and re-reading
+it. Same numerics either way (the reference is what the kernels are tested against).
+
 Activation scales are **dynamic per token** (what the kernels compute), not the plan's static per-tensor
 ``act_scale`` that the Q/DQ graphs and ``torch_package`` use; the difference is measured in
 ``bench/results/e2e_*.md``. Functions here are pure (tensors in, tensors out, static specs), so ``torch.compile``
@@ -32,6 +39,7 @@ from torch import nn
 
 from qc_compile.errors import UserError
 from qc_compile.plugins import ops as _ops  # noqa: F401  (registers torch.ops.qc)
+from qc_compile.plugins import reference as R
 from qc_compile.plugins.formats import blocked_hadamard
 
 DENSE, FP8, DQ = "dense", "fp8", "dq"
@@ -45,6 +53,7 @@ class LinearSpec(NamedTuple):
     mode: str = DENSE
     rotation: int = 0  # Hadamard block (0 = none)
     smooth: bool = False  # the activation is divided by a smoothing vector first
+    fused: bool = False  # fp8: quantization as torch ops + torch._scaled_mm (for inductor to fuse), not qc:: ops
 
 
 class LinearWeights(NamedTuple):
@@ -58,9 +67,10 @@ class LinearWeights(NamedTuple):
 
 
 def prepare_linear(linear: nn.Linear, entry=None, base=None, smoothing: torch.Tensor | None = None,
-                   *, name: str = "linear") -> tuple[LinearSpec, LinearWeights]:
+                   *, name: str = "linear", fused: bool = False) -> tuple[LinearSpec, LinearWeights]:
     """Spec and weights of ``linear`` under a plan entry (``entry`` = the variant's resolved entry, ``base`` = the
     plan's own entry, whose smoothing and rotation the weights carry, as in ``torch_package.apply_plan``).
+    ``fused``: run FP8 as inductor-fusable torch ops (for a compiled block; see the module docstring).
 
     ``entry`` None (or bf16 x bf16) gives the dense FP linear. Formats the fast path cannot run raise UserError.
     """
@@ -83,7 +93,7 @@ def prepare_linear(linear: nn.Linear, entry=None, base=None, smoothing: torch.Te
     tw = transformed_weight(w, base, s)
     if entry.activation == "fp8_e4m3":
         q = quantize(tw, "fp8_e4m3")
-        spec = LinearSpec(FP8, rot, s is not None)
+        spec = LinearSpec(FP8, rot, s is not None, fused)
         return spec, LinearWeights(q["q"].contiguous(), q["scale"].float().contiguous(), b,
                                    None if s is None else s.to(dtype))
     wd = tw if entry.weight == "bf16" else dequantize(quantize(tw, entry.weight), entry.weight)
@@ -96,13 +106,29 @@ def _pre(spec: LinearSpec, wt: LinearWeights, x: torch.Tensor) -> torch.Tensor:
 
 
 def quant_input(spec: LinearSpec, wt: LinearWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token FP8 of the (smoothed, rotated) activation: ``qc::rotate_quant_fp8``."""
+    """Per-token FP8 of the (smoothed, rotated) activation: ``qc::rotate_quant_fp8`` (or its torch form)."""
+    if spec.fused:
+        return R.rotate_quant(_pre(spec, wt, x), spec.rotation, "fp8")
     return torch.ops.qc.rotate_quant_fp8(_pre(spec, wt, x), spec.rotation)
 
 
-def linear_q(wt: LinearWeights, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``qc::fp8_linear`` on an already quantized activation."""
-    return torch.ops.qc.fp8_linear(xq, xs, wt.w, wt.w_scale, wt.bias, out_dtype)
+def _scaled_mm_ok(wt: LinearWeights, xq: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """What ``torch._scaled_mm``'s row-wise FP8 path takes (else the ``qc::fp8_linear`` op runs)."""
+    n, k = wt.w.shape
+    return xq.is_cuda and out_dtype == torch.bfloat16 and k % 16 == 0 and n % 16 == 0
+
+
+def linear_q(spec: LinearSpec, wt: LinearWeights, xq: torch.Tensor, xs: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 GEMM on an already quantized activation: ``qc::fp8_linear``, or (``spec.fused``) ``torch._scaled_mm``
+    with the same row-wise scales and fast accumulation that op's default backend uses."""
+    if not (spec.fused and _scaled_mm_ok(wt, xq, out_dtype)):
+        return torch.ops.qc.fp8_linear(xq, xs, wt.w, wt.w_scale, wt.bias, out_dtype)
+    k = xq.shape[-1]
+    bias = wt.bias if wt.bias is None or wt.bias.dtype == out_dtype else wt.bias.to(out_dtype)
+    y = torch._scaled_mm(xq.reshape(-1, k), wt.w.t(), scale_a=xs.reshape(-1, 1), scale_b=wt.w_scale.view(1, -1),
+                         bias=bias, out_dtype=out_dtype, use_fast_accum=True)
+    return y.reshape(*xq.shape[:-1], wt.w.shape[0])
 
 
 def linear(spec: LinearSpec, wt: LinearWeights, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +137,7 @@ def linear(spec: LinearSpec, wt: LinearWeights, x: torch.Tensor) -> torch.Tensor
         return F.linear(x, wt.w, wt.bias)
     if spec.mode == FP8:
         xq, xs = quant_input(spec, wt, x)
-        return linear_q(wt, xq, xs, x.dtype)
+        return linear_q(spec, wt, xq, xs, x.dtype)
     h = _pre(spec, wt, x)
     if spec.rotation:
         h = blocked_hadamard(h, spec.rotation).to(x.dtype)
@@ -125,6 +151,8 @@ def modulate_quant(spec: LinearSpec, wt: LinearWeights, x: torch.Tensor, shift: 
     if spec.smooth:
         sm = wt.smooth.float()
         shift, scale = shift.float() / sm, (1 + scale.float()) / sm - 1
+    if spec.fused:
+        return R.modulate_quant_fp8(x, shift.to(x.dtype), scale.to(x.dtype), spec.rotation)
     return torch.ops.qc.modulate_quant_fp8(x, shift.to(x.dtype), scale.to(x.dtype), spec.rotation)
 
 
@@ -135,14 +163,17 @@ def modulate_linear(spec: LinearSpec, wt: LinearWeights, x: torch.Tensor, shift:
         h = F.layer_norm(x, (x.shape[-1],), eps=1e-6) * (1 + scale) + shift
         return linear(spec, wt, h)
     xq, xs = modulate_quant(spec, wt, x, shift, scale)
-    return linear_q(wt, xq, xs, x.dtype)
+    return linear_q(spec, wt, xq, xs, x.dtype)
 
 
 def gelu_linear(spec: LinearSpec, wt: LinearWeights, h: torch.Tensor) -> torch.Tensor:
     """``linear(GELU_tanh(h))``; FP8 without smoothing runs the fused ``qc::gelu_rotate_quant_fp8`` producer."""
     if spec.mode == FP8 and not spec.smooth:
-        hq, hs = torch.ops.qc.gelu_rotate_quant_fp8(h, spec.rotation)
-        return linear_q(wt, hq, hs, h.dtype)
+        if spec.fused:
+            hq, hs = R.gelu_rotate_quant_fp8(h, spec.rotation)
+        else:
+            hq, hs = torch.ops.qc.gelu_rotate_quant_fp8(h, spec.rotation)
+        return linear_q(spec, wt, hq, hs, h.dtype)
     return linear(spec, wt, F.gelu(h, approximate="tanh"))
 
 
@@ -150,9 +181,9 @@ class FastLinear(nn.Module):
     """Drop-in replacement for an ``nn.Linear`` under a plan entry (the module-swap form of this file)."""
 
     def __init__(self, linear: nn.Linear, entry=None, base=None, smoothing: torch.Tensor | None = None,
-                 name: str = "linear") -> None:
+                 name: str = "linear", fused: bool = False) -> None:
         super().__init__()
-        self.spec, wt = prepare_linear(linear, entry, base, smoothing, name=name)
+        self.spec, wt = prepare_linear(linear, entry, base, smoothing, name=name, fused=fused)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         for k, v in wt._asdict().items():
             self.register_buffer(k, v, persistent=False)

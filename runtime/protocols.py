@@ -25,6 +25,18 @@ class Conditioning:
     y: torch.Tensor  # (2n, 1, L, Cy) caption features: [cond; null]
     mask: torch.Tensor  # (2n, L) bool
     fps: torch.Tensor  # (2n,)
+    caption_cut: tuple[int, bool] | None = None
+    """(caption tokens up to the last one any sample keeps, whether all of those are kept in every sample), read
+    from the mask while it is still on the host (:func:`caption_cut`), so a runner can drop padded caption keys
+    without a device-to-host read; None: not known."""
+
+
+def caption_cut(mask: torch.Tensor) -> tuple[int, bool]:
+    """:attr:`Conditioning.caption_cut` of a ``(B, L)`` mask (call it on a host tensor: it reads the values)."""
+    keep = mask.bool()
+    cols = keep.any(0)
+    n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else keep.shape[1]
+    return n, bool(keep[:, :n].all())
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qc_compile.runtime.policy import STAT_NAMES, StepInfo, StepPolicy, StepStats, UnitDecision, decode_action
-from qc_compile.runtime.protocols import Conditioning, Executor
+from qc_compile.runtime.protocols import Conditioning, Executor, caption_cut
 from qc_compile.runtime.schedule import base_timesteps, sampling_timesteps, step_sizes, timestep_transform
 
 
@@ -123,8 +123,10 @@ class RFlowSampler:
         frames, height, width = video_size
         ts = self.timesteps(height=height, width=width, num_frames=frames)
         dts = step_sizes(ts, c.num_timesteps)
-        cond = Conditioning(y=torch.cat([y_cond, y_null]).to(device), mask=torch.cat([mask, mask]).to(device).bool(),
-                            fps=torch.full((2 * n,), float(fps), device=device))
+        mask2 = torch.cat([mask, mask]).bool()
+        cond = Conditioning(y=torch.cat([y_cond, y_null]).to(device), mask=mask2.to(device),
+                            fps=torch.full((2 * n,), float(fps), device=device),
+                            caption_cut=caption_cut(mask2))  # read once per video, before the first step
         units = executor.unit_names
         executor.reset()
         policy.reset(units, len(ts))

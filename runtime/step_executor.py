@@ -112,6 +112,8 @@ class StepExecutor:
         emb = run.run_unit("embed", decisions.get("embed", COMPUTE).variant,
                            {"x": z, "timestep": timestep, "y": cond.y, "mask": cond.mask, "fps": cond.fps})
         ctx = {"mask": cond.mask, **emb}  # a sharding runner's embed returns its own batch's mask
+        if getattr(cond, "caption_cut", None) is not None:
+            ctx["caption_cut"] = cond.caption_cut  # host-side facts about the mask (runners may use them)
         h = h0 = emb["x"]
         zf = z.float()  # the whole latent, on every process
         if self._prev_z is not None and self._prev_z.shape == zf.shape:

@@ -146,13 +146,36 @@ def fused_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cach
         row[P["dot_in_out"]] = v[i["dot_in_out"]]
         row[P["sq_out"]] = v[i["sq_out"]]
     if level == "full":
-        row[P["max_in"]] = h.abs().amax().float()
+        lo, hi = torch.aminmax(h)  # one read of h (no |h| temporary)
+        row[P["max_in"]] = torch.maximum(-lo, hi).float()
         row[P["count_in"]] = float(h.numel())
         if T > 1:
             r4 = _frames(res, T, prefix)
             row[P["l1_frames"]] = v[i["l1_res"]] if not prefix else r4.abs().sum(dtype=torch.float32)
-            row[P["l1_dframe"]] = (r4[:, 1:] - r4[:, :-1]).abs().sum(dtype=torch.float32)
+            row[P["l1_dframe"]] = _frame_diff_l1(r4)
     return res
+
+
+def _frame_diff_l1_eager(r4: torch.Tensor) -> torch.Tensor:
+    return (r4[:, 1:] - r4[:, :-1]).abs().sum(dtype=torch.float32)
+
+
+_FRAME_DIFF: dict[str, Callable] = {}
+
+
+def _frame_diff_l1(r4: torch.Tensor) -> torch.Tensor:
+    """sum |r[t+1] - r[t]| over frames: on CUDA one compiled reduction reading ``r4`` once (eager, it writes and
+    re-reads two full-size temporaries per computed unit); eager elsewhere, or if compiling fails."""
+    if not r4.is_cuda:
+        return _frame_diff_l1_eager(r4)
+    fn = _FRAME_DIFF.get("fn")
+    if fn is None:
+        fn = _FRAME_DIFF["fn"] = torch.compile(_frame_diff_l1_eager, dynamic=False)
+    try:
+        return fn(r4)
+    except Exception:  # noqa: BLE001  (a torch without a working inductor: the eager reduction is the same sum)
+        _FRAME_DIFF["fn"] = _frame_diff_l1_eager
+        return _frame_diff_l1_eager(r4)
 
 
 class LocalReducer:

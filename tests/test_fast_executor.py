@@ -264,3 +264,69 @@ def test_pipeline_and_cli_refuse_fast_without_cuda(capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:") and "--fast" in err and "CUDA" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_fused_fp8_spec_is_the_same_function(qcref):
+    """``fused`` (quantization as torch ops + ``_scaled_mm``, for inductor) computes what the qc:: ops compute: on
+    the CPU both are the reference kernels, so the block outputs are bit-identical; the spec records the mode."""
+    g = _geometry(qcref)
+    plan = fp8_block_plan(qcref.model)
+    entries = {}
+    for name, e in plan.resolve("default").items():
+        if plan.linears[name].unit == "spatial_1":
+            entries[name.split(".", 2)[2]] = (e, plan.linears[name], None)
+    ops = FastBlock(qcref.model.block("spatial_1"), qcref.model.rope.freqs, entries)
+    fused = FastBlock(qcref.model.block("spatial_1"), qcref.model.rope.freqs, entries, fused=True)
+    assert fused.spec.fc1.fused and not ops.spec.fc1.fused and fused.spec.fc1.mode == fl.FP8
+    gen = torch.Generator().manual_seed(3)
+    C = qcref.config.hidden_size
+    x, t_mlp, y = (torch.randn(2, g.N, C, generator=gen), torch.randn(2, 6 * C, generator=gen),
+                   torch.randn(2, 9, C, generator=gen))
+    out = fused(x, t_mlp, y, None, g.T, g.S)
+    assert torch.equal(out, ops(x, t_mlp, y, None, g.T, g.S))
+    assert FastRunner(qcref.model, g, plan, compile=False).fused is False
+    assert FastRunner(qcref.model, g, plan, compile=False, fused=True).describe()["fp8_quantization"].startswith(
+        "torch ops")
+
+
+@pytest.mark.parametrize("lengths", [(6, 6), (7, 5)])
+def test_caption_keys_cut_after_the_last_kept_token(qcref, lengths):
+    """Cross-attention on the caption tokens up to the last one any sample keeps: the same block output as on the
+    padded captions; the mask is dropped when every kept token is valid in every sample (flash-attention path)."""
+    g = _geometry(qcref)
+    c = qcref.config
+    gen = torch.Generator().manual_seed(4)
+    L = c.model_max_length
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    inp = {"x": torch.randn(2, g.N, c.hidden_size, generator=gen),
+           "t_mlp": torch.randn(2, 6 * c.hidden_size, generator=gen),
+           "y": torch.randn(2, L, c.hidden_size, generator=gen), "mask": mask}
+    cut = FastRunner(qcref.model, g)
+    full = FastRunner(qcref.model, g, trim_captions=False)
+    a = cut.run_unit("spatial_1", "default", inp)["x"]
+    b = full.run_unit("spatial_1", "default", inp)["x"]
+    assert rel(a, b) < 1e-6
+    (n, all_kept), = cut._cuts.values()
+    assert n == max(lengths) and all_kept == (len(set(lengths)) == 1)
+    cut.run_unit("temporal_1", "default", inp)
+    assert len(cut._cuts) == 1, "the cut is read once per mask, not per call"
+    cut.reset()
+    assert not cut._cuts
+    # the sampler's conditioning carries the cut read on the host: no device read, same result
+    from qc_compile.runtime.protocols import caption_cut
+
+    assert caption_cut(mask) == (n, all_kept)
+    c2 = cut.run_unit("spatial_1", "default", {**inp, "caption_cut": caption_cut(mask)})["x"]
+    assert torch.equal(c2, a) and not cut._cuts
+    seen = {}
+    orig = cut.model_for("default").blocks["spatial_1"].fn
+
+    def spy(spec, w, x, t_mlp, y, m, T, S):
+        seen.update(y=y.shape, mask=None if m is None else m.shape)
+        return orig(spec, w, x, t_mlp, y, m, T, S)
+
+    cut.model_for("default").blocks["spatial_1"].fn = spy
+    cut.run_unit("spatial_1", "default", inp)
+    assert seen["y"][1] == n and (seen["mask"] is None) == all_kept

@@ -63,6 +63,7 @@ class RowSpec:
     fp8: bool = False  # ours: the FP8 plan
     grid: str | None = None  # ours: the replayed grid in e2e_grids.json (None: every unit computed)
     fidelity: str = ""  # the configuration's key in the --fidelity JSON
+    fused: bool | None = None  # ours: FP8 quantization fused by inductor (None: the runner's default)
 
 
 ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's linears, so it runs last
@@ -73,6 +74,8 @@ ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's 
             "plain_compile", long=True, fidelity="plain_bf16_100"),
     RowSpec("ours_fp8", "ours: FP8 W8A8 plan, torch-fast runner, compiled, every unit computed", "ours", fp8=True,
             fidelity="ours_fp8"),
+    RowSpec("ours_fp8_kernels", "ours: FP8 W8A8 plan, compiled, quantization in the qc:: producer kernels (not fused "
+            "by inductor), every unit computed", "ours", fp8=True, fidelity="ours_fp8", fused=False),
     RowSpec("ours_cached", "ours: bf16 torch-fast, quantcache decisions (replayed grid)", "ours", grid="cached_30",
             fidelity="ours_cached"),
     RowSpec("ours_both", "ours: FP8 + quantcache decisions (replayed grid)", "ours", fp8=True, grid="both_30",
@@ -84,7 +87,7 @@ ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's 
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 BASELINE = {False: "plain_bf16_compile", True: "plain_bf16_compile_100"}  # ratios are to these (same steps)
-PROFILE_ROWS = ("plain_bf16_compile", "ours_fp8")
+PROFILE_ROWS = ("plain_bf16_compile", "ours_fp8", "ours_fp8_kernels")
 
 
 # ------------------------------------------------------------------------------------------------ JSON schema
@@ -219,12 +222,13 @@ def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict]):
     return plan
 
 
-def build_fast_runner(setup: Setup, plan, args, meter: B.Meter, overheads: list[dict] | None):
+def build_fast_runner(setup: Setup, plan, args, meter: B.Meter, overheads: list[dict] | None,
+                      fused: bool | None = None):
     from qc_compile.runtime.runners.fast import FastRunner
 
     before = meter.allocated_gib()
     secs, runner = meter.timed(lambda: FastRunner(setup.model, setup.g, plan, compile=not args.no_compile,
-                                                  cuda_graphs=args.cuda_graphs))
+                                                  cuda_graphs=args.cuda_graphs, fused=fused))
     if overheads is not None and plan is not None:
         after = meter.allocated_gib()
         overheads.append(overhead("weight_quantization_s", secs, "s", "building the torch-fast runner from the "
@@ -285,17 +289,19 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
     model, units = setup.model, setup.model.unit_names()
     rows: list[dict] = []
     overheads: list[dict] = []
-    runners: dict[bool, Any] = {}
+    runners: dict[tuple, Any] = {}
     plan = None
     compiled = None  # the regional-compile context while plain_compile rows run
 
-    def runner_for(fp8: bool):
+    def runner_for(fp8: bool, fused: bool | None = None):
         nonlocal plan
-        if fp8 not in runners:
+        if (fp8, fused) not in runners:
             if fp8 and plan is None:
                 plan = load_fp8_plan(setup, meter, overheads)
-            runners[fp8] = build_fast_runner(setup, plan if fp8 else None, args, meter, overheads)
-        return runners[fp8]
+            first = not any(k[0] == fp8 for k in runners)  # the overheads are those of the first such runner
+            runners[(fp8, fused)] = build_fast_runner(setup, plan if fp8 else None, args, meter,
+                                                      overheads if first else None, fused)
+        return runners[(fp8, fused)]
 
     graphs_measured = False
 
@@ -331,7 +337,7 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
                 compiled = B.regional_compile(model, backend=args.compile_backend)
                 compiled.__enter__()
             if spec.path == "ours":
-                ex = StepExecutor(runner_for(spec.fp8), setup.g, stats=args.stats)
+                ex = StepExecutor(runner_for(spec.fp8, spec.fused), setup.g, stats=args.stats)
             else:
                 ex = B.PlainExecutor(model, setup.g)
             if spec.grid is None:

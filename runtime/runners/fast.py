@@ -8,7 +8,13 @@ optional torch.compile and per-unit CUDA graphs; statistics through the fused ``
 * ``cuda_graphs=True`` captures each (variant, block unit) once, after two eager warm-up calls (the Triton producers
   autotune on their first call), into one shared memory pool; the unit input is copied into a static buffer before
   each replay and the step's other block inputs once per step (:meth:`begin_step`). ``compile=True`` compiles the
-  block forward with inductor once per block kind.
+  block forward with inductor once per block kind, and then (``fused``, the default with ``compile``) writes the
+  FP8 quantization as torch ops so inductor fuses it into the kernels that produce each activation
+  (:mod:`..fast_linear`).
+* **Caption keys trimmed**: cross-attention runs on the caption tokens up to the last one any sample's mask keeps
+  (Open-Sora pads T5 features to 300 tokens; a prompt has tens). The dropped keys are masked out, so the result is
+  the same function; when every kept token is valid in every sample the mask is dropped too, which lets SDPA take
+  its flash kernels. The cut is found once per mask (one host read on the first step), not per step.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from qc_compile.errors import UserError
 from qc_compile.models.stdit3 import STDiT3, Geometry
 from qc_compile.models.units import is_block, unit_kind
 from qc_compile.runtime.fast_blocks import FastModel, block_forward, build_fast_model, compiled_block_forward
+from qc_compile.runtime.protocols import caption_cut
 
 
 class _UnitGraph(NamedTuple):
@@ -42,7 +49,7 @@ class FastRunner:
     stats = "fused"
 
     def __init__(self, model: STDiT3, geometry: Geometry, plan=None, *, compile: bool = False,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, fused: bool | None = None, trim_captions: bool = True) -> None:
         if cuda_graphs and model.x_embedder.proj.weight.device.type != "cuda":
             raise UserError("cuda_graphs=True needs the model on a CUDA device.")
         self.model = model
@@ -51,11 +58,14 @@ class FastRunner:
         self.plan = plan
         self.compile = compile
         self.cuda_graphs = cuda_graphs
+        self.fused = compile if fused is None else fused
+        self.trim_captions = trim_captions
         fn = compiled_block_forward() if compile else block_forward
         self.fp_model = build_fast_model(model, None, fn=fn)
         self.variant_models: dict[str, FastModel] = {}
         if plan is not None:
-            self.variant_models = {v: build_fast_model(model, plan, v, fn=fn) for v in plan.variant_names}
+            self.variant_models = {v: build_fast_model(model, plan, v, fn=fn, fused=self.fused)
+                                   for v in plan.variant_names}
             self.variant_models.setdefault("fp", self.fp_model)
         self.default_model = self.variant_models.get("default", self.fp_model)
         self._graphs: dict[tuple, _UnitGraph] = {}
@@ -63,6 +73,7 @@ class FastRunner:
         self._x: dict[tuple, torch.Tensor] = {}
         self._x_dtype: torch.dtype | None = None
         self._pool = None
+        self._cuts: dict[tuple, tuple[int, bool]] = {}
 
     def model_for(self, variant: str) -> FastModel:
         return self.variant_models.get(variant, self.default_model)
@@ -75,22 +86,46 @@ class FastRunner:
         some = next(iter(self.default_model.blocks.values()))
         return {"runner": self.backend, "plan": self.plan is not None, "variants": sorted(self.variant_models),
                 "compile": self.compile, "cuda_graphs": self.cuda_graphs,
+                "fp8_quantization": "torch ops fused by inductor" if self.fused else "qc:: producer kernels",
+                "trim_captions": self.trim_captions,
                 "activation_scales": "dynamic per token (the kernels'); the plan's static act_scale is not used",
                 "quantized_roles_first_block": some.quantized, "plan_linears_run_unquantized": ignored}
 
+    # ----------------------------------------------------------------------------------------- captions
+    def reset(self) -> None:
+        self._cuts.clear()
+
+    def _captions(self, ctx: Mapping[str, Any]) -> dict[str, Any]:
+        """``ctx`` with ``y`` / ``mask`` cut after the last caption token any sample keeps (see the module doc).
+        The cut comes from the conditioning (``caption_cut``, read on the host by the sampler); without it, from one
+        device read per mask, remembered."""
+        mask = ctx.get("mask")
+        if not self.trim_captions or mask is None or "y" not in ctx:
+            return dict(ctx)
+        known = ctx.get("caption_cut")  # for the whole [cond; null] batch: also right for any part of it
+        if known is not None:
+            n, all_kept = min(known[0], mask.shape[1]), known[1]
+        else:
+            key = (mask.data_ptr(), mask._version, tuple(mask.shape), tuple(mask.stride()))
+            if key not in self._cuts:
+                self._cuts[key] = caption_cut(mask)  # the device read, once per mask
+            n, all_kept = self._cuts[key]
+        return {**ctx, "y": ctx["y"][:, :n], "mask": None if all_kept else mask[:, :n]}
+
     # ----------------------------------------------------------------------------------------- protocol
     def block_steps(self, unit: str, variant: str, ctx: Mapping[str, torch.Tensor], geometry=None):
-        return self.model_for(variant).block_steps(unit, dict(ctx), geometry or self.g)
+        return self.model_for(variant).block_steps(unit, self._captions(ctx), geometry or self.g)
 
     def begin_step(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None:
         if self.cuda_graphs and h.is_cuda:
-            self._ensure_static(h, ctx)
+            self._ensure_static(h, self._captions(ctx))
 
     def run_unit(self, unit: str, variant: str, inputs: Mapping[str, torch.Tensor],
                  geometry=None) -> dict[str, torch.Tensor]:
         """``geometry``: the token grid of a shard (:mod:`qc_compile.runtime.parallel`) for block units."""
         if not is_block(unit):
             return self.model.run_unit(unit, dict(inputs), self.g)
+        inputs = self._captions(inputs)
         fm, h, g = self.model_for(variant), inputs["x"], geometry or self.g
         if self.cuda_graphs and h.is_cuda:
             return {"x": self._graph_unit(fm, variant if variant in self.variant_models else "default", unit, h, g)}
@@ -98,16 +133,24 @@ class FastRunner:
 
     # ----------------------------------------------------------------------------------------- CUDA graphs
     def _ensure_static(self, h: torch.Tensor, ctx: Mapping[str, torch.Tensor]) -> None:
+        """Static buffers for the block inputs other than ``x`` (a mask dropped by the caption cut stays None)."""
         want = {"t_mlp": ctx["t_mlp"], "y": ctx["y"], "mask": ctx["mask"]}
-        if h.dtype != self._x_dtype or any(k not in self._static or self._static[k].shape != v.shape
-                                           or self._static[k].dtype != v.dtype for k, v in want.items()):
+
+        def differs(k: str, v: torch.Tensor | None) -> bool:
+            old = self._static.get(k, ...)
+            if v is None or old is None:
+                return v is not old
+            return old is ... or old.shape != v.shape or old.dtype != v.dtype
+
+        if h.dtype != self._x_dtype or any(differs(k, v) for k, v in want.items()):
             self._graphs.clear()
             self._x.clear()
             self._x_dtype = h.dtype
-            self._static = {k: torch.empty_like(v) for k, v in want.items()}
+            self._static = {k: None if v is None else torch.empty_like(v) for k, v in want.items()}
             self._pool = torch.cuda.graph_pool_handle()
-        for k in ("t_mlp", "y", "mask"):
-            self._static[k].copy_(want[k])
+        for k, v in want.items():
+            if v is not None:
+                self._static[k].copy_(v)
 
     def _graph_unit(self, fm: FastModel, variant: str, name: str, h: torch.Tensor, g) -> torch.Tensor:
         """Replay the unit's graph; a unit input buffer per shape (a sharded run's spatial and temporal blocks may
