@@ -95,3 +95,36 @@ def test_process_pool_spawns_once_cuda_is_initialized(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with process_pool(1) as pool:
         assert pool._mp_context.get_start_method() == "spawn"
+
+
+def _sleepy_task(pipe_kwargs, configs, prompts, seed, steps, size, want_trace):
+    time.sleep(8.0)
+    return [{"records": [{"config": c.label, "seed": seed, "prompt": prompts[0], "psnr_db": 30.0, "ssim": 0.9,
+                          "checker_ok": None, "fp_checker_ok": None, "compute_fraction": 0.5, "flop_fraction": 0.5,
+                          "seconds": 8.0}], "trace": {}, "metrics": {"steps": steps}} for c in configs]
+
+
+def test_deadline_with_worker_processes_stops_the_running_tasks(tmp_path, monkeypatch):
+    """--jobs 2 (forked workers on the CPU inherit the stand-ins): at the deadline the tasks still running are
+    stopped, not waited for, and every row is either in the table or listed as cut."""
+    import multiprocessing
+
+    import qc_compile.runtime.sweep as sweep_mod
+    import qc_compile.runtime.trace as trace_mod
+
+    monkeypatch.setattr(sweep_mod, "worker_pipeline", lambda kw: kw)
+    monkeypatch.setattr(sweep_mod, "_task", _sleepy_task)
+    monkeypatch.setattr(trace_mod, "plot_decisions", lambda trace, path: None)
+    monkeypatch.setattr(sweep_mod, "plot_pareto", lambda result, path, title="": None)
+    t0 = time.time()
+    res = ms.main(["--bf16", "W16", "--device", "cpu", "--jobs", "2", "--prompts", "1", "--seeds", "0,1000",
+                   "--deadline-s", "2", "--commit", "abc", "-o", str(tmp_path / "m")])
+    assert time.time() - t0 < 7  # waiting for the two running tasks would take 8 s
+    rows = {r["config"] for r in res["rows"]}
+    cut = {c["config"] for c in res["cut"]}
+    labels = {ms.label(k, p) for _, k, ps in ms.UNITS if k in ("bf16", "fp") for p in ps}
+    assert rows | cut == labels and not rows & cut
+    assert {"srap", "dbcache", "tdc", "interval"} <= cut
+    for p in multiprocessing.active_children():
+        p.join(5)
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
