@@ -128,3 +128,27 @@ def test_deadline_with_worker_processes_stops_the_running_tasks(tmp_path, monkey
     for p in multiprocessing.active_children():
         p.join(5)
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+def test_a_failing_row_group_costs_only_that_group(tmp_path, monkeypatch):
+    import qc_compile.runtime.sweep as sweep_mod
+    import qc_compile.runtime.trace as trace_mod
+    from qc_compile.errors import UserError
+
+    def task(pipe_kwargs, configs, prompts, seed, steps, size, want_trace):
+        if any(c.policy == "srap" for c in configs):
+            raise UserError("srap: no thresholds")
+        return [{"records": [{"config": c.label, "seed": seed, "prompt": prompts[0], "psnr_db": 30.0, "ssim": 0.9,
+                              "checker_ok": None, "fp_checker_ok": None, "compute_fraction": 0.5,
+                              "flop_fraction": 0.5, "seconds": 1.0}], "trace": {}, "metrics": {"steps": 4}}
+                for c in configs]
+
+    monkeypatch.setattr(sweep_mod, "worker_pipeline", lambda kw: kw)
+    monkeypatch.setattr(sweep_mod, "_task", task)
+    monkeypatch.setattr(trace_mod, "plot_decisions", lambda trace, path: None)
+    monkeypatch.setattr(sweep_mod, "plot_pareto", lambda result, path, title="": None)
+    res = ms.main(["--bf16", "W16", "--device", "cpu", "--jobs", "1", "--prompts", "1", "--seeds", "0",
+                   "--commit", "abc", "-o", str(tmp_path / "m")])
+    assert res["failed"] == {"srap": "UserError: srap: no thresholds", "hlc+aigq": "UserError: srap: no thresholds"}
+    assert "interval" in {r["config"] for r in res["rows"]} and not res["cut"]
+    assert "**Failed**" in (tmp_path / "m" / "sweep.md").read_text()

@@ -17,7 +17,8 @@
 #   not packed) QC12_CALIB_PROMPTS (calibrate's default) QC12_KEEP=1 (keep OUT_DIR unpacked too) PYTHON (python3)
 set -u -o pipefail
 OUT=${1:?usage: bash tools/gpu_issue12.sh OUT_DIR [COMMIT]}
-OUT=${OUT%/}
+OUT=$(realpath -m "${OUT%/}")
+cd "$(dirname "$0")/.." || exit 1  # the repository root: tools/must_show_sweep.py and `pip install -e .` need it
 COMMIT=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 DEV=${QC12_DEVICE:-cuda}
 CAPTIONS=${QC12_CAPTIONS:-32}

@@ -76,6 +76,10 @@ def write_outputs(out: Path, meta: dict, rows: list, videos: list, worst: dict, 
     if cut:
         notes += ["**Cut by the time limit** (not in the table): " + "; ".join(
             f"{c['config']} ({c['calls_done']}/{c['calls']} videos)" for c in cut), ""]
+    if result.get("failed"):
+        notes += ["**Failed** (not in the table): " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()), ""]
+    if result.get("not_run"):
+        notes += ["Not run (work dir not given, or above --max-tier): " + ", ".join(result["not_run"]), ""]
     notes += ["Worst cases (lowest PSNR per row; decision map of the worst video under worst/<row>/, of the first "
               "video under runs/<row>/):", ""]
     notes += [f"- {k}: " + "; ".join(f"{w['psnr_db']:.1f} dB seed {w['seed']} '{w['prompt']}'" for w in ws)
@@ -168,8 +172,18 @@ def main(argv: list[str] | None = None) -> dict:
         return write_outputs(args.output, dict(meta, _start=start), rows, [v for u in order for v in videos_of[u]],
                              {}, cut or [])
 
-    def on_result(t: int, res: list) -> None:
+    failed: dict[int, str] = {}
+
+    def on_result(t: int, res: list | BaseException) -> None:
         u, i = tasks[t]
+        if isinstance(res, BaseException):  # one row group's error costs that group, not the sweep
+            if u not in failed:
+                failed[u] = f"{type(res).__name__}: {res}"
+                print(f"[{time.perf_counter() - start:.0f} s] FAILED {', '.join(c.label for c in unit_cfgs[u])}: "
+                      f"{failed[u]}", flush=True)
+            return
+        if u in failed:
+            return
         done[u][i] = res
         if len(done[u]) == len(calls):
             finish_unit(u)
@@ -189,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             left = None if args.deadline_s is None else max(0.0, args.deadline_s - (time.perf_counter() - start))
             fin, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
             for f in fin:
-                on_result(futs[f], f.result())
+                on_result(futs[f], f.exception() or f.result())
             if expired() and pending:
                 break
         for p in list((pool._processes or {}).values()):  # cut: stop the running tasks too
@@ -199,10 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
         for t, p in enumerate(payload):
             if expired():
                 break
-            pl = p[0]
-            on_result(t, _task(worker_pipeline(pl), *p[1:]))
+            if tasks[t][0] in failed:
+                continue
+            try:
+                res = _task(worker_pipeline(p[0]), *p[1:])
+            except Exception as e:  # noqa: BLE001 - reported in the table, the other groups go on
+                res = e
+            on_result(t, res)
     cut = [{"config": c.label, "tier": units[u][0], "calls_done": len(done[u]), "calls": len(calls)}
-           for u in range(len(units)) if u not in rows_of for c in unit_cfgs[u]]
+           for u in range(len(units)) if u not in rows_of and u not in failed for c in unit_cfgs[u]]
+    meta["failed"] = {c.label: failed[u] for u in failed for c in unit_cfgs[u]}
     if args.device.startswith("cuda"):
         import torch
 
@@ -213,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cut:
         print("CUT by --deadline-s (lowest priority last): " + ", ".join(
             f"{c['config']} ({c['calls_done']}/{c['calls']})" for c in cut), flush=True)
+    if failed:
+        print("FAILED: " + "; ".join(f"{k}: {v}" for k, v in meta["failed"].items()), flush=True)
     if skipped:
         print("not run: " + ", ".join(skipped), flush=True)
     print((args.output / "sweep.md").read_text())
