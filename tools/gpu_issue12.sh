@@ -15,6 +15,7 @@
 #   QC12_DEVICE (cuda) QC12_CAPTIONS (32) QC12_SEEDS (0,1000) QC12_STEPS (model default, 30) QC12_JOBS (12)
 #   QC12_TOTAL_S (360: the whole script) QC12_CALIB_S (150: each calibration) QC12_WORK (/tmp/qc12_work: work dirs,
 #   not packed) QC12_CALIB_PROMPTS (calibrate's default) QC12_KEEP=1 (keep OUT_DIR unpacked too) PYTHON (python3)
+#   QC12_REUSE=1 (keep QC12_WORK's work dirs that have a plan.json: re-run only the sweep and the failed calibrations)
 set -u -o pipefail
 OUT=${1:?usage: bash tools/gpu_issue12.sh OUT_DIR [COMMIT]}
 OUT=$(realpath -m "${OUT%/}")
@@ -48,9 +49,14 @@ STEP_ARGS=(); [ -n "$STEPS" ] && STEP_ARGS=(--steps "$STEPS")
 PROMPT_ARGS=(); [ -n "${QC12_CALIB_PROMPTS:-}" ] && PROMPT_ARGS=(--num-prompts "$QC12_CALIB_PROMPTS")
 
 # ---- 1. work dirs ---------------------------------------------------------------------------------------------------
-rm -rf "$WORK" && mkdir -p "$WORK" "$OUT/plans"
-timeout 90 "${QCC[@]}" export qc-ref -o "$WORK/exp" --quiet || { echo "export failed"; exit 1; }
-echo "[$(elapsed) s] exported"
+REUSE=${QC12_REUSE:-0}  # 1: keep the work dirs of an earlier run that have a plan (re-run the sweep only)
+if [ "$REUSE" = 1 ] && [ -d "$WORK/exp" ]; then
+  mkdir -p "$OUT/plans"
+else
+  rm -rf "$WORK" && mkdir -p "$WORK" "$OUT/plans"
+  timeout 90 "${QCC[@]}" export qc-ref -o "$WORK/exp" --quiet || { echo "export failed"; exit 1; }
+  echo "[$(elapsed) s] exported"
+fi
 declare -A PIDS
 declare -A CAL=(
   [bf16]="--uniform bf16 --srap-thresholds"
@@ -59,7 +65,8 @@ declare -A CAL=(
   [aigq_vc]="--method aigq --vc --predictor"
 )
 for k in bf16 fp8 aigq aigq_vc; do
-  cp -r "$WORK/exp" "$WORK/$k"
+  if [ "$REUSE" = 1 ] && [ -f "$WORK/$k/plan.json" ]; then (exit 0) & PIDS[$k]=$!; continue; fi
+  rm -rf "${WORK:?}/$k" && cp -r "$WORK/exp" "$WORK/$k"
   # shellcheck disable=SC2086
   OMP_NUM_THREADS=3 timeout "$CALIB_S" "${QCC[@]}" calibrate "$WORK/$k" ${CAL[$k]} --device "$DEV" --quiet "${STEP_ARGS[@]}" "${PROMPT_ARGS[@]}" \
     > "$OUT/plans/calibrate_$k.log" 2>&1 &
@@ -68,7 +75,7 @@ done
 SWEEP_ARGS=()
 for k in bf16 fp8 aigq aigq_vc; do
   wait "${PIDS[$k]}"; rc=$?
-  echo "[$(elapsed) s] calibrate $k (${CAL[$k]}): rc=$rc; $(tail -1 "$OUT/plans/calibrate_$k.log")"
+  echo "[$(elapsed) s] calibrate $k (${CAL[$k]}): rc=$rc; $(tail -1 "$OUT/plans/calibrate_$k.log" 2>/dev/null || echo reused)"
   if [ $rc -eq 0 ] && [ -f "$WORK/$k/plan.json" ]; then
     SWEEP_ARGS+=("--${k//_/-}" "$WORK/$k")
     mkdir -p "$OUT/plans/$k" && cp "$WORK/$k/plan.json" "$OUT/plans/$k/" && cp -r "$WORK/$k/report" "$OUT/plans/$k/" 2>/dev/null
