@@ -64,13 +64,13 @@ def test_deadline_cuts_lowest_priority_groups(tmp_path, monkeypatch):
     monkeypatch.setattr(trace_mod, "plot_decisions", fake_plot)
     monkeypatch.setattr(sweep_mod, "plot_pareto", lambda result, path, title="": Path(path).write_bytes(b"png"))
     out = tmp_path / "m"
-    # bf16 + the FP model only: units (1,bf16) (1,fp) (2,bf16 guard) (3,bf16) (3,fp) x 2 seeds = 10 tasks; the
-    # deadline (45 s) passes after the 5th task: the first two groups (4 tasks) finish, the rest are cut
+    # bf16 + the FP model only: units (1,bf16) (1,fp) (2,bf16 guard) (3,bf16) (3,fp), one task per tier and video
+    # (2 seeds): the deadline (45 s) passes after the 5th group run: tier 1 (4 runs) finishes, the rest is cut
     res = ms.main(["--bf16", "W16", "--device", "cpu", "--jobs", "1", "--prompts", "1", "--seeds", "0,1000",
                    "--steps", "3", "--deadline-s", "45", "--commit", "abc", "-o", str(out)])
-    assert [c[1] for c in calls[:4]] == [["none", "hlc", "quantcache"]] * 2 + [list(ms.PEERS_MUST)] * 2
-    assert calls[0][0] == "W16" and calls[2][0] == "fp" and [c[2] for c in calls[:2]] == [0, 1000]
-    assert len(calls) == 5
+    assert [c[1] for c in calls[:4]] == [["none", "hlc", "quantcache"], list(ms.PEERS_MUST)] * 2
+    assert [c[0] for c in calls[:2]] == ["W16", "fp"] and [c[2] for c in calls[:4]] == [0, 0, 1000, 1000]
+    assert len(calls) == 5 and calls[4][1] == ["hlc+guard", "quantcache+guard"]
     done = [r["config"] for r in res["rows"]]
     assert done == ["none", "hlc", "quantcache", *ms.PEERS_MUST]
     assert all(r["videos"] == 2 for r in res["rows"])

@@ -1,8 +1,9 @@
 """Issue 12's must-show sweep: every row on the same held-out captions and noise seeds, one table and one Pareto plot.
 
-Rows come from several work dirs (a plan is per work dir). All (row group, call) tasks go to one pool of worker
-processes in priority order (tier 1: the must-show rows; tier 2: VC, DMPQ and guard; tier 3: extra rows and peers);
-each worker keeps one pipeline per work dir and computes each FP reference video once for all of them:
+Rows come from several work dirs (a plan is per work dir). One task per (tier, prompt and seed) runs every row group
+of the tier on that video, so its FP reference is computed once per tier; the tasks go to one pool of worker
+processes in priority order (tier 1: the must-show rows; tier 2: VC, DMPQ and guard; tier 3: extra rows and peers),
+each worker keeping one pipeline per work dir:
 
     python tools/must_show_sweep.py --bf16 W_BF16 --fp8 W_FP8 --aigq W_AIGQ [--aigq-vc W_AIGQ_VC] --device cuda \
         --jobs 12 --seeds 0,1000 --deadline-s 240 -o bench/results/methods_qc_ref_h200
@@ -57,6 +58,20 @@ def safe(name: str) -> str:
 def units_for(works: dict) -> list[tuple[int, str, tuple[str, ...]]]:
     """The units whose work dir was given (``fp`` always is: the FP model)."""
     return [u for u in UNITS if works.get(u[1]) is not None]
+
+
+def tier_task(items: list) -> dict:
+    """One video (prompt, seed) under every row group of a tier, in a worker: ``{unit: per-config results}``, or
+    ``{unit: "Error: message"}`` for a group that raised (the others still run)."""
+    from qc_compile.runtime import sweep as S
+
+    out: dict = {}
+    for u, kw, cfgs, prompts, seed, steps in items:
+        try:
+            out[u] = S._task(S.worker_pipeline(kw), cfgs, prompts, seed, steps, None, True)
+        except Exception as e:  # noqa: BLE001 - reported in the table; the other groups go on
+            out[u] = f"{type(e).__name__}: {e}"
+    return out
 
 
 def write_outputs(out: Path, meta: dict, rows: list, videos: list, worst: dict, cut: list) -> dict:
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from qc_compile.artifacts import write_json_atomic
     from qc_compile.data.shapes import sample_captions
-    from qc_compile.runtime.sweep import SweepConfig, _task, _worker, aggregate, worker_pipeline
+    from qc_compile.runtime.sweep import SweepConfig, aggregate
     from qc_compile.runtime.trace import plot_decisions
 
     start = time.perf_counter()
@@ -135,8 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
                 else dict(work_dir=works[key], device=args.device))
 
     unit_cfgs = [[SweepConfig(label(k, p), p) for p in ps] for _, k, ps in units]
-    tasks = [(u, i) for u in range(len(units)) for i in range(len(calls))]  # priority order
-    payload = [(kwargs(units[u][1]), unit_cfgs[u], calls[i][0], calls[i][1], args.steps, None, True) for u, i in tasks]
+    tiers = sorted({t for t, _, _ in units})
+    tasks = [(t, i) for t in tiers for i in range(len(calls))]  # priority order
+    payload = [[(u, kwargs(units[u][1]), unit_cfgs[u], calls[i][0], calls[i][1], args.steps)
+                for u in range(len(units)) if units[u][0] == t] for t, i in tasks]
     done: dict[int, dict[int, list]] = {u: {} for u in range(len(units))}
     rows_of: dict[int, list] = {}
     videos_of: dict[int, list] = {}
@@ -174,11 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     failed: dict[int, str] = {}
 
-    def on_result(t: int, res: list | BaseException) -> None:
-        u, i = tasks[t]
-        if isinstance(res, BaseException):  # one row group's error costs that group, not the sweep
+    def on_result(u: int, i: int, res: list | str) -> None:
+        if isinstance(res, str):  # one row group's error costs that group, not the sweep
             if u not in failed:
-                failed[u] = f"{type(res).__name__}: {res}"
+                failed[u] = res
                 print(f"[{time.perf_counter() - start:.0f} s] FAILED {', '.join(c.label for c in unit_cfgs[u])}: "
                       f"{failed[u]}", flush=True)
             return
@@ -197,13 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
 
         ctx = multiprocessing.get_context("spawn" if args.device.startswith("cuda") else None)
         pool = ProcessPoolExecutor(args.jobs, mp_context=ctx)
-        futs = {pool.submit(_worker, p): t for t, p in enumerate(payload)}
+        futs = {pool.submit(tier_task, p): t for t, p in enumerate(payload)}
         pending = set(futs)
         while pending:
             left = None if args.deadline_s is None else max(0.0, args.deadline_s - (time.perf_counter() - start))
             fin, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
             for f in fin:
-                on_result(futs[f], f.exception() or f.result())
+                err = f.exception()
+                res = {it[0]: f"{type(err).__name__}: {err}" for it in payload[futs[f]]} if err else f.result()
+                for u, r in sorted(res.items()):
+                    on_result(u, tasks[futs[f]][1], r)
             if expired() and pending:
                 break
         for p in list((pool._processes or {}).values()):  # cut: stop the running tasks too
@@ -213,13 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
         for t, p in enumerate(payload):
             if expired():
                 break
-            if tasks[t][0] in failed:
-                continue
-            try:
-                res = _task(worker_pipeline(p[0]), *p[1:])
-            except Exception as e:  # noqa: BLE001 - reported in the table, the other groups go on
-                res = e
-            on_result(t, res)
+            for u, r in sorted(tier_task([it for it in p if it[0] not in failed]).items()):
+                on_result(u, tasks[t][1], r)
     cut = [{"config": c.label, "tier": units[u][0], "calls_done": len(done[u]), "calls": len(calls)}
            for u in range(len(units)) if u not in rows_of and u not in failed for c in unit_cfgs[u]]
     meta["failed"] = {c.label: failed[u] for u in failed for c in unit_cfgs[u]}
