@@ -72,8 +72,9 @@ def test_deadline_cuts_lowest_priority_groups(tmp_path, monkeypatch):
     assert [c[0] for c in calls[:2]] == ["W16", "fp"] and [c[2] for c in calls[:4]] == [0, 0, 1000, 1000]
     assert len(calls) == 5 and calls[4][1] == ["hlc+guard", "quantcache+guard"]
     done = [r["config"] for r in res["rows"]]
-    assert done == ["none", "hlc", "quantcache", *ms.PEERS_MUST]
-    assert all(r["videos"] == 2 for r in res["rows"])
+    assert done == ["none", "hlc", "quantcache", *ms.PEERS_MUST, "hlc+guard (partial: 1/2 videos)",
+                    "quantcache+guard (partial: 1/2 videos)"]
+    assert [r["videos"] for r in res["rows"]] == [2] * 7 + [1, 1] and res["rows"][-1]["partial"]
     cut = {c["config"]: c["calls_done"] for c in res["cut"]}
     assert cut == {"hlc+guard": 1, "quantcache+guard": 1, "srap": 0, "hlc+aigq": 0, "dbcache": 0, "tdc": 0,
                    "interval": 0}

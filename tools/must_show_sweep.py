@@ -14,8 +14,9 @@ calibrated SRAP thresholds), ``W_FP8`` one with ``--uniform fp8``, ``W_AIGQ`` on
 at their published defaults; the rows of a work dir not given are listed as not run. Writes sweep.json / sweep.md / pareto.png (rewritten as each row group completes, so a
 run cut short leaves a usable table), runs/<row>/ (trace, metrics, decision map of the first video), worst/<row>/
 (trace and decision map of the row's lowest-PSNR video), and the three lowest-PSNR videos of every row in the table's
-notes. With ``--deadline-s`` the sweep stops taking new tasks at that many seconds, and sweep.json's ``cut`` lists
-the row groups it did not finish (lowest priority first to go).
+notes. With ``--deadline-s`` the sweep stops taking new tasks at that many seconds; sweep.json's ``cut`` lists the
+row groups it did not finish (lowest priority first to go), and those with some videos done get rows named
+"(partial: n/N videos)" over those videos.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         order = sorted(rows_of, key=lambda u: UNITS.index(units[u]))
         rows = [r for u in order for r in rows_of[u]]
         order_rows = [label(k, p) for _, k, ps in UNITS for p in ps]
-        rows.sort(key=lambda r: order_rows.index(r["config"]))
+        rows.sort(key=lambda r: order_rows.index(r.get("row", r["config"])))
         return write_outputs(args.output, dict(meta, _start=start), rows, [v for u in order for v in videos_of[u]],
                              {}, cut or [])
 
@@ -237,6 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
     cut = [{"config": c.label, "tier": units[u][0], "calls_done": len(done[u]), "calls": len(calls)}
            for u in range(len(units)) if u not in rows_of and u not in failed for c in unit_cfgs[u]]
     meta["failed"] = {c.label: failed[u] for u in failed for c in unit_cfgs[u]}
+    for u in range(len(units)):  # a cut group's finished videos still make a row, named as partial
+        if u in rows_of or u in failed or not done[u]:
+            continue
+        n = len(done[u])
+        cfgs = [SweepConfig(f"{c.label} (partial: {n}/{len(calls)} videos)", c.policy) for c in unit_cfgs[u]]
+        rows, recs = aggregate(cfgs, [done[u][i] for i in sorted(done[u])], args.output)
+        for r, c in zip(rows, unit_cfgs[u]):
+            r["row"], r["partial"] = c.label, True
+        rows_of[u], videos_of[u] = rows, recs
     if args.device.startswith("cuda"):
         import torch
 
