@@ -91,20 +91,42 @@ def _task(pipe, configs: Sequence[SweepConfig], prompts: list[str], seed: int, s
     return out
 
 
-_WORKER_PIPE = None
+_WORKER_PIPES: dict = {}
+_WORKER_FP: dict = {}
 
 
-def _worker(args):
-    global _WORKER_PIPE
-    pipe_kwargs, configs, prompts, seed, steps, size, want_trace = args
-    if _WORKER_PIPE is None:
+def worker_pipeline(pipe_kwargs: Mapping):
+    """This worker's pipeline for ``pipe_kwargs`` (built once). Pipelines of the same model and checkpoint share one FP
+    reference cache: a sweep over several work dirs of one model computes each FP video once per worker."""
+    key = tuple(sorted((k, str(v)) for k, v in pipe_kwargs.items()))
+    if key not in _WORKER_PIPES:
         import torch
 
         from qc_compile.runtime.pipeline import Pipeline
 
         torch.set_num_threads(1)
-        _WORKER_PIPE = Pipeline(**pipe_kwargs)
-    return _task(_WORKER_PIPE, configs, prompts, seed, steps, size, want_trace)
+        pipe = Pipeline(**pipe_kwargs)
+        pipe._fp_cache = _WORKER_FP.setdefault((pipe.loaded.config.name, str(pipe.loaded.checkpoint)), {})
+        pipe.fp_cache_size = 1024  # a worker's share of prompts x seeds; qc-ref videos are small
+        _WORKER_PIPES[key] = pipe
+    return _WORKER_PIPES[key]
+
+
+def _worker(args):
+    pipe_kwargs, configs, prompts, seed, steps, size, want_trace = args
+    return _task(worker_pipeline(pipe_kwargs), configs, prompts, seed, steps, size, want_trace)
+
+
+def process_pool(jobs: int):
+    """A pool of ``jobs`` worker processes. Forked workers cannot use CUDA once this process has initialized it
+    ("Cannot re-initialize CUDA in forked subprocess"), so they are spawned then."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    ctx = multiprocessing.get_context("spawn") if torch.cuda.is_initialized() else None
+    return ProcessPoolExecutor(jobs, mp_context=ctx)
 
 
 def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seeds: Sequence[int], *,
@@ -118,18 +140,13 @@ def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seed
     from ``pipe_kwargs`` (the ``Pipeline`` constructor's arguments); every worker computes the FP reference of its
     prompts once and runs all configs on them.
     """
-    from qc_compile.artifacts import write_json_atomic
-    from qc_compile.runtime.trace import plot_decisions
-
     prompts = list(prompts)
     calls = []
     for seed in seeds:
         calls += [(prompts, seed)] if batch else [([p], seed + k) for k, p in enumerate(prompts)]
     start = time.perf_counter()
     if jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(jobs) as pool:
+        with process_pool(jobs) as pool:
             results = list(pool.map(_worker, [(dict(pipe_kwargs or {}), list(configs), cp, cs, steps, size, i == 0)
                                               for i, (cp, cs) in enumerate(calls)]))
     else:
@@ -137,6 +154,19 @@ def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seed
         for i, (cp, cs) in enumerate(calls):
             results.append(_task(pipe, configs, cp, cs, steps, size, i == 0))
             log(f"  call {i + 1}/{len(calls)} done ({time.perf_counter() - start:.0f} s)")
+    rows, records = aggregate(configs, results, out_dir, log)
+    return {"schema_version": SWEEP_SCHEMA_VERSION, "prompts": prompts, "seeds": list(seeds), "batch": batch,
+            "steps": steps, "jobs": jobs, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
+            "videos": records}
+
+
+def aggregate(configs: Sequence[SweepConfig], results: Sequence[list], out_dir: Path | None,
+              log: Callable[[str], None] = print) -> tuple[list[dict], list[dict]]:
+    """Rows (one per config, means over the calls' videos) and per-video records from ``_task`` results (one per
+    call, the first with traces); writes out_dir/runs/<config>/ from the first call."""
+    from qc_compile.artifacts import write_json_atomic
+    from qc_compile.runtime.trace import plot_decisions
+
     rows, records = [], []
     for j, cfg in enumerate(configs):
         per_video = [r for res in results for r in res[j]["records"]]
@@ -167,9 +197,7 @@ def run_sweep(pipe, configs: Sequence[SweepConfig], prompts: Sequence[str], seed
         log(f"{cfg.label:40s} compute {100 * row['compute_fraction']:5.1f}%  flops {100 * row['flop_fraction']:5.1f}%  "
             f"PSNR {row['psnr_db']:6.2f} dB  SSIM {row['ssim']:.4f}  checker {chk}  "
             f"({row['seconds_per_video']:.1f} s/video)")
-    return {"schema_version": SWEEP_SCHEMA_VERSION, "prompts": prompts, "seeds": list(seeds), "batch": batch,
-            "steps": steps, "jobs": jobs, "seconds": round(time.perf_counter() - start, 1), "rows": rows,
-            "videos": records}
+    return rows, records
 
 
 def _fmt(v, spec: str, scale: float = 1.0) -> str:

@@ -1,109 +1,269 @@
 """Issue 12's must-show sweep: every row on the same held-out captions and noise seeds, one table and one Pareto plot.
 
-Rows come from several work dirs (a plan is per work dir), so this runs :func:`qc_compile.runtime.sweep.run_sweep` once
-per (work dir, policies) group and merges the rows:
+Rows come from several work dirs (a plan is per work dir). One task per (tier, prompt and seed) runs every row group
+of the tier on that video, so its FP reference is computed once per tier; the tasks go to one pool of worker
+processes in priority order (tier 1: the must-show rows; tier 2: VC, DMPQ and guard; tier 3: extra rows and peers),
+each worker keeping one pipeline per work dir:
 
-    python tools/must_show_sweep.py --bf16 W_BF16 --fp8 W_FP8 --aigq W_AIGQ --device cuda --jobs 8 \
-        -o bench/results/methods_qc_ref_h100
+    python tools/must_show_sweep.py --bf16 W_BF16 --fp8 W_FP8 --aigq W_AIGQ [--aigq-vc W_AIGQ_VC] --device cuda \
+        --jobs 12 --seeds 0,1000 --deadline-s 240 -o bench/results/methods_qc_ref_h200
 
-``W_BF16`` is a work dir calibrated with ``--uniform bf16`` (no quantization; its plan carries the calibrated SRAP
-thresholds), ``W_FP8`` one with ``--uniform fp8``, ``W_AIGQ`` one with ``--method aigq``. Peers run on the FP model
-at their published defaults. Writes sweep.json / sweep.md / pareto.png and runs/<row>/ (trace, metrics, decision map
-of the first video), worst/<row>/ (trace and decision map of the row's lowest-PSNR video), and the three
-lowest-PSNR videos of every row in the table's notes.
+``W_BF16`` is a work dir calibrated with ``--uniform bf16 --srap-thresholds`` (no quantization; its plan carries the
+calibrated SRAP thresholds), ``W_FP8`` one with ``--uniform fp8``, ``W_AIGQ`` one with ``--method aigq``,
+``W_AIGQ_VC`` (the VC / DMPQ rows) one with ``--method aigq --vc --predictor``. Peers run on the FP model
+at their published defaults; the rows of a work dir not given are listed as not run. Writes sweep.json / sweep.md / pareto.png (rewritten as each row group completes, so a
+run cut short leaves a usable table), runs/<row>/ (trace, metrics, decision map of the first video), worst/<row>/
+(trace and decision map of the row's lowest-PSNR video), and the three lowest-PSNR videos of every row in the table's
+notes. With ``--deadline-s`` the sweep stops taking new tasks at that many seconds; sweep.json's ``cut`` lists the
+row groups it did not finish (lowest priority first to go), and those with some videos done get rows named
+"(partial: n/N videos)" over those videos.
 """
 
 from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-PEERS = ("fora", "teacache", "fbcache", "dbcache", "pab", "tdc", "interval")
+PEERS_MUST = ("teacache", "fora", "fbcache", "pab")
+PEERS_EXTRA = ("dbcache", "tdc", "interval")
+PREFIX = {"bf16": "", "fp8": "FP8 plan: ", "aigq": "AIGQ plan: ", "aigq_vc": "AIGQ+VC/DMPQ plan: ", "fp": ""}
+# (tier, work dir key, policies), in priority order; a group's rows run in one task per (prompt, seed)
+UNITS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
+    (1, "bf16", ("none", "hlc", "quantcache")),
+    (1, "fp8", ("none", "quantcache")),
+    (1, "aigq", ("quantcache",)),
+    (1, "fp", PEERS_MUST),
+    (2, "aigq_vc", ("hlc+aigq", "hlc+aigq+vc", "hlc+dmpq", "quantcache+vc")),
+    (2, "bf16", ("hlc+guard", "quantcache+guard")),
+    (3, "bf16", ("srap", "hlc+aigq")),
+    (3, "fp8", ("hlc+aigq",)),
+    (3, "aigq", ("none", "hlc+aigq")),
+    (3, "fp", PEERS_EXTRA),
+)
 
 
-def groups(args) -> list[tuple[str, str | None, list[str]]]:
-    """(label prefix, work dir, policies)."""
-    return [
-        ("", args.bf16, ["none", "hlc", "hlc+guard", "srap", "quantcache", "hlc+aigq"]),
-        ("FP8 plan: ", args.fp8, ["none", "quantcache", "hlc+aigq"]),
-        ("AIGQ plan: ", args.aigq, ["none", "quantcache", "hlc+aigq"]),
-        ("", None, list(PEERS)),
-    ]
+def label(key: str, policy: str) -> str:
+    """The table's name of a row."""
+    if key != "fp" and key != "bf16" and policy == "none":
+        return PREFIX[key] + "only (no caching)"
+    return PREFIX[key] + policy
 
 
-def main() -> None:
+def safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)
+
+
+def units_for(works: dict) -> list[tuple[int, str, tuple[str, ...]]]:
+    """The units whose work dir was given (``fp`` always is: the FP model)."""
+    return [u for u in UNITS if works.get(u[1]) is not None]
+
+
+def tier_task(items: list) -> dict:
+    """One video (prompt, seed) under every row group of a tier, in a worker: ``{unit: per-config results}``, or
+    ``{unit: "Error: message"}`` for a group that raised (the others still run)."""
+    from qc_compile.runtime import sweep as S
+
+    out: dict = {}
+    for u, kw, cfgs, prompts, seed, steps in items:
+        try:
+            out[u] = S._task(S.worker_pipeline(kw), cfgs, prompts, seed, steps, None, True)
+        except Exception as e:  # noqa: BLE001 - reported in the table; the other groups go on
+            out[u] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def write_outputs(out: Path, meta: dict, rows: list, videos: list, worst: dict, cut: list) -> dict:
+    """sweep.json / sweep.md / pareto.png from the rows finished so far (in UNITS order)."""
+    from qc_compile.artifacts import atomic_write, write_json_atomic
+    from qc_compile.runtime.sweep import plot_pareto, to_markdown
+
+    worst3 = {}
+    for r in rows:
+        vs = sorted((v for v in videos if v["config"] == r["config"]), key=lambda v: v["psnr_db"])
+        worst3[r["config"]] = [{k: v[k] for k in ("prompt", "seed", "psnr_db")} for v in vs[:3]]
+    result = dict(meta, rows=rows, videos=videos, worst=worst3, cut=cut,
+                  seconds=round(time.perf_counter() - meta.pop("_start", time.perf_counter()), 1))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "sweep.json", result)
+    notes = []
+    if cut:
+        notes += ["**Cut by the time limit** (not in the table): " + "; ".join(
+            f"{c['config']} ({c['calls_done']}/{c['calls']} videos)" for c in cut), ""]
+    if result.get("failed"):
+        notes += ["**Failed** (not in the table): " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()), ""]
+    if result.get("not_run"):
+        notes += ["Not run (work dir not given, or above --max-tier): " + ", ".join(result["not_run"]), ""]
+    notes += ["Worst cases (lowest PSNR per row; decision map of the worst video under worst/<row>/, of the first "
+              "video under runs/<row>/):", ""]
+    notes += [f"- {k}: " + "; ".join(f"{w['psnr_db']:.1f} dB seed {w['seed']} '{w['prompt']}'" for w in ws)
+              for k, ws in worst3.items() if ws and ws[0]["psnr_db"] < 99]
+    md = to_markdown(result, title="Issue 12 must-show sweep on qc-ref", notes=notes)
+    with atomic_write(out / "sweep.md", "w") as f:
+        f.write(md)
+    if rows:
+        plot_pareto(result, out / "pareto.png", title="qc-ref: quality vs compute (issue 12)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bf16", required=True)
-    ap.add_argument("--fp8", required=True)
-    ap.add_argument("--aigq", required=True)
+    ap.add_argument("--bf16", default=None)
+    ap.add_argument("--fp8", default=None)
+    ap.add_argument("--aigq", default=None)
+    ap.add_argument("--aigq-vc", default=None, help="work dir calibrated with --method aigq --vc --predictor")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--caption-seed", type=int, default=20261122)
     ap.add_argument("--seeds", default="0,1000")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (model default: 30)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (spawned when the device is CUDA; they "
+                                                        "share the GPU)")
+    ap.add_argument("--max-tier", type=int, default=3, help="run the tiers up to this one (1: must-show rows only)")
+    ap.add_argument("--deadline-s", type=float, default=None, help="take no new task after this many seconds; "
+                                                                   "unfinished row groups are listed as cut")
     ap.add_argument("--commit", default=None)
     ap.add_argument("-o", "--output", required=True, type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
-    from qc_compile.artifacts import atomic_write, write_json_atomic
+    from qc_compile.artifacts import write_json_atomic
     from qc_compile.data.shapes import sample_captions
-    from qc_compile.runtime.pipeline import Pipeline
-    from qc_compile.runtime.sweep import SweepConfig, plot_pareto, run_sweep, to_markdown
+    from qc_compile.runtime.sweep import SweepConfig, aggregate
     from qc_compile.runtime.trace import plot_decisions
 
+    start = time.perf_counter()
+    works = {"bf16": args.bf16, "fp8": args.fp8, "aigq": args.aigq, "aigq_vc": args.aigq_vc, "fp": "qc-ref"}
+    units = [u for u in units_for(works) if u[0] <= args.max_tier]
+    skipped = [label(k, p) for t, k, ps in UNITS if t > args.max_tier or works.get(k) is None for p in ps]
     prompts = [c.text() for c in sample_captions(args.prompts, seed=args.caption_seed)]
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows, videos, start = [], [], time.perf_counter()
-    for prefix, work, policies in groups(args):
-        kw = dict(work_dir=work, device=args.device) if work else dict(model="qc-ref", device=args.device)
-        pipe = Pipeline(**kw)
-        configs = [SweepConfig(p, p) for p in policies]
-        res = run_sweep(pipe, configs, prompts, seeds, out_dir=args.output / (prefix.strip(": ").replace(" ", "_")
-                                                                             or "fp"),
-                        jobs=args.jobs, pipe_kwargs=kw)
-        for r in res["rows"]:
-            r["config"] = prefix + r["config"]
-            if prefix and r["policy"] == "none":
-                r["config"] = prefix + "only (no caching)"
-            rows.append(r)
-        for v in res["videos"]:
-            v["config"] = prefix + v["config"]
-            videos.append(v)
-        for cfg in configs:  # the worst video of each row again, for its decision map
-            if cfg.policy == "none":
-                continue
-            vs = [v for v in res["videos"] if v["config"] == prefix + cfg.label]
-            w = min(vs, key=lambda v: v["psnr_db"])
-            one = pipe([w["prompt"]], policy=cfg.policy, seeds=[w["seed"]], seed=w["seed"], reference=False)
-            d = args.output / "worst" / "".join(ch if ch.isalnum() else "_" for ch in prefix + cfg.label)
-            write_json_atomic(d / "trace.json", one.trace())
-            plot_decisions(one.trace(), d / "decisions.png")
-    worst = {}
-    for r in rows:
-        vs = sorted((v for v in videos if v["config"] == r["config"]), key=lambda v: v["psnr_db"])
-        worst[r["config"]] = [{k: v[k] for k in ("prompt", "seed", "psnr_db")} for v in vs[:3]]
-    import torch
-
+    calls = [([p], s + k) for s in seeds for k, p in enumerate(prompts)]
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                            text=True).stdout.strip()
-    result = {"schema_version": 1, "prompts": prompts, "seeds": seeds, "batch": False, "rows": rows,
-              "videos": videos, "worst": worst, "model": "qc-ref", "device": args.device,
-              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU",
-              "steps": 30, "caption_seed": args.caption_seed, "commit": commit, "date": time.strftime("%Y-%m-%d"),
-              "seconds": round(time.perf_counter() - start, 1)}
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.output / "sweep.json", result)
-    notes = ["Worst cases (lowest PSNR per row; decision maps of the first video under runs/):", ""]
-    notes += [f"- {k}: " + "; ".join(f"{w['psnr_db']:.1f} dB seed {w['seed']} '{w['prompt']}'" for w in ws)
-              for k, ws in worst.items() if ws and ws[0]["psnr_db"] < 99]
-    md = to_markdown(result, title="Issue 12 must-show sweep on qc-ref", notes=notes)
-    with atomic_write(args.output / "sweep.md", "w") as f:
-        f.write(md)
-    plot_pareto(result, args.output / "pareto.png", title="qc-ref: quality vs compute (issue 12)")
-    print(md)
+    meta = {"schema_version": 1, "prompts": prompts, "seeds": seeds, "batch": False, "model": "qc-ref",
+            "device": args.device, "device_name": None, "steps": args.steps, "caption_seed": args.caption_seed,
+            "commit": commit, "date": time.strftime("%Y-%m-%d"), "jobs": args.jobs, "not_run": skipped}
+
+    def kwargs(key: str) -> dict:
+        return (dict(model="qc-ref", device=args.device) if key == "fp"
+                else dict(work_dir=works[key], device=args.device))
+
+    unit_cfgs = [[SweepConfig(label(k, p), p) for p in ps] for _, k, ps in units]
+    tiers = sorted({t for t, _, _ in units})
+    tasks = [(t, i) for t in tiers for i in range(len(calls))]  # priority order
+    payload = [[(u, kwargs(units[u][1]), unit_cfgs[u], calls[i][0], calls[i][1], args.steps)
+                for u in range(len(units)) if units[u][0] == t] for t, i in tasks]
+    done: dict[int, dict[int, list]] = {u: {} for u in range(len(units))}
+    rows_of: dict[int, list] = {}
+    videos_of: dict[int, list] = {}
+    worst_seen: set[str] = set()
+    print(f"{len(units)} row groups x {len(calls)} videos = {len(tasks)} tasks on {args.jobs} worker(s); "
+          f"deadline {args.deadline_s} s", flush=True)
+
+    def finish_unit(u: int) -> None:
+        res = [done[u][i] for i in range(len(calls))]
+        rows, recs = aggregate(unit_cfgs[u], res, args.output)
+        for j, cfg in enumerate(unit_cfgs[u]):  # the worst video's trace and decision map
+            k_worst = min(range(len(calls)), key=lambda i: min(r["psnr_db"] for r in res[i][j]["records"]))
+            if cfg.policy != "none" and cfg.label not in worst_seen:
+                worst_seen.add(cfg.label)
+                d = args.output / "worst" / safe(cfg.label)
+                write_json_atomic(d / "trace.json", res[k_worst][j]["trace"])
+                plot_decisions(res[k_worst][j]["trace"], d / "decisions.png")
+        if meta["steps"] is None:
+            meta["steps"] = res[0][0]["metrics"].get("steps")
+        rows_of[u], videos_of[u] = rows, recs
+        for i in range(len(calls)):  # traces are kept only until the unit is written
+            for c in done[u][i]:
+                c["trace"] = c["metrics"] = None
+        print(f"[{time.perf_counter() - start:.0f} s] tier {units[u][0]} {PREFIX[units[u][1]] or units[u][1] + ': '}"
+              f"{', '.join(units[u][2])}: done", flush=True)
+        emit()
+
+    def emit(cut: list | None = None) -> dict:
+        order = sorted(rows_of, key=lambda u: UNITS.index(units[u]))
+        rows = [r for u in order for r in rows_of[u]]
+        order_rows = [label(k, p) for _, k, ps in UNITS for p in ps]
+        rows.sort(key=lambda r: order_rows.index(r.get("row", r["config"])))
+        return write_outputs(args.output, dict(meta, _start=start), rows, [v for u in order for v in videos_of[u]],
+                             {}, cut or [])
+
+    failed: dict[int, str] = {}
+
+    def on_result(u: int, i: int, res: list | str) -> None:
+        if isinstance(res, str):  # one row group's error costs that group, not the sweep
+            if u not in failed:
+                failed[u] = res
+                print(f"[{time.perf_counter() - start:.0f} s] FAILED {', '.join(c.label for c in unit_cfgs[u])}: "
+                      f"{failed[u]}", flush=True)
+            return
+        if u in failed:
+            return
+        done[u][i] = res
+        if len(done[u]) == len(calls):
+            finish_unit(u)
+
+    def expired() -> bool:
+        return args.deadline_s is not None and time.perf_counter() - start > args.deadline_s
+
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ctx = multiprocessing.get_context("spawn" if args.device.startswith("cuda") else None)
+        pool = ProcessPoolExecutor(args.jobs, mp_context=ctx)
+        futs = {pool.submit(tier_task, p): t for t, p in enumerate(payload)}
+        pending = set(futs)
+        while pending:
+            left = None if args.deadline_s is None else max(0.0, args.deadline_s - (time.perf_counter() - start))
+            fin, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+            for f in fin:
+                err = f.exception()
+                res = {it[0]: f"{type(err).__name__}: {err}" for it in payload[futs[f]]} if err else f.result()
+                for u, r in sorted(res.items()):
+                    on_result(u, tasks[futs[f]][1], r)
+            if expired() and pending:
+                break
+        for p in list((pool._processes or {}).values()):  # cut: stop the running tasks too
+            p.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        for t, p in enumerate(payload):
+            if expired():
+                break
+            for u, r in sorted(tier_task([it for it in p if it[0] not in failed]).items()):
+                on_result(u, tasks[t][1], r)
+    cut = [{"config": c.label, "tier": units[u][0], "calls_done": len(done[u]), "calls": len(calls)}
+           for u in range(len(units)) if u not in rows_of and u not in failed for c in unit_cfgs[u]]
+    meta["failed"] = {c.label: failed[u] for u in failed for c in unit_cfgs[u]}
+    for u in range(len(units)):  # a cut group's finished videos still make a row, named as partial
+        if u in rows_of or u in failed or not done[u]:
+            continue
+        n = len(done[u])
+        cfgs = [SweepConfig(f"{c.label} (partial: {n}/{len(calls)} videos)", c.policy) for c in unit_cfgs[u]]
+        rows, recs = aggregate(cfgs, [done[u][i] for i in sorted(done[u])], args.output)
+        for r, c in zip(rows, unit_cfgs[u]):
+            r["row"], r["partial"] = c.label, True
+        rows_of[u], videos_of[u] = rows, recs
+    if args.device.startswith("cuda"):
+        import torch
+
+        meta["device_name"] = torch.cuda.get_device_name()
+    else:
+        meta["device_name"] = "CPU"
+    result = emit(cut)
+    if cut:
+        print("CUT by --deadline-s (lowest priority last): " + ", ".join(
+            f"{c['config']} ({c['calls_done']}/{c['calls']})" for c in cut), flush=True)
+    if failed:
+        print("FAILED: " + "; ".join(f"{k}: {v}" for k, v in meta["failed"].items()), flush=True)
+    if skipped:
+        print("not run: " + ", ".join(skipped), flush=True)
+    print((args.output / "sweep.md").read_text())
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
