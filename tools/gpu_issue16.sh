@@ -35,6 +35,7 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export QC_COMMIT="$COMMIT"
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/run.log"
+EXT_LOG=$(mktemp /tmp/modelopt_ext.XXXXXX)
 T0=$(date +%s)
 say() { echo "[gpu_issue16 +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 
@@ -53,21 +54,21 @@ if [ "${SKIP_INSTALL:-0}" != "1" ]; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >> "$LOG" 2>&1 || say "pip install -e . failed"
 fi
 "$PY" - >> "$LOG" 2>&1 <<'EOF'
-import importlib, torch
+import importlib.metadata as md, torch  # versions without importing the peers (slow); the sweep imports them
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
-for m in ("diffusers", "cache_dit", "torchao", "modelopt", "qc_compile"):
+for d in ("diffusers", "cache-dit", "torchao", "nvidia-modelopt", "pydantic", "pulp", "omegaconf", "qc-compile"):
     try:
-        print(m, getattr(importlib.import_module(m), "__version__", "?"))
-    except Exception as e:  # the sweep records the reason as skipped rows
-        print(m, "NOT IMPORTABLE:", type(e).__name__, e)
+        print(d, md.version(d))
+    except md.PackageNotFoundError:
+        print(d, "NOT INSTALLED")
 EOF
 say "installed"
 
 # ModelOpt's FP8 extension, built while the sweep runs its first rows (torch's extension lock makes the sweep
 # wait for this build, never start a second one)
 "$PY" -c "from modelopt.torch.quantization.extensions import get_cuda_ext_fp8; print('modelopt fp8 ext:', get_cuda_ext_fp8())" \
-  > "$OUTDIR/.ext.log" 2>&1 &
+  > "$EXT_LOG" 2>&1 &
 EXT_PID=$!
 
 say "peers_wan.py start"
@@ -83,7 +84,7 @@ if [ ! -f "$OUTDIR/peers_wan.png" ] && [ -f "$OUTDIR/peers_wan.json" ]; then
 fi
 if kill -0 "$EXT_PID" 2>/dev/null; then say "ModelOpt extension build still running: stopped"; kill "$EXT_PID"; fi
 wait "$EXT_PID" 2>/dev/null
-tail -n 5 "$OUTDIR/.ext.log" >> "$LOG" 2>/dev/null
-rm -f "$OUTDIR/.ext.log"
+tail -n 5 "$EXT_LOG" >> "$LOG" 2>/dev/null
+rm -f "$EXT_LOG"
 say "done; files: $(ls "$OUTDIR" | tr '\n' ' ')"
 exit "$RC"

@@ -20,7 +20,13 @@ the fraction of block linear multiply-adds actually executed (counted by forward
 the blocks in a separate pass — the one compute measure that every method, hook or policy, can be read with),
 PSNR mean/min and SSIM against the baseline videos, and the caption checker (colour/shape/direction/all).
 
-    python tools/peers_wan.py --device cuda --json bench/results/peers_wan_h100.json --plot bench/results/peers_wan_h100.png
+Rows run in the order ours, diffusers, cache-dit, quantization. A peer whose library is missing or fails to import
+(or a diffusers without one of the hook classes) gives skipped rows with the reason; ``--budget-s`` records rows
+that would end past the budget as skipped; the JSON is rewritten after every row (``complete`` false until the end)
+so a run that is killed keeps its finished rows (``--from-json`` re-renders its table and plot).
+
+    bash tools/gpu_issue16.sh OUTDIR COMMIT                                        # the GPU run (one H200)
+    python tools/peers_wan.py --device cuda --n 32 --budget-s 170 --json OUT.json --plot OUT.png
     python tools/peers_wan.py --checkpoint FOLDER --n 2 --steps 6 --device cpu     # smoke run
 """
 
