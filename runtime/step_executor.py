@@ -36,6 +36,14 @@ from qc_compile.runtime.protocols import BlockSteps, Conditioning, StatsReducer,
 from qc_compile.runtime.step_stats import LOCAL, P, STATS_IMPLS, STATS_LEVELS, finish, new_partials
 
 
+def _put(slot: torch.Tensor, val: torch.Tensor | float) -> None:
+    """Write a statistic without a host synchronisation (``t[i] = python_float`` copies from the host)."""
+    if torch.is_tensor(val):
+        slot.copy_(val)
+    else:
+        slot.fill_(val)
+
+
 class StepExecutor:
     """``StepExecutor(runner, geometry)``: the sampler's :class:`~qc_compile.runtime.protocols.Executor`."""
 
@@ -131,8 +139,8 @@ class StepExecutor:
             mod = run.block_steps(self.block_units[0], "default", ctx).attention_input(h)
             val = self._rel_l1(mod, self._prev_mod)
             self._prev_mod = mod
-            stats[0, P["gate_rel_l1"]] = val
-            stats[1, P["mod_rel_l1"]] = val
+            _put(stats[0, P["gate_rel_l1"]], val)
+            _put(stats[1, P["mod_rel_l1"]], val)
             gate_open = bool(gate.opens(float(val)))
         elif gate is not None and gate.probe != "residual":
             raise RuntimeError(f"unknown gate probe {gate.probe!r}")
@@ -147,7 +155,7 @@ class StepExecutor:
                 if gate_open is None:  # residual probe, at the first gated unit
                     probe = h - h0
                     val = self._rel_l1(probe, self._gate_ref)
-                    stats[0, P["gate_rel_l1"]] = val
+                    _put(stats[0, P["gate_rel_l1"]], val)
                     gate_open = bool(gate.opens(float(val)))
                     if not gate_open:
                         self._gate_ref = probe

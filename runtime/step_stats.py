@@ -148,7 +148,7 @@ def fused_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cach
     if level == "full":
         lo, hi = torch.aminmax(h)  # one read of h (no |h| temporary)
         row[P["max_in"]] = torch.maximum(-lo, hi).float()
-        row[P["count_in"]] = float(h.numel())
+        row[P["count_in"]].fill_(float(h.numel()))  # a kernel argument: `row[k] = float` is a synchronising copy
         if T > 1:
             r4 = _frames(res, T, prefix)
             row[P["l1_frames"]] = v[i["l1_res"]] if not prefix else r4.abs().sum(dtype=torch.float32)

@@ -284,7 +284,7 @@ def test_fused_fp8_spec_is_the_same_function(qcref):
                    torch.randn(2, 9, C, generator=gen))
     out = fused(x, t_mlp, y, None, g.T, g.S)
     assert torch.equal(out, ops(x, t_mlp, y, None, g.T, g.S))
-    assert FastRunner(qcref.model, g, plan, compile=False).fused is False
+    assert FastRunner(qcref.model, g, plan, compile=True).fused is False  # measured slower on the H200
     assert FastRunner(qcref.model, g, plan, compile=False, fused=True).describe()["fp8_quantization"].startswith(
         "torch ops")
 

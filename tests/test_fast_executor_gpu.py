@@ -169,11 +169,12 @@ def test_compiled_equals_eager(xl, fused):
     comp = _steps(ex, g, n=2)
     for (v0, _), (v1, _) in zip(eager, comp):
         assert rel(v1, v0) < 2e-2
+    cond, z, t = _cond(), torch.randn(2, 4, g.frames, g.height, g.width, device="cuda"), torch.full((2,), 500.0,
+                                                                                                   device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        ex.step(torch.randn(2, 4, g.frames, g.height, g.width, device="cuda"), torch.full((2,), 500.0, device="cuda"),
-                _cond(), {})
+        ex.step(z, t, cond, {})
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

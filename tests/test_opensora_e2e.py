@@ -157,12 +157,16 @@ def test_bench_request_cpu_smoke(tmp_path):
     import bench_request
 
     out = tmp_path / "req.json"
-    assert bench_request.main(["--tiny", "--device", "cpu", "--steps", "1", "--rows", "bf16_eager", "--out",
-                               str(out)]) == 0
+    assert bench_request.main(["--tiny", "--device", "cpu", "--steps", "6", "--rows", "plain_bf16_eager,ours_headline",
+                               "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    row = doc["rows"][0]
-    assert row["row"] == "bf16_eager" and "error" not in row and row["finite"]
-    assert all(row[k] > 0 for k in ("t5_s", "dit_s", "vae_s")) and row["video_shape"] == [1, 3, 17, 32, 48]
+    rows = {r["row"]: r for r in doc["rows"]}
+    assert set(rows) == {"plain_bf16_eager", "ours_headline"}
+    for row in rows.values():
+        assert "error" not in row and row["finite"], row
+        assert all(row[k] > 0 for k in ("t5_s", "dit_s", "vae_s")) and row["video_shape"] == [1, 3, 17, 32, 48]
+    assert rows["plain_bf16_eager"]["compute_fraction"] == 1.0
+    assert rows["ours_headline"]["compute_fraction"] < 1.0  # the replayed quantcache decisions skip units
     assert doc["env"]["commit"] and "latent 4x5x4x6" in doc["what"]
 
 

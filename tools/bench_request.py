@@ -7,10 +7,13 @@ wall clock on the CPU), and the peak memory allocated during the phase (counter 
 Each phase runs once untimed first (T5 and VAE: the same call; DiT: a 2-step loop) so cuDNN/compile warm-up is
 reported separately, not inside the numbers.
 
-Rows (``--rows``): ``bf16_eager`` (the plain model: torch runner), ``bf16_compile`` (every STDiT3 block's forward
-through ``torch.compile``, the strongest baseline a user has, DESIGN.md §7), ``ours_fp8`` (our fast runner with the
-FP8 W8A8 block plan, compiled, every unit computed; it also computes the per-unit statistics policies read, so it
-carries work the baselines do not). T5 and VAE are the same bf16 modules in every row.
+Rows (``--rows``): ``plain_bf16_eager`` and ``plain_bf16_compile`` (the model's own ``STDiT3.forward`` with packed
+captions, as Open-Sora runs it; ``compile`` = every block ``torch.compile``d, the one line a user writes: the
+strongest baseline a user has), ``ours_fp8`` (our fast runner with the FP8 W8A8 block plan, compiled, per-unit
+CUDA graphs, every unit computed), ``ours_headline`` (the same runner under the quantcache decisions replayed from
+the qc-ref run, ``bench/results/e2e_grids.json`` mapped by relative depth as ``tools/bench_e2e.py`` does: random
+weights make adaptive statistics meaningless). Our rows compute the per-unit statistics policies read, so they
+carry work the baselines do not. T5 and VAE are the same bf16 modules in every row.
 
     python tools/bench_request.py                                  # GPU, full size: JSON to bench/results/
     python tools/bench_request.py --tiny --device cpu --steps 2 --rows bf16_eager   # CPU smoke test (~1 min)
@@ -32,7 +35,8 @@ import torch
 
 PROMPT = ("A drone shot of waves crashing against rugged cliffs at sunset, golden light on the wet rocks, the camera "
           "slowly moving along the coast.")
-ROWS = ("bf16_eager", "bf16_compile", "ours_fp8")
+ROWS = ("plain_bf16_eager", "plain_bf16_compile", "ours_fp8", "ours_headline")
+GRID_KEY = "both_30"  # the FP8 + quantcache grid of tools/bench_e2e.py
 
 
 def _commit(given: str | None) -> str:
@@ -99,31 +103,47 @@ def build(args, device: torch.device):
     return loaded, vae
 
 
+def _tools():
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_lib
+
+    return bench_lib
+
+
+def headline_grid(depth: int, steps: int) -> list[dict]:
+    """The quantcache decisions of ``tools/bench_e2e.py``'s FP8 + quantcache row, for ``depth`` blocks per kind."""
+    B = _tools()
+    doc = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results" / "e2e_grids.json").read_text())
+    grid = B.map_grid(doc["grids"][GRID_KEY]["grid"], doc["depth"], depth)
+    if len(grid) < steps:
+        raise SystemExit(f"the {GRID_KEY} grid has {len(grid)} steps; ours_headline needs --steps <= {len(grid)}")
+    return grid
+
+
 def executor_for(row: str, loaded, g, args):
-    from qc_compile.runtime.generation import torch_executor
-
-    if row == "bf16_eager":
-        return torch_executor(loaded.model, g), None
-    if row == "bf16_compile":
-        import types
-
-        from qc_compile.models.stdit3 import STDiT3Block
-
-        fn = torch.compile(STDiT3Block.forward, dynamic=False)
-        blocks = list(loaded.model.spatial_blocks) + list(loaded.model.temporal_blocks)
-        for b in blocks:
-            b.forward = types.MethodType(fn, b)
-
-        def undo():
-            for b in blocks:
-                del b.forward
-        return torch_executor(loaded.model, g), undo
-    if row == "ours_fp8":
+    """(executor, policy or None, undo or None) of a row."""
+    B = _tools()
+    if row in ("plain_bf16_eager", "plain_bf16_compile"):
+        if row == "plain_bf16_eager" or args.device == "cpu":
+            return B.PlainExecutor(loaded.model, g), None, None
+        ctx = B.regional_compile(loaded.model)
+        ctx.__enter__()
+        return B.PlainExecutor(loaded.model, g), None, lambda: ctx.__exit__(None, None, None)
+    if row in ("ours_fp8", "ours_headline"):
         from qc_compile.runtime.fast_blocks import fp8_block_plan
         from qc_compile.runtime.runners.fast import FastRunner
         from qc_compile.runtime.step_executor import StepExecutor
 
-        return StepExecutor(FastRunner(loaded.model, g, fp8_block_plan(loaded.model), compile=True), g), None
+        cuda = args.device != "cpu"
+        ex = StepExecutor(FastRunner(loaded.model, g, fp8_block_plan(loaded.model), compile=cuda, cuda_graphs=cuda), g)
+        policy = None
+        if row == "ours_headline":
+            policy = B.ReplayPolicy(headline_grid(loaded.config.depth, args.steps))
+        return ex, policy, None
     raise SystemExit(f"unknown row {row!r}; known: {', '.join(ROWS)}")
 
 
@@ -137,7 +157,7 @@ def run_row(row: str, loaded, vae, args, device: torch.device) -> dict:
     timer = Timer(device)
     out: dict = {"row": row}
     warm: dict = {}
-    executor, undo = executor_for(row, loaded, g, args)
+    executor, policy, undo = executor_for(row, loaded, g, args)
 
     def t5():
         y, mask = loaded.encode_prompts([PROMPT])
@@ -145,8 +165,11 @@ def run_row(row: str, loaded, vae, args, device: torch.device) -> dict:
 
     def dit(steps: int, y, mask, y_null):
         s = RFlowSampler(SamplerConfig(num_steps=steps, cfg_scale=c.default_cfg))
-        return s.sample(executor, z0, y, mask, y_null, c.default_fps, video_size=(args.frames, args.height,
-                                                                                   args.width), progress=False).z
+        res = s.sample(executor, z0, y, mask, y_null, c.default_fps, video_size=(args.frames, args.height,
+                                                                                  args.width), policy=policy,
+                       progress=False)
+        out["compute_fraction"] = res.compute_fraction(executor.unit_names)
+        return res.z
 
     try:
         with timer.phase(warm, "t5"):

@@ -8,9 +8,10 @@ optional torch.compile and per-unit CUDA graphs; statistics through the fused ``
 * ``cuda_graphs=True`` captures each (variant, block unit) once, after two eager warm-up calls (the Triton producers
   autotune on their first call), into one shared memory pool; the unit input is copied into a static buffer before
   each replay and the step's other block inputs once per step (:meth:`begin_step`). ``compile=True`` compiles the
-  block forward with inductor once per block kind, and then (``fused``, the default with ``compile``) writes the
-  FP8 quantization as torch ops so inductor fuses it into the kernels that produce each activation
-  (:mod:`..fast_linear`).
+  block forward with inductor once per block kind. ``fused=True`` writes the FP8 quantization as torch ops for
+  inductor to fuse into the kernels producing each activation (:mod:`..fast_linear`); it is off by default because
+  on an H200 it was slower than the ``qc::`` producers (inductor split each producer into an amax reduction and a
+  cast pass and re-ran GELU in both: 7.48 vs 6.44 ms per computed XL block, ``bench/results/e2e_h200.md``).
 * **Caption keys trimmed**: cross-attention runs on the caption tokens up to the last one any sample's mask keeps
   (Open-Sora pads T5 features to 300 tokens; a prompt has tens). The dropped keys are masked out, so the result is
   the same function; when every kept token is valid in every sample the mask is dropped too, which lets SDPA take
@@ -58,7 +59,7 @@ class FastRunner:
         self.plan = plan
         self.compile = compile
         self.cuda_graphs = cuda_graphs
-        self.fused = compile if fused is None else fused
+        self.fused = False if fused is None else fused
         self.trim_captions = trim_captions
         fn = compiled_block_forward() if compile else block_forward
         self.fp_model = build_fast_model(model, None, fn=fn)
