@@ -20,7 +20,7 @@ the fraction of block linear multiply-adds actually executed (counted by forward
 the blocks in a separate pass — the one compute measure that every method, hook or policy, can be read with),
 PSNR mean/min and SSIM against the baseline videos, and the caption checker (colour/shape/direction/all).
 
-Rows run in the order ours, diffusers, cache-dit, quantization. A peer whose library is missing or fails to import
+Rows run in the order ours, cache-dit, quantization, diffusers. A peer whose library is missing or fails to import
 (or a diffusers without one of the hook classes) gives skipped rows with the reason; ``--budget-s`` records rows
 that would end past the budget as skipped; the JSON is rewritten after every row (``complete`` false until the end)
 so a run that is killed keeps its finished rows (``--from-json`` re-renders its table and plot).
@@ -416,7 +416,8 @@ def run(args, on_row: Callable[[dict], None] | None = None) -> dict:
                        "a separate pass); psnr/ssim vs the baseline videos of the same CFG mode"}
     if on_row:
         on_row(res)
-    # ours first: a sweep cut short by its budget keeps the rows every comparison needs
+    # ours first, then the families with few rows (cache-dit, quantization), diffusers' 16 hook rows last: a sweep
+    # cut short by its budget keeps ours and every family
     methods: list[Method] = []
     skipped: list[dict] = []
     wanted = set(args.families.split(","))
@@ -427,10 +428,6 @@ def run(args, on_row: Callable[[dict], None] | None = None) -> dict:
             pol, param = k.split(":", 1) if ":" in k else (args.ours.split(",")[0], k)
             ov.setdefault(pol, {})[param] = v
         methods += ours_methods([p for p in args.ours.split(",") if p], ov)
-    if "diffusers" in wanted:
-        m, sk = diffusers_methods(loaded, args)
-        methods += m
-        skipped += sk
     if "cache-dit" in wanted:
         m, note = cache_dit_methods(loaded, args)
         methods += m
@@ -441,6 +438,10 @@ def run(args, on_row: Callable[[dict], None] | None = None) -> dict:
         m, n, sk = quant_methods(loaded, args)
         methods += m
         notes += n
+        skipped += sk
+    if "diffusers" in wanted:
+        m, sk = diffusers_methods(loaded, args)
+        methods += m
         skipped += sk
     if args.only:
         methods = [m for m in methods if re.search(args.only, m.label)]  # skipped rows stay: they say why
