@@ -75,3 +75,87 @@ def test_quantization_peers_on_cuda(tmp_path):
     rows = [r for r in json.loads(out.read_text())["rows"] if r["family"] == "quant"]
     assert rows and all("error" not in r for r in rows), rows
     assert all(r["psnr_db"] > 20 for r in rows), rows
+
+
+class _BrokenFinder:
+    """Makes importing ``prefix`` fail the way a library built for another torch/CUDA does (not an ImportError)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        self.prefixes = prefixes
+
+    def find_spec(self, name, path=None, target=None):
+        if any(name == p or name.startswith(p + ".") for p in self.prefixes):
+            raise RuntimeError(f"{name}: undefined symbol in the extension")
+        return None
+
+
+def test_quantization_peers_whose_library_fails_to_import_are_skipped_rows(monkeypatch):
+    """torchao / ModelOpt that cannot be imported (missing, or broken: any exception) give a skipped row with the
+    reason, never end the sweep; the peers' rows need CUDA, so the loaded model only claims a CUDA device."""
+    import types
+
+    import peers_wan
+
+    for mod in list(sys.modules):
+        if mod.split(".")[0] in ("torchao", "modelopt"):
+            monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenFinder("torchao", "modelopt"), *sys.meta_path])
+    loaded = types.SimpleNamespace(device=torch.device("cuda"))
+    methods, notes, skipped = peers_wan.quant_methods(loaded, None)
+    assert methods == []
+    assert [r["label"] for r in skipped] == [peers_wan.AO_LABEL, peers_wan.MO_LABEL]
+    assert all("RuntimeError" in r["skipped"] and r["family"] == "quant" for r in skipped)
+    assert len(notes) == 2
+    md = peers_wan.to_markdown({"device_name": "x", "dtype": "bf16", "commit": "c", "captions": {"n": 1,
+                               "caption_seed": 1}, "steps": 2, "torch": "t", "diffusers": "d", "measures": "m",
+                               "rows": skipped, "notes": notes})
+    assert md.count("| skipped: torchao.quantization not importable") == 1 and "| skipped: modelopt" in md
+
+
+def test_quant_swap_back_ignores_a_copy_never_installed():
+    import types
+
+    import peers_wan
+
+    loaded = types.SimpleNamespace(transformer="original")
+    peers_wan._unswap(loaded, None)  # apply failed before installing its copy
+    assert loaded.transformer == "original"
+    old = peers_wan._swap(loaded, "quantized")
+    peers_wan._unswap(loaded, old)
+    assert loaded.transformer == "original"
+
+
+def test_budget_skips_rows_with_a_reason_and_json_is_written_as_rows_finish(tmp_path, monkeypatch):
+    """--budget-s: rows that would end past the budget are recorded as skipped (the table and plot still come
+    out); the JSON is rewritten after the baseline and every row, so a run that is killed keeps its rows."""
+    import peers_wan
+
+    folder = _tiny_folder(tmp_path, qrw.SamplingDefaults(frames=2, height=8, width=8, steps=2, cfg=3.0),
+                          num_layers=1)
+    out = tmp_path / "p.json"
+    seen: list[tuple[bool, int]] = []
+    real_run = peers_wan.run
+
+    def spy(args, on_row=None):
+        def wrapped(res):
+            on_row(res)
+            seen.append((json.loads(out.read_text())["complete"], len(json.loads(out.read_text())["rows"])))
+        return real_run(args, on_row=wrapped)
+    monkeypatch.setattr(peers_wan, "run", spy)
+    assert peers_wan.main(["--checkpoint", str(folder), "--device", "cpu", "--n", "1", "--batch", "1",
+                           "--repeats", "1", "--families", "qc-compile,cache-dit", "--ours", "hlc,pab",
+                           "--budget-s", "0", "--json", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    res = json.loads(out.read_text())
+    assert res["complete"] is True and seen[0] == (False, 1)  # the baseline was saved before any row ran
+    rows = {r["label"]: r for r in res["rows"]}
+    for label in ("qc-compile hlc", "qc-compile pab"):
+        assert "budget" in rows[label]["skipped"] and "psnr_db" not in rows[label]
+    assert rows["baseline (no cache)"]["seconds"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| qc-compile hlc | qc-compile | skipped: not run" in md
+    assert (tmp_path / "p.png").is_file()
+    # an incomplete result (a killed run) re-renders with --from-json and says so
+    res["complete"] = False
+    out.write_text(json.dumps(res))
+    assert peers_wan.main(["--from-json", str(out), "--md", str(tmp_path / "again.md")]) == 0
+    assert "Incomplete run" in (tmp_path / "again.md").read_text()

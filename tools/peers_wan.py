@@ -20,7 +20,13 @@ the fraction of block linear multiply-adds actually executed (counted by forward
 the blocks in a separate pass — the one compute measure that every method, hook or policy, can be read with),
 PSNR mean/min and SSIM against the baseline videos, and the caption checker (colour/shape/direction/all).
 
-    python tools/peers_wan.py --device cuda --json bench/results/peers_wan_h100.json --plot bench/results/peers_wan_h100.png
+Rows run in the order ours, cache-dit, quantization, diffusers. A peer whose library is missing or fails to import
+(or a diffusers without one of the hook classes) gives skipped rows with the reason; ``--budget-s`` records rows
+that would end past the budget as skipped; the JSON is rewritten after every row (``complete`` false until the end)
+so a run that is killed keeps its finished rows (``--from-json`` re-renders its table and plot).
+
+    bash tools/gpu_issue16.sh OUTDIR COMMIT                                        # the GPU run (one H200)
+    python tools/peers_wan.py --device cuda --n 32 --budget-s 170 --json OUT.json --plot OUT.png
     python tools/peers_wan.py --checkpoint FOLDER --n 2 --steps 6 --device cpu     # smoke run
 """
 
@@ -31,10 +37,8 @@ import contextlib
 import copy
 import io
 import json
-import math
 import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -164,22 +168,35 @@ def calibrate_magcache(loaded, args) -> list[float]:
     return [float(x) for x in found[0].split(",")]
 
 
-def diffusers_methods(loaded, args) -> list[Method]:
+def diffusers_methods(loaded, args) -> tuple[list[Method], list[dict]]:
+    """The diffusers hook rows, and a skipped row (with its reason) for each hook this diffusers lacks or that
+    cannot be prepared (MagCache's calibration)."""
     import diffusers
-    from diffusers import (FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
-                           TaylorSeerCacheConfig)
 
     ts = lambda: loaded.current_timestep  # noqa: E731  (the pipelines' current_timestep)
-    out = []
-    for thr in (0.05, 0.1, 0.2):  # 0.05 is the config default
+    out: list[Method] = []
+    skipped: list[dict] = []
+    have = {n: getattr(diffusers, n, None) for n in ("FirstBlockCacheConfig", "TaylorSeerCacheConfig",
+                                                     "MagCacheConfig", "PyramidAttentionBroadcastConfig",
+                                                     "FasterCacheConfig", "SeaCacheConfig")}
+
+    def missing(cls: str, label: str) -> bool:
+        if have[cls] is None:
+            skipped.append(_skipped(label, "diffusers", f"diffusers {diffusers.__version__} has no {cls}"))
+        return have[cls] is None
+    FirstBlockCacheConfig, TaylorSeerCacheConfig = have["FirstBlockCacheConfig"], have["TaylorSeerCacheConfig"]
+    MagCacheConfig, PyramidAttentionBroadcastConfig = have["MagCacheConfig"], have["PyramidAttentionBroadcastConfig"]
+    FasterCacheConfig = have["FasterCacheConfig"]
+    for thr in ([] if missing("FirstBlockCacheConfig", "diffusers FBCache") else (0.05, 0.1, 0.2)):  # 0.05 is the config default
         out.append(_diffusers_hook(f"diffusers FBCache thr={thr}", lambda _, t=thr: FirstBlockCacheConfig(threshold=t),
                                    {"threshold": thr}))
     # TaylorSeer's default module patterns ("^blocks.*attn" under re.fullmatch) match no module of Wan (attn1/attn2
     # end in a digit), so the documented default hooks nothing here: kept as a row (it shows that), plus the same
     # config with cache_identifiers naming Wan's attention and FFN modules, and the documented lite mode.
     wan_modules = [r"blocks\.\d+\.attn1", r"blocks\.\d+\.attn2", r"blocks\.\d+\.ffn"]
-    for label, extra in (("default patterns", {}), ("Wan attn+ffn", {"cache_identifiers": wan_modules}),
-                         ("lite", {"use_lite_mode": True})):
+    ts_variants = (("default patterns", {}), ("Wan attn+ffn", {"cache_identifiers": wan_modules}),
+                   ("lite", {"use_lite_mode": True}))
+    for label, extra in ([] if missing("TaylorSeerCacheConfig", "diffusers TaylorSeer") else ts_variants):
         for interval in (5, 3):  # 5 is the default
             if label == "default patterns" and interval != 5:
                 continue
@@ -190,32 +207,39 @@ def diffusers_methods(loaded, args) -> list[Method]:
                                                                       **e),
                 {"cache_interval": interval, "disable_cache_before_step": 3, "max_order": 1,
                  "taylor_factors_dtype": "float32", **extra}))
-    ratios = calibrate_magcache(loaded, args)
-    for thr in (0.06, 0.12, 0.24):  # 0.06 is the default
+    ratios = None
+    if not missing("MagCacheConfig", "diffusers MagCache"):
+        try:
+            ratios = calibrate_magcache(loaded, args)
+        except Exception as e:  # noqa: BLE001  (a peer that cannot be prepared is a result: said, not fatal)
+            skipped.append(_skipped("diffusers MagCache", "diffusers",
+                                    f"calibration failed: {type(e).__name__}: {e}"))
+    for thr in (0.06, 0.12, 0.24) if ratios is not None else ():  # 0.06 is the default
         out.append(_diffusers_hook(
             f"diffusers MagCache thr={thr}",
             lambda _, t=thr: MagCacheConfig(threshold=t, num_inference_steps=args.steps, mag_ratios=ratios),
             {"threshold": thr, "max_skip_steps": 3, "retention_ratio": 0.2, "mag_ratios": ratios}))
-    for rng in (2, 3):  # the docs' CogVideoX example uses 2
+    for rng in [] if missing("PyramidAttentionBroadcastConfig", "diffusers PAB") else (2, 3):  # docs' CogVideoX: 2
         out.append(_diffusers_hook(
             f"diffusers PAB spatial={rng}",
             lambda _, r=rng: PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=r,
                                                              spatial_attention_timestep_skip_range=(100, 800),
                                                              current_timestep_callback=ts),
             {"spatial_attention_block_skip_range": rng, "spatial_attention_timestep_skip_range": [100, 800]}))
-    out.append(_diffusers_hook(
-        "diffusers FasterCache",  # the docs' example values
-        lambda _: FasterCacheConfig(spatial_attention_block_skip_range=2,
-                                    spatial_attention_timestep_skip_range=(-1, 681),
-                                    current_timestep_callback=ts, attention_weight_callback=lambda _: 0.3,
-                                    low_frequency_weight_update_timestep_range=(99, 901),
-                                    high_frequency_weight_update_timestep_range=(-1, 301),
-                                    is_guidance_distilled=False),
-        {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": [-1, 681],
-         "attention_weight": 0.3, "note": "batched [uncond; cond] calls; compared with the batched baseline"},
-        cfg_batched=True))
-    if hasattr(diffusers, "SeaCacheConfig"):
-        from diffusers import SeaCacheConfig
+    if not missing("FasterCacheConfig", "diffusers FasterCache"):
+        out.append(_diffusers_hook(
+            "diffusers FasterCache",  # the docs' example values
+            lambda _: FasterCacheConfig(spatial_attention_block_skip_range=2,
+                                        spatial_attention_timestep_skip_range=(-1, 681),
+                                        current_timestep_callback=ts, attention_weight_callback=lambda _: 0.3,
+                                        low_frequency_weight_update_timestep_range=(99, 901),
+                                        high_frequency_weight_update_timestep_range=(-1, 301),
+                                        is_guidance_distilled=False),
+            {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": [-1, 681],
+             "attention_weight": 0.3, "note": "batched [uncond; cond] calls; compared with the batched baseline"},
+            cfg_batched=True))
+    if not missing("SeaCacheConfig", "diffusers SeaCache"):
+        SeaCacheConfig = have["SeaCacheConfig"]
 
         def rgb(module, args_, kwargs):
             h = kwargs.get("hidden_states", args_[0] if args_ else None)
@@ -224,14 +248,29 @@ def diffusers_methods(loaded, args) -> list[Method]:
             out.append(_diffusers_hook(f"diffusers SeaCache thr={thr}",
                                        lambda _, t=thr: SeaCacheConfig(threshold=t, raw_vision_callback=rgb),
                                        {"threshold": thr}))
-    return out
+    return out, skipped
+
+
+def _skipped(label: str, family: str, reason: str) -> dict:
+    """A row that did not run, and why (a missing library, the time budget): kept in the table, never silent."""
+    return {"label": label, "family": family, "skipped": reason, "config": {}}
+
+
+def _optional_import(module: str):
+    """``(module, None)`` or ``(None, reason)``: any failure to import a peer's library (missing, or broken against
+    this torch/CUDA) skips its rows with the reason instead of ending the sweep."""
+    import importlib
+
+    try:
+        return importlib.import_module(module), None
+    except Exception as e:  # noqa: BLE001
+        return None, f"{module} not importable here ({type(e).__name__}: {str(e)[:300]})"
 
 
 def cache_dit_methods(loaded, args) -> tuple[list[Method], str | None]:
-    try:
-        import cache_dit
-    except ImportError as e:
-        return [], f"cache-dit not importable here ({e}); pip install cache-dit"
+    cache_dit, why = _optional_import("cache_dit")
+    if cache_dit is None:
+        return [], f"cache-dit: {why}; pip install cache-dit"
 
     out = []
     for fn, bn, thr in ((1, 0, 0.08), (2, 0, 0.08), (1, 0, 0.16)):
@@ -258,42 +297,60 @@ def _swap(loaded, new):
     return old
 
 
-def quant_methods(loaded, args) -> tuple[list[Method], list[str]]:
-    notes = []
-    out = []
+AO_LABEL = "torchao FP8 dyn-act+weight (per row)"
+MO_LABEL = "ModelOpt FP8 PTQ (FP8_DEFAULT_CFG)"
+
+
+def _unswap(loaded, old) -> None:
+    """Put the original transformer back (``old`` is None when the quantized copy was never installed)."""
+    if old is not None:
+        _swap(loaded, old)
+
+
+def quant_methods(loaded, args) -> tuple[list[Method], list[str], list[dict]]:
+    notes: list[str] = []
+    out: list[Method] = []
+    skipped: list[dict] = []
     if loaded.device.type != "cuda":
-        return [], ["quantization peers (torchao FP8, ModelOpt FP8) run on CUDA only: skipped"]
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        return [], ["quantization peers (torchao FP8, ModelOpt FP8) run on CUDA only: skipped"], []
+    aoq, why = _optional_import("torchao.quantization")
+    if aoq is None:
+        notes.append(f"torchao FP8: {why}")
+        skipped.append(_skipped(AO_LABEL, "quant", why))
+    else:
+        Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_ = (
+            aoq.Float8DynamicActivationFloat8WeightConfig, aoq.PerRow, aoq.quantize_)
 
         def apply_ao(loaded):
             q = copy.deepcopy(loaded.transformer).to(torch.bfloat16)
             quantize_(q, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
                       filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.startswith("blocks."))
             return _swap(loaded, q)
-        out.append(Method("torchao FP8 dyn-act+weight (per row)", "quant", apply_ao, _swap,
+        out.append(Method(AO_LABEL, "quant", apply_ao, _unswap,
                           {"config": "Float8DynamicActivationFloat8WeightConfig(PerRow)", "scope": "block linears"},
                           needs_cuda=True))
-    except ImportError as e:
-        notes.append(f"torchao not importable ({e})")
-    try:
-        import modelopt.torch.quantization as mtq
-
+    mtq, why = _optional_import("modelopt.torch.quantization")
+    if mtq is None:
+        notes.append(f"ModelOpt FP8: {why}")
+        skipped.append(_skipped(MO_LABEL, "quant", why))
+    else:
         from qc_compile.data.shapes import sample_captions
 
         def apply_mo(loaded):
             q = copy.deepcopy(loaded.transformer).to(torch.bfloat16)
             old = _swap(loaded, q)
             caps = [c.text() for c in sample_captions(4, seed=TUNING_SEED)]
-            mtq.quantize(q, mtq.FP8_DEFAULT_CFG, forward_loop=lambda _: loaded.sample(caps, seed=2000,
-                                                                                       steps=args.steps))
+            try:
+                mtq.quantize(q, mtq.FP8_DEFAULT_CFG, forward_loop=lambda _: loaded.sample(caps, seed=2000,
+                                                                                           steps=args.steps))
+            except BaseException:
+                _swap(loaded, old)  # the model the later rows run is the original one
+                raise
             return old
-        out.append(Method("ModelOpt FP8 PTQ (FP8_DEFAULT_CFG)", "quant", apply_mo, _swap,
+        out.append(Method(MO_LABEL, "quant", apply_mo, _unswap,
                           {"config": "mtq.FP8_DEFAULT_CFG", "calibration": "4 tuning captions x all steps"},
                           needs_cuda=True))
-    except ImportError as e:
-        notes.append(f"nvidia-modelopt not importable ({e})")
-    return out, notes
+    return out, notes, skipped
 
 
 def ours_methods(policies: list[str], overrides: dict[str, dict]) -> list[Method]:
@@ -314,12 +371,15 @@ def ours_methods(policies: list[str], overrides: dict[str, dict]) -> list[Method
 
 
 # --------------------------------------------------------------------------------------------------- the sweep
-def run(args) -> dict:
+def run(args, on_row: Callable[[dict], None] | None = None) -> dict:
+    """The sweep. ``on_row(result)`` is called after the baseline and after every row with the result so far
+    (``complete`` false until the end), so a run cut short still leaves its finished rows."""
     import diffusers
 
     from qc_compile.data.shapes import sample_captions
     from qc_compile.models import load_model
 
+    start = time.perf_counter()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     loaded = load_model("qc-ref-wan", args.checkpoint, device=args.device, dtype=dtype)
     if args.steps is None:
@@ -336,19 +396,31 @@ def run(args) -> dict:
             videos, _ = _generate(loaded, captions, args, batched)
         seconds, _ = _timed(loaded, captions, args, batched, videos)
         base[batched] = {"videos": videos, "seconds": seconds, "macs": macs[0]}
+    scored = time.perf_counter()
+    ckpt_caps = _checker(base[False]["videos"], captions)
+    scoring_s = 2.5 * (time.perf_counter() - scored)  # a row's checker + PSNR/SSIM on the host, about
+    rows: list[dict] = [{"label": "baseline (no cache)", "family": "baseline", "seconds": base[False]["seconds"],
+                         "time_ratio": 1.0, "linear_mac_fraction": 1.0, "psnr_db": None, "psnr_db_min": None,
+                         "ssim": None, "checker": ckpt_caps, "config": {}}]
+    res = {"schema_version": 1, "complete": False, "model": "qc-ref-wan", "checkpoint": loaded.checkpoint,
+           "device": str(loaded.device), "device_name": torch.cuda.get_device_name() if loaded.device.type == "cuda"
+           else platform.processor() or "cpu", "dtype": args.dtype, "compiled_blocks": bool(args.compile),
+           "commit": _commit(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "captions": {"n": args.n, "caption_seed": EVAL_SEED, "noise_seed": args.seed}, "steps": args.steps,
+           "repeats": args.repeats, "budget_s": args.budget_s, "cache_dit": _version("cache_dit"),
+           "torchao": _version("torchao"), "modelopt": _version("modelopt"),
+           "baseline_batched_cfg_seconds": base[True]["seconds"], "rows": rows, "notes": notes,
+           "measures": "seconds: median wall time of sampling all captions over the repeats (CUDA-synchronised, "
+                       "no counters attached, stateful hooks reset between runs as pipelines do); "
+                       "linear_mac_fraction: block nn.Linear multiply-adds executed / the baseline's (counted in "
+                       "a separate pass); psnr/ssim vs the baseline videos of the same CFG mode"}
+    if on_row:
+        on_row(res)
+    # ours first, then the families with few rows (cache-dit, quantization), diffusers' 16 hook rows last: a sweep
+    # cut short by its budget keeps ours and every family
     methods: list[Method] = []
+    skipped: list[dict] = []
     wanted = set(args.families.split(","))
-    if "diffusers" in wanted:
-        methods += diffusers_methods(loaded, args)
-    if "cache-dit" in wanted:
-        m, note = cache_dit_methods(loaded, args)
-        methods += m
-        if note:
-            notes.append(note)
-    if "quant" in wanted:
-        m, n = quant_methods(loaded, args)
-        methods += m
-        notes += n
     if "qc-compile" in wanted:
         ov: dict[str, dict] = {}
         for item in args.set:
@@ -356,15 +428,39 @@ def run(args) -> dict:
             pol, param = k.split(":", 1) if ":" in k else (args.ours.split(",")[0], k)
             ov.setdefault(pol, {})[param] = v
         methods += ours_methods([p for p in args.ours.split(",") if p], ov)
+    if "cache-dit" in wanted:
+        m, note = cache_dit_methods(loaded, args)
+        methods += m
+        if note:
+            notes.append(note)
+            skipped.append(_skipped("cache-dit DBCache", "cache-dit", note))
+    if "quant" in wanted:
+        m, n, sk = quant_methods(loaded, args)
+        methods += m
+        notes += n
+        skipped += sk
+    if "diffusers" in wanted:
+        m, sk = diffusers_methods(loaded, args)
+        methods += m
+        skipped += sk
     if args.only:
-        methods = [m for m in methods if re.search(args.only, m.label)]
-    ckpt_caps = _checker(base[False]["videos"], captions)
-    rows = [{"label": "baseline (no cache)", "family": "baseline", "seconds": base[False]["seconds"],
-             "time_ratio": 1.0, "linear_mac_fraction": 1.0, "psnr_db": None, "psnr_db_min": None, "ssim": None,
-             "checker": ckpt_caps, "config": {}}]
+        methods = [m for m in methods if re.search(args.only, m.label)]  # skipped rows stay: they say why
+    rows += skipped
+    for r in skipped:
+        print(_row_line(r), flush=True)
+    # a row costs about (1 counted + 1 warm-up + repeats) generations and its scoring; one that would not finish
+    # within the budget is not started but recorded as skipped
+    row_cost = (args.repeats + 2) * max(base[False]["seconds"], base[True]["seconds"]) + scoring_s
     for m in methods:
         row: dict[str, Any] = {"label": m.label, "family": m.family, "config": m.config,
                                "cfg_batched": m.cfg_batched}
+        elapsed = time.perf_counter() - start
+        if args.budget_s is not None and elapsed + row_cost > args.budget_s:
+            row["skipped"] = (f"not run: the sweep's --budget-s {args.budget_s:g} s would be passed "
+                              f"({elapsed:.0f} s spent, a row takes about {row_cost:.0f} s)")
+            rows.append(row)
+            print(_row_line(row), flush=True)
+            continue
         ref = base[m.cfg_batched]
         handle = None
         try:
@@ -374,8 +470,9 @@ def run(args) -> dict:
             if args.compile or m.family == "quant":  # warm-up / compilation of the new code path
                 _generate(loaded, captions[: args.batch], args, m.cfg_batched, m.before_generation)
             seconds, dev = _timed(loaded, captions, args, m.cfg_batched, videos, m.before_generation)
-            row.update(seconds=seconds, repeat_max_abs_dev=dev, time_ratio=seconds / ref["seconds"], linear_mac_fraction=macs[0] / ref["macs"],
-                       **_fidelity(videos, ref["videos"]), checker=_checker(videos, captions))
+            row.update(seconds=seconds, repeat_max_abs_dev=dev, time_ratio=seconds / ref["seconds"],
+                       linear_mac_fraction=macs[0] / ref["macs"], **_fidelity(videos, ref["videos"]),
+                       checker=_checker(videos, captions))
             if m.family == "qc-compile":
                 row["compute_fraction"] = handle.compute_fraction
         except Exception as e:  # a peer that fails on this model is a result too: recorded, the sweep goes on
@@ -385,20 +482,14 @@ def run(args) -> dict:
                 m.remove(loaded, handle)
             except Exception as e:
                 row.setdefault("error", f"remove failed: {type(e).__name__}: {e}")
+        row["row_wall_s"] = time.perf_counter() - start - elapsed
         rows.append(row)
         print(_row_line(row), flush=True)
-    return {"schema_version": 1, "model": "qc-ref-wan", "checkpoint": loaded.checkpoint,
-            "device": str(loaded.device), "device_name": torch.cuda.get_device_name() if loaded.device.type == "cuda"
-            else platform.processor() or "cpu", "dtype": args.dtype, "compiled_blocks": bool(args.compile),
-            "commit": _commit(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "captions": {"n": args.n, "caption_seed": EVAL_SEED, "noise_seed": args.seed}, "steps": args.steps,
-            "repeats": args.repeats, "cache_dit": _version("cache_dit"), "torchao": _version("torchao"),
-            "modelopt": _version("modelopt"),
-            "baseline_batched_cfg_seconds": base[True]["seconds"], "rows": rows, "notes": notes,
-            "measures": "seconds: median wall time of sampling all captions over the repeats (CUDA-synchronised, "
-                        "no counters attached, stateful hooks reset between runs as pipelines do); "
-                        "linear_mac_fraction: block nn.Linear multiply-adds executed / the baseline's (counted in "
-                        "a separate pass); psnr/ssim vs the baseline videos of the same CFG mode"}
+        if on_row:
+            on_row(res)
+    res["complete"] = True
+    res["wall_s"] = time.perf_counter() - start
+    return res
 
 
 def _version(module: str) -> str | None:
@@ -409,16 +500,17 @@ def _version(module: str) -> str | None:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).resolve().parent).strip()
-    except Exception:
-        return "unknown"
+    """The commit measured: QC_COMMIT where the tree is a copy without its .git (the GPU machine), else git HEAD."""
+    from qc_compile.commands.sweep import _git_commit
+
+    return _git_commit() or "unknown"
 
 
 def _row_line(r: dict) -> str:
     if "error" in r:
         return f"{r['label']:<44} ERROR {r['error']}"
+    if "skipped" in r:
+        return f"{r['label']:<44} SKIPPED {r['skipped']}"
     f = lambda v, s: "-" if v is None else format(v, s)  # noqa: E731
     return (f"{r['label']:<44} {f(r.get('seconds'), '8.2f')} s  x{f(r.get('time_ratio'), '.3f')}  "
             f"MACs {f(r.get('linear_mac_fraction'), '.3f')}  PSNR {f(r.get('psnr_db'), '.2f')} "
@@ -428,7 +520,10 @@ def _row_line(r: dict) -> str:
 
 def to_markdown(res: dict) -> str:
     lines = [f"# Peers' own code vs qc-compile on qc-ref-wan ({res['device_name']}, {res['dtype']}, commit "
-             f"{res['commit']})", "",
+             f"{res['commit']})", ""]
+    if not res.get("complete", True):
+        lines += ["**Incomplete run**: the rows below are the ones that finished before the run was stopped.", ""]
+    lines += [
              f"{res['captions']['n']} held-out captions (seed {res['captions']['caption_seed']}), {res['steps']} "
              f"steps, torch {res['torch']}, diffusers {res['diffusers']}. {res['measures']}.", "",
              "| method | family | time (s) | time / baseline | block MACs | PSNR dB (min) | SSIM | colour | shape | "
@@ -436,6 +531,9 @@ def to_markdown(res: dict) -> str:
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['label']} | {r['family']} | error: {r['error']} | | | | | | | | |")
+            continue
+        if "skipped" in r:
+            lines.append(f"| {r['label']} | {r['family']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         c = r["checker"]
         p = "-" if r["psnr_db"] is None else f"{r['psnr_db']:.2f} ({r['psnr_db_min']:.2f})"
@@ -455,7 +553,7 @@ def plot(res: dict, path: str) -> None:
 
     from qc_compile.runtime.sweep import pareto_front
 
-    rows = [r for r in res["rows"] if "error" not in r and r["psnr_db"] is not None]
+    rows = [r for r in res["rows"] if r.get("psnr_db") is not None]  # measured rows (not errors / skipped)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colours = {"diffusers": "tab:blue", "cache-dit": "tab:orange", "quant": "tab:green", "qc-compile": "tab:red"}
     for ax, key, xlabel in ((axes[0], "linear_mac_fraction", "block linear MACs executed (fraction of baseline)"),
@@ -471,7 +569,8 @@ def plot(res: dict, path: str) -> None:
     for fam, col in colours.items():
         axes[0].scatter([], [], color=col, label=fam)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"qc-ref-wan: peers' own code vs qc-compile (commit {res['commit']})", fontsize=9)
+    fig.suptitle(f"qc-ref-wan: peers' own code vs qc-compile (commit {res['commit']}"
+                 f"{'' if res.get('complete', True) else ', INCOMPLETE run'})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -495,15 +594,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of the whole run: a row that would end past it is recorded as skipped")
+    ap.add_argument("--from-json", default=None,
+                    help="only re-render --md/--plot from a result JSON (e.g. a run stopped early)")
     args = ap.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    res = run(args)
     from qc_compile.artifacts import write_json_atomic
 
-    if args.json:
-        write_json_atomic(args.json, json.loads(json.dumps(res, default=float)))
-        Path(args.md or Path(args.json).with_suffix(".md")).write_text(to_markdown(res))
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+    else:
+        if args.dtype is None:
+            args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+
+        def save(r: dict) -> None:  # after every row: a run that is stopped keeps what it finished
+            if args.json:
+                write_json_atomic(args.json, json.loads(json.dumps(r, default=float)))
+        res = run(args, on_row=save)
+        save(res)
+    if args.md or args.json:
+        Path(args.md or Path(args.json or args.from_json).with_suffix(".md")).write_text(to_markdown(res))
     if args.plot:
         plot(res, args.plot)
     print(to_markdown(res))
