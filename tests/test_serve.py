@@ -184,10 +184,11 @@ def test_server_serves_survives_bad_requests_and_shuts_down_cleanly(tmp_path: Pa
         assert first.frames.shape == (16, 32, 32, 3) and first.frames.dtype == np.uint8 and first.frames.std() > 1
         assert first.mp4[4:8] == b"ftyp" and first.trace["steps"] == 2 and first.trace["compute_fraction"] == 1.0
 
-        # every bad request (tools/load_test.py's battery, also run on the GPU), clients that hang up mid-request, bad
-        # and good requests in one batch, then a good request: the same video as before
-        b = load_test.bad_request_battery(http, 50, timeout_s=120, mixed_batch=True, good=(PROMPTS[0], 5))
-        assert b["cases"] and all(c["ok"] for c in b["cases"].values()), b["cases"]
+        # every bad request (tools/load_test.py's battery, also run on the GPU), clients that hang up mid-request, then
+        # a good request: the same video as before. (Bad and good requests in one batch: test_load_test_tool_on_the_cpu;
+        # this server's queue of 2 is too small for that part of the battery.)
+        b = load_test.bad_request_battery(http, 50, timeout_s=120, good=(PROMPTS[0], 5))
+        assert b["cases"] and not {k: c for k, c in b["cases"].items() if not c["ok"]}
         assert b["cases"]["steps <= 0"]["status"] == 400 and "between 1 and 50" in b["cases"]["steps <= 0"]["message"]
         assert np.array_equal(b["good"], first.frames)
 
