@@ -253,7 +253,7 @@ def test_load_test_tool_on_the_cpu(tmp_path: Path) -> None:
     assert rc == 0 and r["ok"] and r["lost"] == 0 and r["one_at_a_time_bit_identical"], r
     assert set(r["batching_gain"]) == {"1", "2"} and (tmp_path / "lt.png").stat().st_size > 0
     assert r["bad_requests_ok"] and r["corrupted"] == 0
-    assert "| batched (max 2) | 2 | 2/2 | 0 | 0 |" in (tmp_path / "lt.md").read_text()
+    assert "| batched (max 2) | 2 | 2/2 | 2 | 0 | 0 |" in (tmp_path / "lt.md").read_text()
     assert all(s["clean_stop"] and not s["traceback_in_log"] for s in r["servers"].values())
     batched = next(rows for mode, rows in r["modes"].items() if mode.startswith("batched"))
     assert max(row["mean_run_batch"] for row in batched) > 1  # two clients did get batched together

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Issue 17 on the GPU machine: `qc-compile serve` on qc-ref under load, with the bad-request battery.
 #
-#   bash tools/gpu_issue17.sh OUTDIR COMMIT        # in the repo root; writes at most 7 files into OUTDIR
+#   bash tools/gpu_issue17.sh OUTDIR COMMIT        # in the repo root; writes 7 files into OUTDIR
 #
-# 1. Installs the serve extra offline from .whl_serve/site_serve.tar.xz (made here by tools/pack_serve_site.sh: the
-#    wheels of nvidia-pytriton, tritonclient and their dependencies the device lacks, unpacked as `pip install
-#    --target` does and xz-compressed to fit the 64 MiB carry limit) into $SITE_SERVE (default /tmp/site_serve),
-#    checks every file against the wheels' RECORD sha256, and puts it first on PYTHONPATH; then qc-compile itself
-#    (`pip install --no-deps -e .`). SKIP_INSTALL=1 skips both (a machine that has the serve extra, e.g. the CPU).
+# 1. Installs the serve extra offline from the carried .whl_serve/ (made here by tools/pack_serve_site.sh):
+#    site_serve.tar.xz (nvidia-pytriton, tritonclient and the dependencies the device lacks, unpacked as `pip install
+#    --target` does and xz-compressed to fit the 64 MiB carry limit) and site_stub.tar.xz (numpy 1.26 for Triton's
+#    Python-backend stub, which mis-reads BYTES inputs under numpy 2), into $SERVE_ROOT/{site,stub} (default
+#    /tmp/qc_serve); checks every file against its wheel's RECORD sha256; installs qc-compile (`pip install --no-deps
+#    -e .`); then a .pth file in the interpreter's site-packages puts site first on sys.path of every process and stub
+#    first on that of isolated interpreters only (the stub is one; the server keeps the device's numpy 2). The .pth
+#    file is removed on exit. SKIP_INSTALL=1 skips all of this (a machine that has the serve extra, e.g. the CPU).
 # 2. tools/load_test.py --bad-requests: a one-at-a-time server (--max-batch 1) and a batched one (--max-batch
 #    $MAX_BATCH), each first sent every bad request (then a good one that must equal the single-request video), then
 #    $REQUESTS requests at each concurrency in $CONCURRENCY; every video checked against the single-request run of its
@@ -17,18 +20,19 @@
 #
 # Bounded: the load test stops its clients after $BUDGET_S seconds and is interrupted (servers still stopped) after
 # $BUDGET_S + 40; with the defaults the whole script takes about 3-4 minutes on an H200. Exit code 0 only if every
-# check passed (load_test.json "ok").
+# check passed (load_test.json "ok"); 2 if the environment could not be set up.
 set -uo pipefail
 OUTDIR=${1:?usage: bash tools/gpu_issue17.sh OUTDIR COMMIT}
 COMMIT=${2:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-30}
-REQUESTS=${REQUESTS:-32}
+REQUESTS=${REQUESTS:-16}
 CONCURRENCY=${CONCURRENCY:-1,2,4,8}
 MAX_BATCH=${MAX_BATCH:-8}
-BUDGET_S=${BUDGET_S:-150}
-SITE=${SITE_SERVE:-/tmp/site_serve}
+BUDGET_S=${BUDGET_S:-160}
+SERVE_ROOT=${SERVE_ROOT:-/tmp/qc_serve}
+HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUTDIR"
 ENV_TXT="$OUTDIR/env.txt"
@@ -36,57 +40,35 @@ T0=$(date +%s)
 say() { echo "[gpu_issue17 +$(( $(date +%s) - T0 ))s] $*" | tee -a "$ENV_TXT"; }
 
 say "commit $COMMIT, $(date -u +%FT%TZ), device $DEVICE, steps $STEPS, requests $REQUESTS, concurrency $CONCURRENCY, max batch $MAX_BATCH"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$ENV_TXT" 2>&1 || say "no nvidia-smi"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$ENV_TXT" 2>/dev/null \
+  || say "no nvidia-smi"
 
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-  [ -f .whl_serve/site_serve.tar.xz ] || { say "missing .whl_serve/site_serve.tar.xz (carry .whl_serve)"; exit 2; }
-  rm -rf "$SITE" && mkdir -p "$SITE" && tar -xJf .whl_serve/site_serve.tar.xz -C "$SITE" --strip-components=1 \
-    || { say "unpacking the serve packages failed"; exit 2; }
-  "$PY" - "$SITE" >> "$ENV_TXT" 2>&1 <<'EOF' || { say "RECORD check failed (see env.txt)"; exit 2; }
-import base64, csv, hashlib, sys
-from pathlib import Path
-site, n, bad = Path(sys.argv[1]), 0, []
-for record in site.glob("*.dist-info/RECORD"):
-    for row in csv.reader(record.read_text().splitlines()):
-        if len(row) >= 2 and row[1].startswith("sha256="):
-            f = site / row[0]
-            digest = base64.urlsafe_b64encode(hashlib.sha256(f.read_bytes()).digest()).rstrip(b"=").decode() \
-                if f.is_file() else None
-            n += 1
-            if digest != row[1][7:]:
-                bad.append(row[0])
-print(f"RECORD check: {n} files of {len(list(site.glob('*.dist-info')))} distributions, {len(bad)} mismatched {bad[:5]}")
-sys.exit(1 if bad else 0)
-EOF
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  for a in site_serve site_stub; do
+    [ -f ".whl_serve/$a.tar.xz" ] || { say "missing .whl_serve/$a.tar.xz (carry .whl_serve)"; exit 2; }
+  done
+  rm -rf "$SERVE_ROOT" && mkdir -p "$SERVE_ROOT" && tar -xJf .whl_serve/site_serve.tar.xz -C "$SERVE_ROOT" \
+    && tar -xJf .whl_serve/site_stub.tar.xz -C "$SERVE_ROOT" || { say "unpacking the serve packages failed"; exit 2; }
+  "$PY" "$HERE/serve_site_check.py" record "$SERVE_ROOT/site" "$SERVE_ROOT/stub" >> "$ENV_TXT" 2>&1 \
+    || { say "RECORD check failed (see env.txt)"; exit 2; }
+  # PyTriton looks for its bundled libraries next to itself only when it sits in a site-packages directory.
+  ln -sfn ../../nvidia_pytriton.libs "$SERVE_ROOT/site/pytriton/tritonserver/external_libs"
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . > /tmp/gpu_issue17_pip.log 2>&1 \
     || { say "pip install -e . failed:"; tail -5 /tmp/gpu_issue17_pip.log | tee -a "$ENV_TXT"; exit 2; }
-  say "installed the serve packages into $SITE and qc-compile (editable)"
+  PTH="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/qc_serve_site.pth"
+  echo "import sys; sys.path[0:0] = ['$SERVE_ROOT/stub'] * bool(sys.flags.isolated) + ['$SERVE_ROOT/site']" \
+    > "$PTH" || { say "cannot write $PTH"; exit 2; }
+  trap 'rm -f "$PTH"' EXIT
+  say "installed the serve packages into $SERVE_ROOT ($PTH) and qc-compile (editable)"
 fi
 
-# What the server will run with; the Python-backend stub must find this interpreter's libpython (server.py puts its
-# LIBDIR first on LD_LIBRARY_PATH, as here).
-"$PY" - >> "$ENV_TXT" 2>&1 <<'EOF'
-import importlib.metadata as md, os, subprocess, sys, sysconfig
-from pathlib import Path
-print("python", sys.version.split()[0], sys.executable)
-for d in ("torch", "numpy", "protobuf", "grpcio", "nvidia-pytriton", "tritonclient", "click", "qc-compile"):
-    try:
-        print(f"  {d} {md.version(d)}")
-    except md.PackageNotFoundError:
-        print(f"  {d} MISSING")
-import torch
-print("cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))
-import pytriton, tritonclient.grpc, tritonclient.http  # noqa: F401  (fails here, not in the server, if broken)
-libdir, so = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-print("libpython", Path(libdir or "", so or "?"), "exists" if so and (Path(libdir) / so).is_file() else "MISSING")
-stub = Path(pytriton.__file__).parent / f"tritonserver/python_backend_stubs/{sys.version_info[0]}.{sys.version_info[1]}/triton_python_backend_stub"
-env = dict(os.environ, LD_LIBRARY_PATH=":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p))
-missing = [l.strip() for l in subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env).stdout.splitlines() if "not found" in l]
-print("python backend stub", stub.name, "for", stub.parent.name, "unresolved libraries:", missing or "none")
-EOF
-[ $? -eq 0 ] || { say "the serve packages do not import (see env.txt)"; tail -5 "$ENV_TXT"; exit 2; }
-say "environment checked"
+# Triton's Python-backend stub links libpython3.X.so.1.0; server.py puts sysconfig's LIBDIR first on
+# LD_LIBRARY_PATH. Where the library is elsewhere (relocated Python builds), put that directory first here.
+LIBPY_DIR=$("$PY" "$HERE/serve_site_check.py" libpython)
+[ -n "$LIBPY_DIR" ] && export LD_LIBRARY_PATH="$LIBPY_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+"$PY" "$HERE/serve_site_check.py" env >> "$ENV_TXT" 2>&1 \
+  || { say "the serve packages do not work here (see env.txt)"; tail -8 "$ENV_TXT"; exit 2; }
+say "environment checked (libpython in ${LIBPY_DIR:-NOT FOUND})"
 
 timeout -s INT -k 30 $(( BUDGET_S + 40 )) "$PY" tools/load_test.py qc-ref --device "$DEVICE" --steps "$STEPS" \
   --concurrency "$CONCURRENCY" --requests "$REQUESTS" --max-batch "$MAX_BATCH" --max-seconds "$BUDGET_S" \

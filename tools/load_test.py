@@ -6,7 +6,8 @@ Starts the server itself (127.0.0.1, free ports), twice: one-at-a-time (``--max-
 single-request runs of each seed. Every other response is compared with it: ``bit_identical`` counts exact uint8
 matches; batched GEMMs round differently (~1e-5), so batched videos may differ by one level in a few pixels, which
 ``max_abs_diff``/``frac_pixels_diff`` show. ``lost`` counts requests without a 200 answer. Bounded: M requests per
-level and ``--max-seconds`` overall (clients stop at the deadline); the servers are stopped with SIGTERM at the end.
+level and ``--max-seconds`` overall, shared equally by the two servers (clients stop at the deadline, levels after it
+are skipped); the servers are stopped with SIGTERM at the end.
 With ``--bad-requests`` each server first gets the bad-request battery (:func:`bad_request_battery`: every kind of bad
 request, clients that hang up mid-request, then a good request that must match the single-request video); each server
 log is checked for a traceback. ``--md`` writes the results as a markdown table (with device and commit).
@@ -251,7 +252,8 @@ def summarize(level: dict, reference: list[dict | None], corrupt_levels: int = 8
         frac = max(frac, dfrac)
         corrupted += int(dmax > corrupt_levels or r["trace"].get("seed") != r["seed"])
     batches = [r["trace"]["run_batch"] for r in ok]
-    return {"requests": len(res), "ok": len(ok), "lost": len(res) - len(ok),
+    sent = sum(r is not None for r in res)  # clients stop sending at the deadline
+    return {"requests": len(res), "sent": sent, "ok": len(ok), "lost": sent - len(ok),
             "errors": sorted({r["error"] for r in res if r is not None and "error" in r})[:3],
             "wall_s": round(level["wall"], 3), "throughput_rps": round(len(ok) / level["wall"], 4),
             "p50_s": round(float(np.percentile(lat, 50)), 3), "p95_s": round(float(np.percentile(lat, 95)), 3),
@@ -294,17 +296,18 @@ def write_md(out: dict, path: Path, plot_path: Path | None = None) -> None:
              f"{out['steps']} steps, policy {out['policy'] or 'default'}, decisions {out['decisions']}; "
              f"{out['requests_per_level']} requests per level (request i: seed i), batched server max batch "
              f"{out['max_batch']}.", "",
-             "| mode | clients | ok | lost | corrupted | videos/s | p50 s | p95 s | p99 s | mean run batch | "
-             "bit-identical to single | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | clients | sent | ok | lost | corrupted | videos/s | p50 s | p95 s | p99 s | mean run batch | "
+             "bit-identical to single | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, rows in out["modes"].items():
         for r in rows:
-            lines.append(f"| {mode} | {r['concurrency']} | {r['ok']}/{r['requests']} | {r['lost']} | "
+            lines.append(f"| {mode} | {r['concurrency']} | {r.get('sent', r['requests'])}/{r['requests']} | "
+                         f"{r['ok']} | {r['lost']} | "
                          f"{r['corrupted']} | "
                          f"{r['throughput_rps']:.3f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['p99_s']:.3f} | "
                          f"{r['mean_run_batch']} | {r['bit_identical']}/{r['requests']} | {r['max_abs_diff']} |")
     gain = ", ".join(f"{n} clients {g:.2f}x" for n, g in out["batching_gain"].items())
     lines += ["", f"Batching gain (throughput batched / one-at-a-time): {gain or 'n/a'}.",
-              f"Lost {out['lost']}, corrupted {out['corrupted']} (a wrong seed, or more than {out['corrupt_levels']} "
+              f"Not sent (time bound) {out['not_sent']}, lost {out['lost']}, corrupted {out['corrupted']} (a wrong seed, or more than {out['corrupt_levels']} "
               f"levels from the single-request video), unchecked {out['unchecked']}; largest batched difference "
               f"{out['max_abs_diff_batched']} levels.", ""]
     for mode, s in out["servers"].items():
@@ -379,11 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     battery_good: dict[str, np.ndarray | None] = {}
     logdir = args.out.parent
     logdir.mkdir(parents=True, exist_ok=True)
-    for mode, mb in (("one-at-a-time", 1), (f"batched (max {args.max_batch})", args.max_batch)):
+    modes = (("one-at-a-time", 1), (f"batched (max {args.max_batch})", args.max_batch))
+    for k, (mode, mb) in enumerate(modes):
+        # each mode gets an equal share of the time left, so a slow one-at-a-time server cannot starve the batched one
+        mode_deadline = time.time() + max(0.0, deadline - time.time()) / (len(modes) - k)
         server = Server(args, mb, logdir / f"{args.out.stem}_server_batch{mb}.log")
         rows = []
         try:
-            server.wait_ready(min(600.0, max(1.0, deadline - time.time())))
+            server.wait_ready(600.0)  # bounded on its own: a server that loads is ready in well under a minute
             if args.bad_requests:
                 b = bad_request_battery(server.http, max(100, args.steps), timeout_s=args.request_timeout_s,
                                         mixed_batch=mb > 1, good=requests[0], policy=args.policy)
@@ -393,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:>22} bad-request battery: {len(b['cases']) - len(failed)}/{len(b['cases'])} as "
                       f"expected{'; FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)
             for n in args.concurrency:
-                if time.time() >= deadline:
+                if time.time() >= mode_deadline:
                     print(f"deadline reached; skipping {mode} at concurrency {n}", file=sys.stderr)
                     break
-                level = run_level(server.http, n, requests, args, deadline)
+                level = run_level(server.http, n, requests, args, mode_deadline)
                 if reference is None:  # one-at-a-time, first (lowest) concurrency: single-request runs
                     reference = level["results"]
                 row = {"concurrency": n, **summarize(level, reference, args.corrupt_levels)}
@@ -418,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     all_rows = [r for rows in out["modes"].values() for r in rows]
     out["lost"] = sum(r["lost"] for r in all_rows)
     out["corrupted"] = sum(r["corrupted"] for r in all_rows)
+    out["not_sent"] = sum(r["requests"] - r["sent"] for r in all_rows)  # cut by --max-seconds
     out["unchecked"] = sum(r["unchecked"] for r in all_rows)
     if args.bad_requests:  # the good request after each battery: the single-request video of seed 0
         ref0 = reference[0] if reference else None
@@ -429,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         out["bad_requests_ok"] = all(c["ok"] for cases in out["bad_requests"].values() for c in cases.values())
     out["one_at_a_time_bit_identical"] = all(r["bit_identical"] == r["requests"] for r in out["modes"]["one-at-a-time"])
     out["max_abs_diff_batched"] = max((r["max_abs_diff"] for r in batched), default=None)
-    out["ok"] = (out["lost"] == 0 and out["corrupted"] == 0 and out["unchecked"] == 0
+    out["ok"] = (out["lost"] == 0 and out["corrupted"] == 0 and out["unchecked"] == 0 and out["not_sent"] == 0
                  and out["one_at_a_time_bit_identical"] and (out["max_abs_diff_batched"] or 0) <= 1
                  and out.get("bad_requests_ok", True)
                  and all(s["clean_stop"] and not s["traceback_in_log"] and s["exit_code"] == 0
