@@ -29,7 +29,10 @@ def check_records(site: Path) -> tuple[int, int, list[str]]:
             if any(row[0] == t or row[0].startswith(t + "/") for t in trimmed):
                 skipped += 1
                 continue
-            f = site / row[0]
+            rel = row[0]
+            while rel.startswith("../"):  # scripts and headers: `pip install --target` puts them in DIR/bin, DIR/include
+                rel = rel[3:]
+            f = site / rel
             digest = (base64.urlsafe_b64encode(hashlib.sha256(f.read_bytes()).digest()).rstrip(b"=").decode()
                       if f.is_file() else None)
             n += 1
