@@ -19,7 +19,7 @@
 #    and throughput vs concurrency), load_test_server_batch1.log, load_test_server_batch$MAX_BATCH.log.
 #
 # Bounded: the load test stops its clients after $BUDGET_S seconds and is interrupted (servers still stopped) after
-# $BUDGET_S + 40; with the defaults the whole script takes about 3-4 minutes on an H200. Exit code 0 only if every
+# $BUDGET_S + 30; with the defaults the whole script takes about 3-4 minutes on an H200. Exit code 0 only if every
 # check passed (load_test.json "ok"); 2 if the environment could not be set up.
 set -uo pipefail
 OUTDIR=${1:?usage: bash tools/gpu_issue17.sh OUTDIR COMMIT}
@@ -30,7 +30,7 @@ STEPS=${STEPS:-30}
 REQUESTS=${REQUESTS:-16}
 CONCURRENCY=${CONCURRENCY:-1,2,4,8}
 MAX_BATCH=${MAX_BATCH:-8}
-BUDGET_S=${BUDGET_S:-160}
+BUDGET_S=${BUDGET_S:-180}
 SERVE_ROOT=${SERVE_ROOT:-/tmp/qc_serve}
 HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONUNBUFFERED=1
@@ -70,7 +70,7 @@ LIBPY_DIR=$("$PY" "$HERE/serve_site_check.py" libpython)
   || { say "the serve packages do not work here (see env.txt)"; tail -8 "$ENV_TXT"; exit 2; }
 say "environment checked (libpython in ${LIBPY_DIR:-NOT FOUND})"
 
-timeout -s INT -k 30 $(( BUDGET_S + 40 )) "$PY" tools/load_test.py qc-ref --device "$DEVICE" --steps "$STEPS" \
+timeout -s INT -k 20 $(( BUDGET_S + 30 )) "$PY" tools/load_test.py qc-ref --device "$DEVICE" --steps "$STEPS" \
   --concurrency "$CONCURRENCY" --requests "$REQUESTS" --max-batch "$MAX_BATCH" --max-seconds "$BUDGET_S" \
   --request-timeout-s 120 --bad-requests --commit "$COMMIT" --out "$OUTDIR/load_test.json" \
   --plot "$OUTDIR/load_test.png" --md "$OUTDIR/load_test.md" 2>&1 | tee "$OUTDIR/run.log"
