@@ -136,6 +136,13 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _load_test_tool():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import load_test
+
+    return load_test
+
+
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -146,20 +153,13 @@ def _get(url: str) -> tuple[int, str]:
         return 0, ""
 
 
-def _raw_http(port: int, body: bytes, send: int | None = None) -> None:
-    """A client that sends (part of) an infer request and hangs up without reading the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        head = (f"POST /v2/models/qc_video/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
-        s.sendall(head + body[:send])
-
-
 @pytest.mark.slow
 def test_server_serves_survives_bad_requests_and_shuts_down_cleanly(tmp_path: Path) -> None:
     pytest.importorskip("pytriton")
     pytest.importorskip("tritonclient.http")
-    from tritonclient.utils import InferenceServerException
-    from qc_compile.serve.client import ServeError, VideoClient
+    from qc_compile.serve.client import VideoClient
+
+    load_test = _load_test_tool()
 
     http, grpc, metrics = _free_ports(3)
     log = tmp_path / "server.log"
@@ -184,34 +184,13 @@ def test_server_serves_survives_bad_requests_and_shuts_down_cleanly(tmp_path: Pa
         assert first.frames.shape == (16, 32, 32, 3) and first.frames.dtype == np.uint8 and first.frames.std() > 1
         assert first.mp4[4:8] == b"ftyp" and first.trace["steps"] == 2 and first.trace["compute_fraction"] == 1.0
 
-        bad = {  # checked by the server: status 400 with a message
-            "unknown policy word": ({"policy": "quantcache+turbo"}, "unknown policy 'turbo'"),
-            "unknown prompt word": ({"prompt": "a red circle dancing left on a black background"}, "'dancing'"),
-            "huge prompt": ({"prompt": "a red circle " * 100_000}, "at most 1000"),
-            "steps <= 0": ({"steps": 0}, "between 1 and 50"),
-            "absurd steps": ({"steps": 2 ** 31 - 1}, "between 1 and 50"),
-            "malformed thresholds": ({"thresholds": '{"hlc.delta1": 0.5,'}, "not valid JSON"),
-            "thresholds of unknown parameter": ({"policy": "hlc", "thresholds": '{"hlc.speed": 2}'}, "'speed'"),
-            "plan without a plan": ({"plan": "plan"}, "not available"),
-        }
-        for name, (fields, words) in bad.items():
-            fields = dict(fields)
-            with pytest.raises(ServeError, match=re.escape(words)) as e:
-                c.generate(fields.pop("prompt", PROMPTS[0]), **fields)
-            assert e.value.status == 400, name
-        wrong_types = {  # rejected by Triton before Python sees them
-            "seed as FP32": {"seed": np.array([[1.5]], dtype=np.float32)},
-            "steps as BYTES": {"steps": np.array([[b"two"]], dtype=np.object_)},
-            "two prompts in one request": {"prompt": np.array([[b"a", b"b"]], dtype=np.object_)},
-        }
-        for name, over in wrong_types.items():
-            arrays = {**request_arrays(PROMPTS[0], seed=1), **over}
-            with pytest.raises(InferenceServerException):
-                c.infer_raw(arrays)
-        body = json.dumps({"inputs": [{"name": "prompt", "shape": [1, 1], "datatype": "BYTES", "data": [PROMPTS[1]]},
-                                      {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [7]}]}).encode()
-        _raw_http(http, body)               # whole request, then hang up before the answer
-        _raw_http(http, body, send=40)      # half a request, then hang up
+        # every bad request (tools/load_test.py's battery, also run on the GPU), clients that hang up mid-request, then
+        # a good request: the same video as before. (Bad and good requests in one batch: test_load_test_tool_on_the_cpu;
+        # this server's queue of 2 is too small for that part of the battery.)
+        b = load_test.bad_request_battery(http, 50, timeout_s=120, good=(PROMPTS[0], 5))
+        assert b["cases"] and not {k: c for k, c in b["cases"].items() if not c["ok"]}
+        assert b["cases"]["steps <= 0"]["status"] == 400 and "between 1 and 50" in b["cases"]["steps <= 0"]["message"]
+        assert np.array_equal(b["good"], first.frames)
 
         # bounded queue: a burst beyond batch (2) + queue (2) is turned away at once; the rest is served
         results: list = [None] * 8
@@ -264,16 +243,17 @@ def test_server_serves_survives_bad_requests_and_shuts_down_cleanly(tmp_path: Pa
 def test_load_test_tool_on_the_cpu(tmp_path: Path) -> None:
     """tools/load_test.py with small N and M: nothing lost, one-at-a-time bit-identical, servers stop cleanly."""
     pytest.importorskip("pytriton")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import load_test
+    load_test = _load_test_tool()
 
     out = tmp_path / "lt.json"
     rc = load_test.main(["qc-ref", "--steps", "1", "--concurrency", "1,2", "--requests", "2", "--max-batch", "2",
-                         "--max-queue-delay-ms", "300",
+                         "--max-queue-delay-ms", "300", "--bad-requests", "--md", str(tmp_path / "lt.md"),
                          "--max-seconds", "300", "--out", str(out), "--plot", str(tmp_path / "lt.png")])
     r = json.loads(out.read_text())
     assert rc == 0 and r["ok"] and r["lost"] == 0 and r["one_at_a_time_bit_identical"], r
     assert set(r["batching_gain"]) == {"1", "2"} and (tmp_path / "lt.png").stat().st_size > 0
+    assert r["bad_requests_ok"] and r["corrupted"] == 0
+    assert "| batched (max 2) | 2 | 2/2 | 2 | 0 | 0 |" in (tmp_path / "lt.md").read_text()
     assert all(s["clean_stop"] and not s["traceback_in_log"] for s in r["servers"].values())
     batched = next(rows for mode, rows in r["modes"].items() if mode.startswith("batched"))
     assert max(row["mean_run_batch"] for row in batched) > 1  # two clients did get batched together
