@@ -85,3 +85,23 @@ def res_norm(stats: torch.Tensor) -> torch.Tensor:
 def cached_norm(stats: torch.Tensor) -> torch.Tensor:
     """L2 norm of the cached residual ``c``."""
     return _col(stats, "sq_cached").sqrt()
+
+
+def same_flat_layout(ts: list[torch.Tensor], length: int) -> bool:
+    """True when the tensors can be walked as flat memory without copies: each dense and non-overlapping, all with
+    the same strides, batch outermost (``stride(0) == length``): then offset ``i`` of every tensor holds the same
+    element (e.g. the channel-major hidden state of a model whose patch embedding returns a transposed view)."""
+    t0 = ts[0]
+    if not all(dense(t) and t.shape == t0.shape and t.stride() == t0.stride() for t in ts):
+        return False
+    return t0.dim() == 0 or t0.shape[0] <= 1 or t0.stride(0) == length
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Every element in one gap-free block of memory, no two elements at one address (any dimension order)."""
+    expect = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True

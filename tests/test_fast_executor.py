@@ -330,3 +330,31 @@ def test_caption_keys_cut_after_the_last_kept_token(qcref, lengths):
     cut.model_for("default").blocks["spatial_1"].fn = spy
     cut.run_unit("spatial_1", "default", inp)
     assert seen["y"][1] == n and (seen["mask"] is None) == all_kept
+
+
+def test_layout_helpers_for_the_stats_kernel():
+    """The cache-stats kernel walks memory: tensors qualify when dense, equally strided, batch outermost."""
+    from qc_compile.plugins.cache_stats import dense, same_flat_layout
+
+    x = torch.randn(2, 8, 5).transpose(1, 2)  # (2, 5, 8) channel-major, dense
+    assert dense(x) and not x.is_contiguous()
+    assert same_flat_layout([x, torch.empty_like(x)], 40)
+    assert not same_flat_layout([x, x.contiguous()], 40)
+    assert not dense(torch.randn(2, 10, 8)[:, :5])  # a token shard: gaps between batch elements
+    assert not same_flat_layout([torch.randn(5, 2, 8).transpose(0, 1)], 40)  # batch not outermost
+
+
+def test_fast_runner_keeps_the_hidden_state_row_major(qcref):
+    """The patch embedding returns a channel-major view; the fast runner hands the blocks a row-major hidden state,
+    so no block output (and no residual the executor caches) inherits the transposed layout."""
+    g = _geometry(qcref)
+    ex = fast_executor(qcref.model, g)
+    cond = _cond(qcref)
+    emb_plain = qcref.model.run_unit("embed", {"x": _z(qcref, g), "timestep": torch.full((2,), 500.0),
+                                               "y": cond.y, "mask": cond.mask, "fps": cond.fps}, g)
+    emb = ex.runner.run_unit("embed", "default", {"x": _z(qcref, g), "timestep": torch.full((2,), 500.0),
+                                                  "y": cond.y, "mask": cond.mask, "fps": cond.fps})
+    assert not emb_plain["x"].is_contiguous(), "the model's own embed output is a transposed view"
+    assert emb["x"].is_contiguous() and torch.equal(emb["x"], emb_plain["x"])
+    ex.step(_z(qcref, g), torch.full((2,), 500.0), cond, {})
+    assert ex.residuals and all(r.is_contiguous() for r in ex.residuals.values())

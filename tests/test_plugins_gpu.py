@@ -183,6 +183,25 @@ def test_cache_stats_apply(mode, dtype):
         assert abs(float(CS.rel_l1(st)[0]) - float(CS.rel_l1(sr)[0])) < 1e-4
 
 
+@pytest.mark.parametrize("layout", ["channel_major", "mixed"])
+def test_cache_stats_apply_strided_inputs(layout):
+    """A channel-major hidden state (the patch embedding's transposed view) is walked in place when all inputs share
+    it (the residual comes back in the same layout); mixed layouts are made row-major first. Same values either
+    way as the reference on contiguous copies."""
+    base = torch.randn(2, 72, 1590, device="cuda").to(torch.bfloat16)
+    x = base.transpose(1, 2)  # (2, 1590, 72) channel-major
+    c = (torch.randn(2, 72, 1590, device="cuda") * 0.2).to(torch.bfloat16).transpose(1, 2)
+    o = (x.float() + 1.1 * c.float()).to(torch.bfloat16)  # elementwise result: inherits x's channel-major layout
+    if layout == "mixed":
+        o = o.contiguous()
+    assert CS.same_flat_layout([x, c, o], x[0].numel()) == (layout == "channel_major")
+    y, st = qc.cache_stats_apply(x, c, o)
+    yr, sr = R.cache_stats_apply(x.cpu().contiguous(), c.cpu().contiguous(), o.cpu().contiguous())
+    if layout == "channel_major":
+        assert y.stride() == x.stride()
+    assert rel(y, yr) < 1e-6 and rel(st, sr) < 1e-4
+
+
 def test_torch_compile_cuda_graph_of_ops():
     """The ops trace through torch.compile (fake kernels) and the result matches eager."""
     x = _x((4, 64, 1152))

@@ -647,8 +647,10 @@ def render(path: Path) -> None:
     L += ["", "Rows: " + "; ".join(f"`{r['key']}` = {r['label']}" for r in doc["rows"]) + ".", "",
           f"Options: {json.dumps(doc.get('options', {}))}. Grids: {doc['grids'].get('mapping', '')}; replayed "
           "from qc-ref `quantcache` runs (random weights make adaptive statistics meaningless); AIGQ's precision "
-          "requests in them (`high`) run the one FP8 plan (the plan has no variants), as in the fidelity runs.", "",
-          "## Overheads a user pays", "", "| what | value |", "|---|---|"]
+          "requests in them (`high`) run the one FP8 plan (the plan has no variants), as in the fidelity runs.", ""]
+    if doc.get("notes"):
+        L += ["Notes:", ""] + [f"- {n}" for n in doc["notes"]] + [""]
+    L += ["## Overheads a user pays", "", "| what | value |", "|---|---|"]
     for o in doc["overheads"]:
         val = f"skipped: {o['skipped']}" if "skipped" in o else f"{o['value']:.3g} {o['unit']}"
         L.append(f"| `{o['key']}`: {o['what']} | {val} |")

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cache_stats import NUM_STATS
+from ..cache_stats import NUM_STATS, same_flat_layout
 
 BLOCK = 1024
 
@@ -71,15 +71,19 @@ def launch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CUDA implementation of ``qc::cache_stats_apply`` (same contract as the reference)."""
     b = x_in.shape[0]
-    x = x_in.contiguous()
-    length = x.numel() // max(b, 1)
-    y = torch.empty_like(x)
+    length = x_in.numel() // max(b, 1)
+    given = [t for t in (x_in, cached_residual, out_new) if t is not None]
+    if not same_flat_layout(given, length):  # the kernel walks memory: make the layouts equal and row-major
+        x_in, cached_residual, out_new = (None if t is None else t.contiguous()
+                                          for t in (x_in, cached_residual, out_new))
+    x = x_in
+    y = torch.empty_like(x)  # same strides as x (dense): element i of y is element i of x in memory
     if programs is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
         programs = max(1, min(triton.cdiv(length, BLOCK), (4 * sms + b - 1) // max(b, 1)))
     part = torch.empty((b, programs, NUM_STATS), dtype=torch.float32, device=x.device)
-    c = cached_residual.contiguous() if cached_residual is not None else x
-    o = out_new.contiguous() if out_new is not None else x
+    c = cached_residual if cached_residual is not None else x
+    o = out_new if out_new is not None else x
     if b and length:
         _cache_kernel[(programs, b)](
             x, c, o, y, part, length, programs,

@@ -125,7 +125,14 @@ class FastRunner:
                  geometry=None) -> dict[str, torch.Tensor]:
         """``geometry``: the token grid of a shard (:mod:`qc_compile.runtime.parallel`) for block units."""
         if not is_block(unit):
-            return self.model.run_unit(unit, dict(inputs), self.g)
+            out = self.model.run_unit(unit, dict(inputs), self.g)
+            if unit_kind(unit) == "embed" and not out["x"].is_contiguous():
+                # the patch embedding's (B, C, T, H, W) -> (B, N, C) is a channel-major view; every block output
+                # inherits that layout and each kernel that needs rows of C then copies the whole hidden state
+                # (1.16 ms per computed XL block on an H200: bench/results/probe_copies_h200_5c1b4f4.log). One
+                # copy per step here instead.
+                out = {**out, "x": out["x"].contiguous()}
+            return out
         inputs = self._captions(inputs)
         fm, h, g = self.model_for(variant), inputs["x"], geometry or self.g
         if self.cuda_graphs and h.is_cuda:
