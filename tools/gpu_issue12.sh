@@ -54,6 +54,10 @@ if [ "$REUSE" = 1 ] && [ -d "$WORK/exp" ]; then
   mkdir -p "$OUT/plans"
 else
   rm -rf "$WORK" && mkdir -p "$WORK" "$OUT/plans"
+  # export needs the packages a GPU image lacks (carried as wheels): say which one is missing before anything runs
+  for mod in onnx_graphsurgeon jsonschema click tqdm; do
+    "$PY" -c "import $mod" 2>/dev/null || { echo "missing Python package '$mod' (carry its wheel: see .whl in the device notes)"; exit 2; }
+  done
   timeout 90 "${QCC[@]}" export qc-ref -o "$WORK/exp" --quiet || { echo "export failed"; exit 1; }
   echo "[$(elapsed) s] exported"
 fi

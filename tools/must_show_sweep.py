@@ -226,9 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
                     on_result(u, tasks[futs[f]][1], r)
             if expired() and pending:
                 break
-        for p in list((pool._processes or {}).values()):  # cut: stop the running tasks too
+        procs = list((pool._processes or {}).values())
+        for p in procs:  # cut: stop the running tasks too
             p.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:  # reaped before the results are written (a killed worker exits at once)
+            p.join(10)
     else:
         for t, p in enumerate(payload):
             if expired():
