@@ -308,7 +308,7 @@ def test_caption_keys_cut_after_the_last_kept_token(qcref, lengths):
     a = cut.run_unit("spatial_1", "default", inp)["x"]
     b = full.run_unit("spatial_1", "default", inp)["x"]
     assert rel(a, b) < 1e-6
-    (n, all_kept), = cut._cuts.values()
+    ((_, (n, all_kept)),) = cut._cuts.values()
     assert n == max(lengths) and all_kept == (len(set(lengths)) == 1)
     cut.run_unit("temporal_1", "default", inp)
     assert len(cut._cuts) == 1, "the cut is read once per mask, not per call"
@@ -330,6 +330,12 @@ def test_caption_keys_cut_after_the_last_kept_token(qcref, lengths):
     cut.model_for("default").blocks["spatial_1"].fn = spy
     cut.run_unit("spatial_1", "default", inp)
     assert seen["y"][1] == n and (seen["mask"] is None) == all_kept
+    # a new mask (the old one freed: its id and address may be reused) gets its own cut, never a stale one
+    del inp["mask"], mask
+    other = torch.zeros(2, L, dtype=torch.bool)
+    other[:, :3] = True
+    cut.run_unit("spatial_1", "default", {**inp, "mask": other})
+    assert seen["y"][1] == 3 and seen["mask"] is None
 
 
 def test_layout_helpers_for_the_stats_kernel():

@@ -20,6 +20,7 @@ optional torch.compile and per-unit CUDA graphs; statistics through the fused ``
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping, NamedTuple
 
 import torch
@@ -74,7 +75,9 @@ class FastRunner:
         self._x: dict[tuple, torch.Tensor] = {}
         self._x_dtype: torch.dtype | None = None
         self._pool = None
-        self._cuts: dict[tuple, tuple[int, bool]] = {}
+        # id(mask) -> (weak reference to the mask, its cut): a hit needs the same live tensor object, since ids
+        # and addresses of freed masks are reused
+        self._cuts: dict[int, tuple[weakref.ref, tuple[int, bool]]] = {}
 
     def model_for(self, variant: str) -> FastModel:
         return self.variant_models.get(variant, self.default_model)
@@ -107,10 +110,11 @@ class FastRunner:
         if known is not None:
             n, all_kept = min(known[0], mask.shape[1]), known[1]
         else:
-            key = (mask.data_ptr(), mask._version, tuple(mask.shape), tuple(mask.stride()))
-            if key not in self._cuts:
-                self._cuts[key] = caption_cut(mask)  # the device read, once per mask
-            n, all_kept = self._cuts[key]
+            entry = self._cuts.get(id(mask))
+            if entry is None or entry[0]() is not mask:
+                self._cuts = {k: v for k, v in self._cuts.items() if v[0]() is not None}  # drop freed masks
+                entry = self._cuts[id(mask)] = (weakref.ref(mask), caption_cut(mask))  # the device read, once
+            n, all_kept = entry[1]
         return {**ctx, "y": ctx["y"][:, :n], "mask": None if all_kept else mask[:, :n]}
 
     # ----------------------------------------------------------------------------------------- protocol
