@@ -86,12 +86,6 @@ def finish(p: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, dim=1)
 
 
-def _count(h: torch.Tensor) -> torch.Tensor:
-    """``h.numel()`` as a 0-d fp32 tensor on ``h``'s device, made by a kernel (a Python scalar assigned into a CUDA
-    tensor would be a host-to-device copy inside the step)."""
-    return torch.ones((), device=h.device) * h.numel()
-
-
 def _frames(res: torch.Tensor, T: int, prefix: int) -> torch.Tensor:
     """The residual's video tokens as (B, T, S, C): ``prefix`` tokens in front of them (CogVideoX's text stream in
     its joint sequence) are left out of the motion term."""
@@ -120,7 +114,7 @@ def torch_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cach
     row[P["l1_in"]] = habs.sum()
     if level == "full":
         row[P["max_in"]] = habs.max()
-        row[P["count_in"]] = _count(h)
+        row[P["count_in"]].fill_(float(h.numel()))  # a kernel argument: `row[k] = float` is a synchronising copy
         if T > 1:
             r4 = _frames(res, T, prefix)
             row[P["l1_frames"]] = res_l1 if not prefix else r4.abs().sum()
@@ -148,7 +142,7 @@ def fused_unit_stats(row: torch.Tensor, h: torch.Tensor, out: torch.Tensor, cach
     if level == "full":
         lo, hi = torch.aminmax(h)  # one read of h (no |h| temporary)
         row[P["max_in"]] = torch.maximum(-lo, hi).float()
-        row[P["count_in"]].fill_(float(h.numel()))  # a kernel argument: `row[k] = float` is a synchronising copy
+        row[P["count_in"]].fill_(float(h.numel()))
         if T > 1:
             r4 = _frames(res, T, prefix)
             row[P["l1_frames"]] = v[i["l1_res"]] if not prefix else r4.abs().sum(dtype=torch.float32)

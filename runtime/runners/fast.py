@@ -15,7 +15,8 @@ optional torch.compile and per-unit CUDA graphs; statistics through the fused ``
 * **Caption keys trimmed**: cross-attention runs on the caption tokens up to the last one any sample's mask keeps
   (Open-Sora pads T5 features to 300 tokens; a prompt has tens). The dropped keys are masked out, so the result is
   the same function; when every kept token is valid in every sample the mask is dropped too, which lets SDPA take
-  its flash kernels. The cut is found once per mask (one host read on the first step), not per step.
+  its flash kernels. The sampler reads the cut from the mask on the host before the first step (``Conditioning.caption_cut``);
+  other callers get one device read per mask tensor.
 """
 
 from __future__ import annotations
