@@ -42,8 +42,9 @@ class Options:
     predictor_high_fraction: float = 0.25
     post_skip: int = 3
     seed: int = 0
-    srap: bool = False  # opt-in (calibrate --srap-thresholds)
-    srap_quantile: float = 0.9
+    srap: bool = True  # thresholds chosen by measured fidelity (calib/srap.py); never-pruning ones when none is safe
+    srap_budget_db: float = 0.5
+    srap_min_saving: float = 3.0
     srap_max_error: float = 0.5
 
 
@@ -186,7 +187,8 @@ def run(loaded, linears: Sequence, model_meta: dict, calib_dir: str | Path, capt
         from qc_compile.calib import runtime_params, srap
 
         sig = runtime_params.store_signals(loaded, store, captions, settings)
-        cal = srap.calibrate(sig.grid, sig.prune_error, quantile=opts.srap_quantile, max_error=opts.srap_max_error)
+        cal = srap.calibrate(sig.grid, sig.prune_error, sig.evaluate, budget_db=opts.srap_budget_db,
+                             min_saving=opts.srap_min_saving, max_error=opts.srap_max_error)
         plan.cache_policy["params"]["srap"] = cal.params
         res.runtime = {"srap": cal.report, "srap_pruning_units": cal.pruning_units}
         tm["srap_s"] = time.perf_counter() - t0

@@ -10,8 +10,9 @@ for the step policies as an AIGQ plan:
   ``variants.low`` only when asked for (``low_activation``), since no 8-bit plan has a lower activation format that
   every target runs;
 * ``schedule`` — ``high`` on the ``high_fraction`` of steps whose block residuals change most (``act_schedule``);
-* ``cache_policy.params.srap`` — per-unit cosine thresholds (:mod:`qc_compile.calib.srap`), validated by replaying
-  calibration steps with the unit pruned;
+* ``cache_policy.params.srap`` — per-unit cosine thresholds (:mod:`qc_compile.calib.srap`), chosen by running
+  candidate thresholds end to end on the calibration prompts (:func:`fidelity_evaluator`) and keeping the most
+  permissive within the PSNR budget, or thresholds that never prune with the reason;
 * ``cache_policy.params.aigq.post_skip``.
 """
 
@@ -32,21 +33,25 @@ class RuntimeOptions:
     act_reading: str = "distance"
     high: str = "activations"  # "fp": the high variant runs unquantized weights too (calibrate --uniform's default)
     low_activation: str | None = None
-    srap: bool = False  # opt-in (calibrate --srap-thresholds): it hurt qc-ref badly at the default quantile
-    srap_quantile: float = srap_calib.DEFAULT_QUANTILE
+    srap: bool = True  # thresholds validated end to end (never-pruning ones with the reason when nothing is safe)
+    srap_budget_db: float = srap_calib.DEFAULT_BUDGET_DB
+    srap_min_saving: float = srap_calib.DEFAULT_MIN_SAVING
     srap_max_error: float = srap_calib.DEFAULT_MAX_ERROR
     srap_samples: int = 2
+    srap_eval_prompts: int = 4
     post_skip: int = 3
 
 
 @dataclass
 class Signals:
     """FP sampling-pass signals: SRAP's similarity grid, the residual change (prompts, steps, units; cond branch),
-    and a function measuring the velocity error of pruning a unit at a calibration sample (None: not available)."""
+    a function measuring the velocity error of pruning a unit at a calibration sample, and one running the
+    calibration prompts end to end under given SRAP thresholds (None: not available)."""
 
     grid: srap_calib.SimilarityGrid
     res_change: torch.Tensor
     prune_error: Callable[[int, int, str], float] | None
+    evaluate: srap_calib.Evaluate | None = None
 
 
 def high_variant(plan, mode: str = "activations") -> dict | None:
@@ -79,8 +84,9 @@ def add_runtime_params(plan, signals: Signals, opts: RuntimeOptions) -> dict:
     params = cp.setdefault("params", {})
     params.setdefault("aigq", {})["post_skip"] = opts.post_skip
     if opts.srap:
-        cal = srap_calib.calibrate(signals.grid, signals.prune_error, quantile=opts.srap_quantile,
-                                   max_error=opts.srap_max_error, samples_per_unit=opts.srap_samples)
+        cal = srap_calib.calibrate(signals.grid, signals.prune_error, signals.evaluate, budget_db=opts.srap_budget_db,
+                                   min_saving=opts.srap_min_saving, max_error=opts.srap_max_error,
+                                   samples_per_unit=opts.srap_samples)
         params["srap"] = cal.params
         report["srap"] = cal.report
         report["srap_pruning_units"] = cal.pruning_units
@@ -120,7 +126,64 @@ def measure(loaded, prompts, settings, *, progress: bool = False, contexts=()) -
                                                settings.cfg, unit, refs.get((p, s)))
         refs[(p, s)] = ref
         return err
-    return videos, Signals(grid, res, prune_error)
+    y, mask = loaded.encode_prompts(list(prompts))
+    null = loaded.null_captions(P).to(y.device)
+    evaluate = fidelity_evaluator(loaded, settings, [(y[k:k + 1], mask[k:k + 1], null[k:k + 1]) for k in range(P)],
+                                  list(videos))
+    return videos, Signals(grid, res, prune_error, evaluate)
+
+
+def sample_captions_once(loaded, y, mask, y_null, settings, seed: int, policy) -> tuple[torch.Tensor, object]:
+    """One video from caption features (what :func:`generate` does after encoding the prompt): (video, record)."""
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.generation import initial_noise, torch_executor
+    from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
+
+    c = loaded.config
+    g = Geometry.for_model(c, settings.frames, settings.height, settings.width)
+    dev = loaded.model.x_embedder.proj.weight.device
+    z = initial_noise(loaded, settings, 1, [seed]).to(dev)
+    sampler = RFlowSampler(SamplerConfig(num_steps=settings.steps, cfg_scale=settings.cfg,
+                                         use_timestep_transform=c.use_timestep_transform, shift=settings.shift))
+    rec = sampler.sample(torch_executor(loaded.model, g), z, y.to(dev), mask.to(dev), y_null.to(dev), settings.fps,
+                         video_size=(settings.frames, settings.height, settings.width), policy=policy, progress=False)
+    video = rec.z.float().cpu()
+    return (video.clamp(-1, 1) if c.space == "pixel" else video), rec
+
+
+def fidelity_evaluator(loaded, settings, captions: list, references: list[torch.Tensor], *, context: str = "hlc",
+                       max_prompts: int = 4) -> srap_calib.Evaluate:
+    """``evaluate(srap_params)``: the first ``max_prompts`` calibration prompts (prompt k from noise seed
+    ``settings.seed + k``, as in the FP pass) under ``context`` (+ ``srap`` with those params; None: the context
+    alone, computed once), each final video's PSNR against the FP pass's ``references[k]`` and the mean compute
+    fraction. Pixel-space videos in [-1, 1] (data range 2); latents against their own range."""
+    from qc_compile.metrics.fidelity import psnr
+    from qc_compile.models.units import block_units
+    from qc_compile.runtime.policies import get_policy
+
+    units = tuple(block_units(loaded.model.unit_names()))
+    n = min(max_prompts, len(captions))
+    cache: dict = {}
+
+    def evaluate(srap_params: dict | None) -> srap_calib.Fidelity:
+        if srap_params is None and "base" in cache:
+            return cache["base"]
+        spec = context if srap_params is None else f"{context}+srap"
+        plan = None if srap_params is None else {"cache_policy": {"name": "none", "params": {"srap": srap_params}}}
+        ps, comp = [], []
+        for k in range(n):
+            seed = settings.seed + k
+            video, rec = sample_captions_once(loaded, *captions[k], settings, seed, get_policy(spec, None, plan,
+                                                                                               seed=seed))
+            ref = references[k].float().cpu()
+            rng = 2.0 if loaded.config.space == "pixel" else float(ref.max() - ref.min()) or 1.0
+            ps.append(min(srap_calib.PSNR_CAP, float(psnr(video[0], ref, data_range=rng))))
+            comp.append(rec.compute_fraction(units))
+        fid = srap_calib.Fidelity(ps, sum(comp) / len(comp))
+        if srap_params is None:
+            cache["base"] = fid
+        return fid
+    return evaluate
 
 
 class _SignalExecutor(srap_calib.LatentRecorder):
@@ -156,4 +219,10 @@ def store_signals(loaded, store, captions, settings) -> Signals:
         err, ref = srap_calib.step_prune_error(fp, z, t, cond, settings.cfg, unit, refs.get((p, s)))
         refs[(p, s)] = ref
         return err
-    return Signals(grid, res, prune_error)
+    # the FP pass's final latents are in the store: the last step's output (clamped like generate's videos)
+    last = store.num_steps - 1
+    finals = [store.sample(p, last, "z_out")[None] for p in range(store.num_prompts)]
+    if loaded.config.space == "pixel":
+        finals = [f.clamp(-1, 1) for f in finals]
+    caps = [(captions.y[p:p + 1], captions.mask[p:p + 1], captions.y_null[p:p + 1]) for p in range(store.num_prompts)]
+    return Signals(grid, res, prune_error, fidelity_evaluator(loaded, settings, caps, finals))

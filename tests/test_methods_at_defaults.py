@@ -1,5 +1,5 @@
-"""The seed methods act at their defaults once calibrated (issue 12): SRAP prunes with a calibrated plan on the shipped
-qc-ref, and a plan's per-step schedule changes the precision that is actually executed (torch and onnxruntime here;
+"""The seed methods act at their defaults once calibrated (issue 12): SRAP's calibration measures what SRAP reads (its
+pruning at defaults: tests/test_srap_calibration.py), and a plan's per-step schedule changes the precision that is actually executed (torch and onnxruntime here;
 torch-fast in tests/test_fast_executor_gpu.py)."""
 
 from __future__ import annotations
@@ -52,35 +52,24 @@ def test_similarity_grid_equals_the_executors_cos_prev(qc_ref, measured):
     assert not torch.allclose(cond, null)  # the branches are measured separately too
 
 
-def test_calibrated_srap_prunes_at_defaults_on_shipped_qc_ref(qc_ref, measured):
-    from qc_compile.calib import srap as srap_calib
-    from qc_compile.runtime import Pipeline
-
-    s, sig = measured
-    cal = srap_calib.calibrate(sig.grid, sig.prune_error)
-    assert cal.pruning_units, cal.report  # validated units remain at the default max error
-    errs = [e["velocity_rel_err"] for r in cal.report["units"].values() for e in r.get("validation", [])]
-    assert errs and all(0 < e < 10 for e in errs)  # the validation replays ran and measured something
-    plan = {"cache_policy": {"name": "none", "params": {"srap": cal.params}}}
-    pipe = Pipeline.from_pretrained("qc-ref")
-    pipe.loaded = qc_ref
-    from qc_compile.runtime.policies import get_policy
-
-    res = pipe(HELD_OUT, policy=get_policy("srap", None, plan, seed=0), seed=0, steps=10, **SMALL)
-    pruned = [u for st in res.steps for u, d in st.decisions.items() if d["action"] == "prune"]
-    assert pruned, "SRAP never pruned with a calibrated plan at its defaults"
-    assert set(pruned) <= set(cal.pruning_units)
-    res0 = pipe(HELD_OUT, policy="srap", seed=0, steps=10, **SMALL)  # uncalibrated defaults: off on qc-ref
-    assert not any(d["action"] == "prune" for st in res0.steps for d in st.decisions.values())
-
-
-def test_srap_validation_drops_units_past_the_error_bound(measured):
+def test_srap_candidates_exclude_units_past_the_step_error_bound(measured):
+    """Units whose one-step pruning error is past --srap-max-error are never candidates; the others are ranked by it
+    and tried end to end (SRAP's calibrated pruning at defaults: tests/test_srap_calibration.py)."""
     from qc_compile.calib import srap as srap_calib
 
     _, sig = measured
-    cal = srap_calib.calibrate(sig.grid, lambda p, st, u: 0.9 if u.startswith("temporal") else 0.1, max_error=0.5)
-    assert cal.pruning_units and all(u.startswith("spatial") for u in cal.pruning_units)
+    tried: list[dict] = []
+
+    def evaluate(params):  # a stand-in whose cost grows with what is pruned: only the first candidate passes
+        tried.append(params)
+        n = 0 if params is None else sum(d["tau_high"] < srap_calib.NEVER for d in params["units"].values())
+        return srap_calib.Fidelity([30.0 - (0.0 if n <= 1 else 5.0)], 0.5 - 0.05 * n)
+    cal = srap_calib.calibrate(sig.grid, lambda p, st, u: 0.9 if u.startswith("temporal") else 0.1, evaluate,
+                               max_error=0.5)
+    assert cal.report["ranking"] and all(u.startswith("spatial") for u in cal.report["ranking"])
+    assert len(cal.pruning_units) == 1 and cal.pruning_units[0].startswith("spatial")
     assert cal.params["units"]["temporal_1"]["tau_high"] == srap_calib.NEVER
+    assert tried[0] is None and len(cal.report["candidates"]) == 3  # k=1 at both levels, k=2 fails at the first
 
 
 def _schedule_runs(pipe, steps: int = 6):
@@ -103,10 +92,11 @@ def test_uniform_plan_carries_variants_schedule_and_srap():
     assert plan.variants["high"] == {"*": {"weight": "bf16", "activation": "bf16"}}
     assert len(plan.schedule) == 3 and set(plan.schedule) <= {"high", "default"} and "high" in plan.schedule
     params = plan.cache_policy["params"]
-    # SRAP thresholds are opt-in (calibrate --srap-thresholds): at the default quantile they cost qc-ref ~17 dB
-    assert "srap" not in params and params["aigq"]["post_skip"] >= 1
+    # SRAP thresholds are calibrated by default, chosen by their measured cost (never-pruning ones with the reason)
+    assert "srap" in params and params["aigq"]["post_skip"] >= 1
     rt = json.loads((work / "plan.json").read_text())["provenance"]["calibration"]["runtime"]
     assert "redundancy" in rt
+    assert rt["srap"].get("chosen") or rt["srap"].get("reason") or rt["srap"].get("note")  # what and why
 
 
 def test_plan_schedule_changes_executed_precision_torch():

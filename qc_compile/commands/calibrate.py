@@ -29,14 +29,19 @@ from qc_compile.errors import UserError
 @click.option("--act-high-fraction", type=V.FiniteFloat(0.0, 1.0), default=0.3, show_default=True,
               help="Fraction of steps whose activations run the plan's `high` variant (bf16): those with the largest "
                    "feature change (both methods; the plan's schedule).")
-@click.option("--srap-thresholds", is_flag=True,
-              help="Also calibrate per-unit SRAP thresholds into the plan. Off by default: on qc-ref (H200 sweep, "
-                   "bench/results/methods_qc_ref_h200) calibrated SRAP cost 17 dB and most caption-checker points.")
-@click.option("--srap-quantile", type=V.FiniteFloat(0.0, 1.0), default=0.9, show_default=True,
-              help="SRAP: per unit, prune above this quantile of its calibrated block-to-block cosine (both methods).")
+@click.option("--srap-thresholds/--no-srap-thresholds", default=True, show_default=True,
+              help="Calibrate per-unit SRAP thresholds into the plan (both methods): candidate thresholds run end to "
+                   "end on the calibration prompts under HLC and the most permissive one within --srap-budget-db "
+                   "that saves --srap-min-saving points is written; when none is, thresholds that never prune, with "
+                   "the reason in the plan's provenance (calibration.runtime.srap).")
+@click.option("--srap-budget-db", type=V.FiniteFloat(1e-9, 100.0), default=0.5, show_default=True,
+              help="SRAP: the most mean PSNR (dB, against full compute) its pruning may cost on the calibration "
+                   "prompts, relative to HLC alone (a prompt may lose at most twice this).")
+@click.option("--srap-min-saving", type=V.FiniteFloat(0.0, 100.0), default=3.0, show_default=True,
+              help="SRAP: the fewest percentage points of block computations its pruning must save to be written.")
 @click.option("--srap-max-error", type=V.FiniteFloat(0.0, 1e6), default=0.5, show_default=True,
               help="SRAP: a unit whose pruning changes a calibration step's velocity by more than this (relative, "
-                   "median of the validated samples) is never pruned.")
+                   "median of the replayed samples) is not a candidate.")
 @click.option("--sampling", type=click.Choice(["tap", "uniform"]), default="tap", show_default=True,
               help="aigq: how calibration samples (prompt, step) are chosen: Q&C temporal-aware clustering or uniform.")
 @click.option("--calib-samples", type=V.BoundedInt(1, 100000), default=32, show_default=True,
@@ -78,7 +83,8 @@ from qc_compile.errors import UserError
 @click.option("--device", default="cpu", show_default=True, help="Where the calibration passes run (cpu, cuda, auto).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
-              act_high_fraction: float, srap_thresholds: bool, srap_quantile: float, srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
+              act_high_fraction: float, srap_thresholds: bool, srap_budget_db: float, srap_min_saving: float,
+              srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
               high_variant: str, act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
@@ -96,7 +102,8 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
         from qc_compile.commands.calibrate_aigq import run_aigq
 
         return run_aigq(work_dir, budget=budget, act_format=act_format, act_high_fraction=act_high_fraction,
-                        srap=srap_thresholds, srap_quantile=srap_quantile, srap_max_error=srap_max_error,
+                        srap=srap_thresholds, srap_budget_db=srap_budget_db,
+                        srap_min_saving=srap_min_saving, srap_max_error=srap_max_error,
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
                         num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,
@@ -110,12 +117,11 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
 
     opts = UniformOptions(fmt=fmt, percentile=percentile, exclude=tuple(exclude), target=target,
                           act_scales=act_scales).checked()  # before any load
-    if not 0.0 < srap_quantile < 1.0 or srap_max_error <= 0:
-        raise UserError(f"--srap-quantile must be in (0, 1) and --srap-max-error positive; got {srap_quantile} and "
-                        f"{srap_max_error}.")
+    if srap_max_error <= 0:
+        raise UserError(f"--srap-max-error must be positive; got {srap_max_error}.")
     runtime = runtime_params.RuntimeOptions(act_high_fraction=act_high_fraction, high=high_variant,
-                                            srap=srap_thresholds, srap_quantile=srap_quantile,
-                                            srap_max_error=srap_max_error)
+                                            srap=srap_thresholds, srap_budget_db=srap_budget_db,
+                                            srap_min_saving=srap_min_saving, srap_max_error=srap_max_error)
     start = time.perf_counter()
     work, info, loaded, prompts, settings = load_for_calibration(
         work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
@@ -132,3 +138,18 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                f"{time.perf_counter() - start:.1f} s")
     if kept:
         click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
+    _echo_srap((res.plan.provenance or {}).get("calibration", {}).get("runtime", {}))
+
+
+def _echo_srap(runtime: dict) -> None:
+    """One line saying what SRAP's calibration decided and why (the numbers are in the plan's provenance)."""
+    rep = runtime.get("srap")
+    if not rep:
+        return
+    chosen = rep.get("chosen")
+    if chosen:
+        click.echo(f"SRAP prunes {', '.join(chosen['units'])}: saves {chosen['saved_points']:.1f} points of compute "
+                   f"at {chosen['cost_db_mean']:.2f} dB mean PSNR cost under {rep.get('context', 'hlc')} on the "
+                   "calibration prompts")
+    else:
+        click.echo(f"SRAP never prunes with this plan: {rep.get('reason', rep.get('note', ''))}")
