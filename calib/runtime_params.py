@@ -221,7 +221,7 @@ def store_signals(loaded, store, captions, settings) -> Signals:
         return err
     # the FP pass's final latents are in the store: the last step's output (clamped like generate's videos)
     last = store.num_steps - 1
-    finals = [store.sample(p, last, "z_out")[None] for p in range(store.num_prompts)]
+    finals = [store.sample(p, last, "z_out") for p in range(store.num_prompts)]
     if loaded.config.space == "pixel":
         finals = [f.clamp(-1, 1) for f in finals]
     caps = [(captions.y[p:p + 1], captions.mask[p:p + 1], captions.y_null[p:p + 1]) for p in range(store.num_prompts)]

@@ -18,6 +18,7 @@ lists the per-unit cosine distributions and every candidate's compute saved and 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -217,6 +218,7 @@ def calibrate(grid: SimilarityGrid, prune_error: Callable[[int, int, str], float
         rep["reason"] = (f"pruning any unit at a single calibration step changes the velocity by more than "
                          f"{max_error} (relative): SRAP never prunes in this plan")
         return SrapCalibration({**never, "units": {u: dict(never) for u in grid.units[1:]}}, rep)
+    t0 = time.perf_counter()
     base = evaluate(None)
     rep["baseline"] = {"psnr_db_mean": _mean(base.psnr_db), "psnr_db_min": min(base.psnr_db),
                        "compute_percent": 100 * base.compute}
@@ -244,6 +246,7 @@ def calibrate(grid: SimilarityGrid, prune_error: Callable[[int, int, str], float
                 best = (cand["saved_points"], params)
         if not rep["candidates"][-1]["passes"] and rep["candidates"][-1]["level"] == levels[0]:
             break  # the strictest level of k units already costs too much: more units cost more
+    rep["evaluation_seconds"] = round(time.perf_counter() - t0, 2)
     if best is not None and best[0] >= min_saving:
         rep["chosen"] = next(c for c in rep["candidates"] if c["passes"] and c["saved_points"] == best[0])
         return SrapCalibration(best[1], rep)

@@ -115,3 +115,22 @@ def test_no_end_to_end_evaluation_means_no_pruning(qc_ref):
     _, sig = measure(qc_ref, CALIB_PROMPTS[:1], _settings(qc_ref))
     cal = srap_calib.calibrate(sig.grid, lambda p, st, u: 0.01, None)
     assert not cal.pruning_units and "no end-to-end" in cal.report["reason"]
+
+
+def test_aigq_store_evaluator_reproduces_the_statistics_pass(qc_ref, tmp_path):
+    """The AIGQ path evaluates candidates against the FP finals in its statistics store: with nothing pruned and every
+    unit computed (``none``-like HLC on so few steps), the evaluator must reproduce those finals (same noise seeds,
+    captions and sampler), and a pruned unit must show up as a cost and a saving."""
+    from qc_compile.calib import srap as srap_calib
+    from qc_compile.calib.collect import CollectSettings, collect, text_captions
+    from qc_compile.calib.runtime_params import store_signals
+
+    caps = text_captions(qc_ref, CALIB_PROMPTS)
+    st = CollectSettings(steps=3, cfg=4.0, seed=3, frames=4, height=16, width=16, fps=8, shift=4.0)
+    store = collect(qc_ref, caps, st, tmp_path / "stats", weights_id="w", progress=False)
+    sig = store_signals(qc_ref, store, caps, st)
+    base = sig.evaluate(None)
+    assert len(base.psnr_db) == 2 and min(base.psnr_db) >= srap_calib.PSNR_CAP - 1e-6, base
+    units = {u: {"tau_low": -1.0, "tau_high": -1.0} for u in ("temporal_1",)}  # prune whenever SRAP may act
+    fid = sig.evaluate({"tau_low": 1.0, "tau_high": 1.0, "units": units, "warmup": 1, "tail": 0})
+    assert fid.compute < base.compute and max(fid.psnr_db) < srap_calib.PSNR_CAP

@@ -4,8 +4,10 @@
 #   CUDA_VISIBLE_DEVICES=1 bash tools/gpu_issue12.sh OUT_DIR [COMMIT]
 #
 # 1. export qc-ref once, copy the work dir four times, calibrate them in parallel on the device: bf16 uniform with
-#    calibrated SRAP thresholds (the `quantcache (calibrated SRAP)` row), FP8 uniform at calibrate's defaults, AIGQ,
-#    AIGQ with --vc --predictor (the VC / DMPQ rows). A calibration that fails or passes its time limit drops its rows
+#    calibrated SRAP thresholds (the `quantcache (calibrated SRAP)` row; every calibration now chooses SRAP thresholds
+#    by their measured cost, <= 0.5 dB for >= 3 points of compute, or writes never-pruning ones with the reason:
+#    calib/srap.py; `--srap-thresholds` is the default, spelled out for bf16), FP8 uniform at calibrate's defaults,
+#    AIGQ, AIGQ with --vc --predictor (the VC / DMPQ rows). A calibration that fails or passes its time limit drops its rows
 #    (listed under "not run" in sweep.md), nothing else.
 # 2. tools/must_show_sweep.py on the held-out captions and noise seeds 0 and 1000, all rows in priority order over
 #    QC12_JOBS worker processes sharing the GPU, with a deadline: the row groups it cannot finish are listed as cut.
@@ -79,7 +81,7 @@ done
 SWEEP_ARGS=()
 for k in bf16 fp8 aigq aigq_vc; do
   wait "${PIDS[$k]}"; rc=$?
-  echo "[$(elapsed) s] calibrate $k (${CAL[$k]}): rc=$rc; $(tail -1 "$OUT/plans/calibrate_$k.log" 2>/dev/null || echo reused)"
+  echo "[$(elapsed) s] calibrate $k (${CAL[$k]}): rc=$rc; $(tail -2 "$OUT/plans/calibrate_$k.log" 2>/dev/null | tr '\n' ' ' || echo reused)"
   if [ $rc -eq 0 ] && [ -f "$WORK/$k/plan.json" ]; then
     SWEEP_ARGS+=("--${k//_/-}" "$WORK/$k")
     mkdir -p "$OUT/plans/$k" && cp "$WORK/$k/plan.json" "$OUT/plans/$k/" && cp -r "$WORK/$k/report" "$OUT/plans/$k/" 2>/dev/null

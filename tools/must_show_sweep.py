@@ -9,7 +9,7 @@ each worker keeping one pipeline per work dir:
         --jobs 12 --seeds 0,1000 --deadline-s 240 -o bench/results/methods_qc_ref_h200
 
 ``W_BF16`` is a work dir calibrated with ``--uniform bf16 --srap-thresholds`` (no quantization; its plan carries the
-calibrated SRAP thresholds), ``W_FP8`` one with ``--uniform fp8``, ``W_AIGQ`` one with ``--method aigq``,
+calibrated SRAP thresholds, chosen by their measured cost or never pruning, with the reason in its provenance), ``W_FP8`` one with ``--uniform fp8``, ``W_AIGQ`` one with ``--method aigq``,
 ``W_AIGQ_VC`` (the VC / DMPQ rows) one with ``--method aigq --vc --predictor``. Peers run on the FP model
 at their published defaults; the rows of a work dir not given are listed as not run. Writes sweep.json / sweep.md / pareto.png (rewritten as each row group completes, so a
 run cut short leaves a usable table), runs/<row>/ (trace, metrics, decision map of the first video), worst/<row>/
