@@ -8,6 +8,12 @@ the commit.
 Re-recorded once (session 3, issue 12): calibrated plans now carry the `high` variant and a per-step schedule, so the
 precision-reading policies (aigq, quantcache, dmpq, 6bit) on the plan backends (torch with a plan, onnxruntime)
 execute different variants; every other case, and every torch-FP case, was unchanged.
+
+Re-recorded for four cases (session 6, issue 12): calibrated plans now carry SRAP thresholds chosen by measured cost;
+the 3-step test calibration leaves SRAP no steps to validate on, so its plan's thresholds never prune, where the
+uncalibrated defaults (0.995 / 0.999) used to prune 5 unit evaluations of the FP8 plan: ``torch-plan/srap`` and
+``onnxruntime/srap`` now equal their ``none`` runs, ``torch-plan/quantcache`` and ``onnxruntime/quantcache`` prune
+nothing. Every other case is unchanged.
 """
 
 from __future__ import annotations
