@@ -1,0 +1,119 @@
+"""The 8-bit attention option's own code on the CPU (the sage kernel itself is CUDA-only: tests/test_attention_sage_gpu.py).
+
+The kernel is replaced by SDPA on the padded tensors, so what is checked here is the wrapping: head-dim zero-padding
+with the original softmax scale, key smoothing, the caller's tensors untouched, the backend choice per sequence
+length in the fast blocks, and the user errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qc_compile.errors import UserError
+from qc_compile.runtime import attention as A
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def sdpa_mutating_kernel(q, k, v, sm_scale):
+    """SDPA at the given scale, on head dims the sage kernels take, and writing into ``k`` afterwards as
+    ``sageattn(smooth_k=True)`` does: a wrapper that handed it the caller's tensor would be caught."""
+    assert q.shape[-1] in A.SAGE_HEAD_DIMS and k.shape[-1] == v.shape[-1] == q.shape[-1]
+    out = F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+    k -= k.mean(dim=-2, keepdim=True)
+    k += 1.0
+    return out
+
+
+@pytest.mark.parametrize("d", [32, 72, 64])
+def test_padded_path_equals_sdpa(monkeypatch, d):
+    monkeypatch.setattr(A, "KERNEL", sdpa_mutating_kernel)
+    gen = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(2, 3, 150, d, generator=gen) for _ in range(3))
+    k = k + torch.randn(1, 3, 1, d, generator=gen) * 4  # a shared key bias: what smoothing removes
+    saved = [t.clone() for t in (q, k, v)]
+    out = A.sage_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.shape == ref.shape == (2, 3, 150, d)
+    assert rel(out, ref) < 1e-5
+    for t, s in zip((q, k, v), saved):
+        assert torch.equal(t, s)  # nothing the caller holds is written
+    # and the padding alone (no smoothing) is exact too
+    assert rel(A.padded_attention(q, k, v, sdpa_mutating_kernel), ref) < 1e-5
+
+
+def test_padded_head_dims():
+    assert [A.padded_head_dim(d) for d in (1, 32, 64, 65, 72, 96, 97, 128)] == [64, 64, 64, 96, 96, 96, 128, 128]
+    with pytest.raises(ValueError, match="129"):
+        A.padded_head_dim(129)
+
+
+def test_self_attend_takes_sage_only_for_long_sequences(monkeypatch):
+    calls = []
+
+    def kernel(q, k, v, sm_scale):
+        calls.append(q.shape)
+        return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+    monkeypatch.setattr(A, "KERNEL", kernel)
+    gen = torch.Generator().manual_seed(3)
+    for n in (15, A.SAGE_MIN_TOKENS):
+        q, k, v = (torch.randn(2, 4, n, 32, generator=gen) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q, k, v)
+        assert rel(A.self_attend(q, k, v, "sage"), ref) < 1e-5
+        assert rel(A.self_attend(q, k, v), ref) == 0.0  # default: SDPA itself
+    assert calls == [(2, 4, A.SAGE_MIN_TOKENS, 64)]  # the short (temporal-like) sequence stayed on SDPA
+
+
+def test_fast_block_with_sage_backend_equals_sdpa_on_cpu(monkeypatch):
+    """A qc-ref-sized block (4 heads of 32, S=256 spatial tokens) through the fast block with attention="sage" and
+    the kernel replaced by SDPA computes the same block output as attention="sdpa" (the option is wired to the
+    spatial self-attention and only there)."""
+    from qc_compile.models import load_model
+    from qc_compile.runtime.fast_blocks import FastBlock
+
+    calls = []
+
+    def kernel(q, k, v, sm_scale):
+        calls.append(tuple(q.shape))
+        return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+    monkeypatch.setattr(A, "KERNEL", kernel)
+    torch.set_grad_enabled(False)
+    model = load_model("qc-ref", device="cpu").model.float()
+    gen = torch.Generator().manual_seed(5)
+    T, S, C, L = 4, 256, model.config.hidden_size, 12
+    x = torch.randn(1, T * S, C, generator=gen)
+    t_mlp = torch.randn(1, 6 * C, generator=gen) * 0.3
+    y = torch.randn(1, L, C, generator=gen)
+    for name in ("spatial_0", "temporal_0"):
+        blk = model.block(name)
+        ref = FastBlock(blk, model.rope.freqs)(x, t_mlp, y, None, T, S)
+        sage = FastBlock(blk, model.rope.freqs, attention="sage")
+        assert sage.spec.attention == "sage"
+        assert rel(sage(x, t_mlp, y, None, T, S), ref) < 1e-5
+    assert calls == [(T, model.config.num_heads, S, 64)]  # spatial only; temporal (T tokens) kept SDPA
+
+
+def test_user_errors():
+    with pytest.raises(UserError, match="expected one of"):
+        A.check_attention_backend("flash8", "cpu")
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        A.check_attention_backend("sage", "cpu")
+    A.check_attention_backend("sdpa", "cpu")
+
+
+def test_fast_runner_refuses_sage_off_cuda():
+    from qc_compile.models import load_model
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.runners.fast import FastRunner
+
+    lm = load_model("qc-ref", device="cpu")
+    g = Geometry.for_model(lm.config, 16, 32, 32)
+    assert FastRunner(lm.model, g).describe()["self_attention"] == "sdpa"  # the default
+    with pytest.raises(UserError, match=r"qc-compile\[sage\]|needs a CUDA GPU"):
+        FastRunner(lm.model, g, attention="sage")
