@@ -117,3 +117,17 @@ def test_fast_runner_refuses_sage_off_cuda():
     assert FastRunner(lm.model, g).describe()["self_attention"] == "sdpa"  # the default
     with pytest.raises(UserError, match=r"qc-compile\[sage\]|needs a CUDA GPU"):
         FastRunner(lm.model, g, attention="sage")
+
+
+def test_bench_profile_counts_sage_kernels_as_attention():
+    """The per-block kernel split (tools/bench_lib.py) must put SageAttention's Triton kernels under attention, or
+    an 8-bit attention run would look like elementwise work."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_lib as B
+
+    assert B.kernel_class("_attn_fwd") == "attention"
+    assert B.kernel_class("quant_per_block_int8_kernel") == "attention"
+    assert B.kernel_class("_attn_fwd_inner") == "attention"
