@@ -76,7 +76,11 @@ def smooth_keys(k: Tensor) -> Tensor:
     return k - k.mean(dim=-2, keepdim=True)
 
 
-@torch.library.custom_op("qc::sage_attention", mutates_args=())
+# like the qc:: ops of plugins/ops.py: inductor hands the kernel dense tensors (sageattn needs the last dim contiguous)
+_TAGS = (getattr(torch.Tag, "needs_contiguous_strides", None) or torch.Tag.needs_fixed_stride_order,)
+
+
+@torch.library.custom_op("qc::sage_attention", mutates_args=(), device_types="cuda", tags=_TAGS)
 def _sage_op(q: Tensor, k: Tensor, v: Tensor, sm_scale: float) -> Tensor:
     """``sageattn`` on (B, H, N, d) CUDA tensors with d in {64, 96, 128}; ``k`` already smoothed (see module doc).
     The inputs are fresh tensors of :func:`sage_attention`; smooth_k=False keeps the kernel from writing to ``k``."""

@@ -131,3 +131,66 @@ def test_bench_profile_counts_sage_kernels_as_attention():
     assert B.kernel_class("_attn_fwd") == "attention"
     assert B.kernel_class("quant_per_block_int8_kernel") == "attention"
     assert B.kernel_class("_attn_fwd_inner") == "attention"
+
+
+_STAND_IN = {"on": False, "calls": 0}
+
+
+def _cpu_stand_in(q, k, v, sm_scale):
+    """SDPA as the CPU kernel of qc::sage_attention, live only inside the test below (registrations last for the
+    process: everywhere else a CPU call still fails as in production)."""
+    if not _STAND_IN["on"]:
+        raise RuntimeError("qc::sage_attention is CUDA-only")
+    _STAND_IN["calls"] += 1
+    return F.scaled_dot_product_attention(q, k, v, scale=sm_scale).contiguous()
+
+
+def test_sage_op_traces_in_one_graph_under_torch_compile():
+    """The kernel call is a custom op with a fake kernel: torch.compile(fullgraph=True) traces self_attend("sage")
+    without a graph break (the real op runs Triton, which dynamo would otherwise trace into or break on)."""
+    q, k, v = torch.randn(3, 2, 4, 200, 72, generator=torch.Generator().manual_seed(9)).unbind(0)
+    with pytest.raises((NotImplementedError, RuntimeError)):  # no CPU kernel: the op is CUDA-only
+        torch.ops.qc.sage_attention(q, k, v, 0.1)
+    if not getattr(_cpu_stand_in, "registered", False):
+        A._sage_op.register_kernel("cpu")(_cpu_stand_in)
+        _cpu_stand_in.registered = True
+    _STAND_IN.update(on=True, calls=0)
+    try:
+        fn = torch.compile(lambda a, b, c: A.self_attend(a, b, c, "sage"), fullgraph=True, dynamic=False,
+                           backend="aot_eager")
+        out = fn(q, k, v)
+    finally:
+        _STAND_IN["on"] = False
+    assert _STAND_IN["calls"] == 1
+    assert rel(out, F.scaled_dot_product_attention(q, k, v)) < 1e-5
+
+
+def test_qc_ref_generation_through_fast_runner_with_sage_wiring(monkeypatch):
+    """The fidelity configuration (qc-ref through FastRunner(attention="sage") in the sampler) on the CPU with SDPA
+    in the kernel's place and the CUDA check bypassed: the video equals attention="sdpa"'s and the kernel was called
+    for every spatial self-attention (so a GPU run of this configuration measures the 8-bit kernel)."""
+    from qc_compile.models import load_model
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.generation import GenerationSettings, generate
+    from qc_compile.runtime.runners import fast as fast_mod
+    from qc_compile.runtime.step_executor import StepExecutor
+
+    calls = []
+
+    def kernel(q, k, v, sm_scale):
+        calls.append(tuple(q.shape))
+        return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+    monkeypatch.setattr(A, "KERNEL", kernel)
+    monkeypatch.setattr(fast_mod, "check_attention_backend", lambda backend, device: None)
+    lm = load_model("qc-ref")
+    s = GenerationSettings.defaults(lm, steps=2, seed=0, frames=4)
+    g = Geometry.for_model(lm.config, s.frames, s.height, s.width)
+    caption = ["a red circle moving right on a black background"]
+    v0, _ = generate(lm, caption, s, executor=StepExecutor(fast_mod.FastRunner(lm.model, g), g), progress=False)
+    assert not calls
+    runner = fast_mod.FastRunner(lm.model, g, attention="sage")
+    v1, _ = generate(lm, caption, s, executor=StepExecutor(runner, g), progress=False)
+    spatial = sum(1 for u in runner.unit_names if u.startswith("spatial"))
+    assert len(calls) == 2 * spatial and set(calls) == {(2 * g.T, 4, g.S, 64)}  # 2 steps, CFG pair
+    assert rel(v1, v0) < 1e-5

@@ -2,7 +2,9 @@
 without the ``sage`` extra (``pip install "qc-compile[sage]"``).
 
 Shapes are STDiT3-XL/2's (16 heads of 72, padded to 96 for the kernel) with a smaller batch; the reference is fp32
-SDPA on the same inputs. INT8 Q·K^T per block of tokens with FP16 P·V is expected near 1e-2 relative error.
+SDPA on the same inputs. INT8 Q·K^T per block of tokens with FP16 P·V is expected near 1e-2 relative error here
+(unit-variance q and smoothed k: the INT8 step is ~1/40 of the largest of a block, so the logit noise is ~1e-2 and
+so is the output's relative error; the bound is 5e-2).
 """
 
 from __future__ import annotations
@@ -37,9 +39,8 @@ def qkv(B: int, H: int, N: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Fresh random (B, H, N, d) in fp32 on the GPU; keys with a per-channel bias shared by all tokens (the pattern
     of real DiT keys that SageAttention's smoothing targets)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, H, N, d, device="cuda", generator=g) * 1.5
-    k = torch.randn(B, H, N, d, device="cuda", generator=g) * 1.5 + torch.randn(1, H, 1, d, device="cuda",
-                                                                                 generator=g) * 3
+    q = torch.randn(B, H, N, d, device="cuda", generator=g)
+    k = torch.randn(B, H, N, d, device="cuda", generator=g) + torch.randn(1, H, 1, d, device="cuda", generator=g) * 3
     v = torch.randn(B, H, N, d, device="cuda", generator=g)
     return q, k, v
 

@@ -48,7 +48,7 @@ from qc_compile.runtime import attention as A  # noqa: E402
 def make_qkv(batch: int, n: int, heads: int, d: int, seed: int) -> tuple[torch.Tensor, ...]:
     """q, k, v (batch, heads, n, d) bf16 as permuted views of one qkv tensor (the fast blocks' layout)."""
     g = torch.Generator(device="cuda").manual_seed(seed)
-    qkv = torch.randn(batch, n, 3, heads, d, device="cuda", generator=g) * 1.5
+    qkv = torch.randn(batch, n, 3, heads, d, device="cuda", generator=g)
     qkv[:, :, 1] += torch.randn(1, 1, heads, d, device="cuda", generator=g) * 3  # shared key bias
     q, k, v = qkv.bfloat16().permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
