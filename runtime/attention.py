@@ -17,6 +17,13 @@ Three things this module adds around ``sageattn``:
   projection). Subtracting the mean is exact for softmax (it shifts every logit of a query row by the same amount)
   and is what keeps INT8 keys accurate, so it is done here out of place and ``smooth_k=False`` is passed: the kernel
   never receives a tensor the caller holds (tested with a kernel that mutates its ``k``).
+* **Sequence tails.** sageattention 1.0.6 loads the last, partial block of 64 keys with a mask but does not mask
+  the logits: each missing key enters the softmax with logit 0 (and value 0), so the normaliser is too large
+  whenever the key count is not a multiple of 64 (found with Triton's interpreter: 14-66% relative error at 200, 130
+  and 15 tokens, 1% at 256). STDiT3-XL's 1590 tokens per frame hit it. :func:`sage_attention` then appends a column
+  of ones to ``v`` (in the head-dim padding): the kernel's output in that column is the softmax mass of the real
+  keys, and dividing by it gives the exact normalisation (the missing keys' values are 0, so they add nothing else).
+  Head dim 128 has no room for the column: such sequences stay on SDPA.
 * **torch.compile / CUDA graphs.** The kernel call is a torch custom op (``qc::sage_attention``, with a fake
   kernel), so inductor keeps one graph around it (no graph break) and fuses the smoothing and padding into its
   producers; the op launches Triton kernels on the current stream, which CUDA-graph capture records (the fast
@@ -42,6 +49,8 @@ from qc_compile.errors import UserError
 BACKENDS = ("sdpa", "sage")
 SAGE_HEAD_DIMS = (64, 96, 128)
 SAGE_MIN_TOKENS = 128  # the sage kernel's query block; shorter sequences (temporal attention) stay on SDPA
+SAGE_KV_BLOCK = 64  # the kernel's key block (its partial last block is what the ones column corrects)
+MAX_GRID_Y = 65535  # CUDA grid limit on batch * heads (the head-dim 96 kernel puts them on grid axis y)
 SAGE_VERSION = "1.0.6"
 
 Kernel = Callable[[Tensor, Tensor, Tensor, float], Tensor]
@@ -104,14 +113,33 @@ KERNEL: Kernel = _sage_kernel  # module attribute so CPU tests can substitute SD
 
 
 def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """8-bit self-attention (no mask, not causal) on (B, H, N, d): keys smoothed, head dim padded, sage kernel."""
-    return padded_attention(q, smooth_keys(k), v, KERNEL)
+    """8-bit self-attention (no mask, not causal) on (B, H, N, d): keys smoothed, head dim padded, sage kernel, and
+    the partial-key-block normalisation corrected (module doc)."""
+    k = smooth_keys(k)
+    if k.shape[-2] % SAGE_KV_BLOCK == 0:
+        return padded_attention(q, k, v, KERNEL)
+    d = q.shape[-1]
+    p = padded_head_dim(d + 1)
+    q, k = (F.pad(t, (0, p - d)) for t in (q, k))
+    v = torch.cat([v, v.new_ones(*v.shape[:-1], 1), v.new_zeros(*v.shape[:-1], p - d - 1)], dim=-1)
+    out = KERNEL(q, k, v, 1.0 / math.sqrt(d))
+    return out[..., :d] / out[..., d:d + 1]
+
+
+def sage_applies(q: Tensor) -> bool:
+    """Whether :func:`self_attend` takes the sage kernel for (B, H, N, d) ``q`` (shapes only: static under
+    torch.compile): N at least :data:`SAGE_MIN_TOKENS`, a head dim the kernels (with padding and, for a partial last
+    key block, the ones column) take, and B * H within the CUDA grid."""
+    b, h, n, d = q.shape
+    need = d if n % SAGE_KV_BLOCK == 0 else d + 1
+    return n >= SAGE_MIN_TOKENS and need <= SAGE_HEAD_DIMS[-1] and b * h <= MAX_GRID_Y
 
 
 def self_attend(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     """Self-attention of the fast blocks on (B, H, N, d): ``backend`` "sage" takes the 8-bit kernel for sequences of
-    at least :data:`SAGE_MIN_TOKENS` tokens (a static shape: torch.compile resolves the branch at trace time)."""
-    if backend == "sage" and q.shape[-2] >= SAGE_MIN_TOKENS:
+    at least :data:`SAGE_MIN_TOKENS` tokens (:func:`sage_applies`; shapes are static, so torch.compile resolves the
+    branch at trace time)."""
+    if backend == "sage" and sage_applies(q):
         return sage_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 

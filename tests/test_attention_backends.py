@@ -7,6 +7,11 @@ length in the fast blocks, and the user errors.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,31 +24,42 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def sdpa_kernel(q, k, v, sm_scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+
+
 def sdpa_mutating_kernel(q, k, v, sm_scale):
-    """SDPA at the given scale, on head dims the sage kernels take, and writing into ``k`` afterwards as
-    ``sageattn(smooth_k=True)`` does: a wrapper that handed it the caller's tensor would be caught."""
+    """What sageattention 1.0.6 computes, in exact arithmetic: keys padded with zeros (logit 0, value 0) up to a
+    multiple of its 64-key block, on the head dims its kernels take; and writing into ``k`` afterwards as
+    ``sageattn(smooth_k=True)`` does, so that a wrapper handing it the caller's tensor would be caught."""
     assert q.shape[-1] in A.SAGE_HEAD_DIMS and k.shape[-1] == v.shape[-1] == q.shape[-1]
-    out = F.scaled_dot_product_attention(q, k, v, scale=sm_scale)
+    tail = -k.shape[-2] % A.SAGE_KV_BLOCK
+    out = F.scaled_dot_product_attention(q, F.pad(k, (0, 0, 0, tail)), F.pad(v, (0, 0, 0, tail)), scale=sm_scale)
     k -= k.mean(dim=-2, keepdim=True)
     k += 1.0
     return out
 
 
+@pytest.mark.parametrize("n", [150, 256, 15])
 @pytest.mark.parametrize("d", [32, 72, 64])
-def test_padded_path_equals_sdpa(monkeypatch, d):
+def test_padded_path_equals_sdpa(monkeypatch, d, n):
+    """Head-dim padding, key smoothing and the partial-key-block correction together give SDPA's result (150 and
+    15 keys end in a partial block of 64, 256 does not)."""
     monkeypatch.setattr(A, "KERNEL", sdpa_mutating_kernel)
     gen = torch.Generator().manual_seed(d)
-    q, k, v = (torch.randn(2, 3, 150, d, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, n, d, generator=gen) for _ in range(3))
     k = k + torch.randn(1, 3, 1, d, generator=gen) * 4  # a shared key bias: what smoothing removes
     saved = [t.clone() for t in (q, k, v)]
     out = A.sage_attention(q, k, v)
     ref = F.scaled_dot_product_attention(q, k, v)
-    assert out.shape == ref.shape == (2, 3, 150, d)
+    assert out.shape == ref.shape == (2, 3, n, d)
     assert rel(out, ref) < 1e-5
     for t, s in zip((q, k, v), saved):
         assert torch.equal(t, s)  # nothing the caller holds is written
-    # and the padding alone (no smoothing) is exact too
-    assert rel(A.padded_attention(q, k, v, sdpa_mutating_kernel), ref) < 1e-5
+    # the head-dim padding alone is exact for an exact kernel
+    assert rel(A.padded_attention(q, k, v, sdpa_kernel), ref) < 1e-5
+    if n % A.SAGE_KV_BLOCK:  # and the correction is needed: without it the emulated kernel is off
+        assert rel(A.padded_attention(q, A.smooth_keys(k), v, sdpa_mutating_kernel), ref) > 1e-3
 
 
 def test_padded_head_dims():
@@ -61,12 +77,14 @@ def test_self_attend_takes_sage_only_for_long_sequences(monkeypatch):
 
     monkeypatch.setattr(A, "KERNEL", kernel)
     gen = torch.Generator().manual_seed(3)
-    for n in (15, A.SAGE_MIN_TOKENS):
-        q, k, v = (torch.randn(2, 4, n, 32, generator=gen) for _ in range(3))
+    for n, d in ((15, 32), (A.SAGE_MIN_TOKENS, 32), (200, 72), (200, 128), (256, 128)):
+        q, k, v = (torch.randn(2, 4, n, d, generator=gen) for _ in range(3))
         ref = F.scaled_dot_product_attention(q, k, v)
         assert rel(A.self_attend(q, k, v, "sage"), ref) < 1e-5
         assert rel(A.self_attend(q, k, v), ref) == 0.0  # default: SDPA itself
-    assert calls == [(2, 4, A.SAGE_MIN_TOKENS, 64)]  # the short (temporal-like) sequence stayed on SDPA
+    # the short (temporal-like) sequence and head dim 128 with a partial key block (no room for the correction
+    # column) stayed on SDPA; 72 with a partial block took 96 (72 + the ones column, padded)
+    assert calls == [(2, 4, A.SAGE_MIN_TOKENS, 64), (2, 4, 200, 96), (2, 4, 256, 128)]
 
 
 def test_fast_block_with_sage_backend_equals_sdpa_on_cpu(monkeypatch):
@@ -122,7 +140,6 @@ def test_fast_runner_refuses_sage_off_cuda():
 def test_bench_profile_counts_sage_kernels_as_attention():
     """The per-block kernel split (tools/bench_lib.py) must put SageAttention's Triton kernels under attention, or
     an 8-bit attention run would look like elementwise work."""
-    import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -194,3 +211,47 @@ def test_qc_ref_generation_through_fast_runner_with_sage_wiring(monkeypatch):
     spatial = sum(1 for u in runner.unit_names if u.startswith("spatial"))
     assert len(calls) == 2 * spatial and set(calls) == {(2 * g.T, 4, g.S, 64)}  # 2 steps, CFG pair
     assert rel(v1, v0) < 1e-5
+
+
+_INTERPRETED = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"  # before sageattention's @triton.jit kernels are made
+import torch, torch.nn.functional as F
+from sageattention.quant_per_block import per_block_int8
+from sageattention.quant_per_block_hd96 import per_block_int8_hd96
+from sageattention.attn_qk_int8_per_block import forward as attn
+from sageattention.attn_qk_int8_per_block_h96 import forward as attn96
+from qc_compile.runtime import attention as A
+
+def kernel(q, k, v, sm_scale):  # sageattn(smooth_k=False) without its is_cuda assert
+    quant, fwd = (per_block_int8_hd96, attn96) if q.shape[-1] == 96 else (per_block_int8, attn)
+    qi, qs, ki, ks = quant(q, k, sm_scale=sm_scale, tensor_layout="HND")
+    return fwd(qi, ki, v.to(torch.float16), qs, ks, tensor_layout="HND", output_dtype=q.dtype)
+
+A.KERNEL = kernel
+for shape in [(1, 2, 200, 72), (1, 2, 256, 32), (2, 2, 15, 72), (1, 2, 130, 64)]:
+    g = torch.Generator().manual_seed(shape[2])
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    k = k + torch.randn(1, shape[1], 1, shape[3], generator=g) * 3
+    ref = F.scaled_dot_product_attention(q, k, v)
+    fixed = A.sage_attention(q, k, v)
+    plain = A.padded_attention(q, A.smooth_keys(k), v, kernel)  # no partial-block correction
+    print(shape[2], float((fixed - ref).norm() / ref.norm()), float((plain - ref).norm() / ref.norm()))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or importlib.util.find_spec("sageattention") is None,
+                    reason="needs triton and the sage extra (Triton's interpreter runs the kernels on the CPU)")
+def test_real_sage_kernels_in_triton_interpreter():
+    """sageattention 1.0.6's own Triton kernels, run by Triton's CPU interpreter (fp32 inputs, INT8 Q·K^T, FP16
+    P·V): through :func:`sage_attention` within 3e-2 of fp32 SDPA at every sequence length; without the partial
+    key block correction, off by more than 0.1 where the key count is not a multiple of 64."""
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for line in r.stdout.split("\n"):
+        if line.strip():
+            n, fixed, plain = line.split()
+            assert float(fixed) < 3e-2, line
+            if int(n) % A.SAGE_KV_BLOCK:
+                assert float(plain) > 0.1, line

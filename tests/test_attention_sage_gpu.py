@@ -89,7 +89,7 @@ def test_sage_compiles_without_graph_break_and_captures():
 
 @pytest.fixture(scope="module")
 def xl():
-    """STDiT3-XL/2 blocks (depth 2), random weights, bf16, on a grid of 5 x 192 tokens (spatial attention long
+    """STDiT3-XL/2 blocks (depth 2), random weights, bf16, on a grid of 5 x 208 tokens (spatial attention long
     enough for the sage kernel, temporal attention 5 tokens: SDPA)."""
     cfg = dataclasses.replace(OPENSORA_V12, depth=2)
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def xl():
         for p in m.parameters():
             if p.dim() == 2 and p.shape[0] == 6:
                 p.normal_(0, 0.3)
-    g = Geometry(5, 24, 32, cfg.patch_size, 192, 256)  # S = 12 x 16 = 192 tokens per frame
+    g = Geometry(5, 26, 32, cfg.patch_size, 208, 256)  # S = 13 x 16 = 208 tokens per frame: a partial key block
     assert g.S >= A.SAGE_MIN_TOKENS > g.T
     return m.to("cuda").eval(), g
 
