@@ -14,14 +14,20 @@ q, k, v are permuted views of one (B', n, 3, 16, 72) qkv tensor, as the fast blo
 * ``sage``: :func:`~qc_compile.runtime.attention.sage_attention` eager (key smoothing, zero-padding 72 -> 96, the
   kernels): what ``FastRunner(attention="sage")`` runs without compile;
 * ``sage_compiled``: the same under ``torch.compile`` (inductor fuses smoothing and padding; ``compile=True``);
-* ``sage_kernel_only``: ``torch.ops.qc.sage_attention`` on inputs already smoothed and padded (the floor).
+* ``sage_library_uncorrected``: ``torch.ops.qc.sage_attention`` alone on keys already smoothed and q, k, v
+  zero-padded to the kernel head dim: the kernel time floor, and the error of sageattention 1.0.6 as shipped (its
+  partial last key block enters the softmax; :mod:`qc_compile.runtime.attention` corrects it).
+
+``--blocks`` adds whole computed blocks: one spatial and one temporal XL block (random weights, FP8 W8A8 plan,
+compiled, in a CUDA graph, as the fast runner replays them) with ``attention="sdpa"`` and ``"sage"``: ms per block
+and the relative error of the sage block's residual (output - input) against the sdpa block's.
 
 Each row is captured in a CUDA graph (as the fast runner replays units) after warm-up and timed with CUDA events per
 replay; medians (and p10/p90) in ms. Relative L2 error of each against fp32 SDPA on the same (bf16-valued) inputs
 sits beside it. Inputs are fresh random with a per-channel key bias (the pattern key smoothing is for).
 
 Usage (GPU; needs the ``sage`` extra): ``python tools/bench_attention.py [--out bench/results] [--commit SHA]
-[--quick]``; writes ``attention_<gpu>.json`` and prints a table. ``--quick``: 3 frames, for a smoke run.
+[--quick] [--blocks]``; writes ``attention_<gpu>.json`` and prints a table. ``--quick``: 3 frames, for a smoke run.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_lib as B  # noqa: E402
 
 from qc_compile.artifacts import write_json_atomic  # noqa: E402
+from qc_compile.errors import UserError  # noqa: E402
 from qc_compile.models.config import OPENSORA_V12  # noqa: E402
 from qc_compile.models.stdit3 import Geometry  # noqa: E402
 from qc_compile.runtime import attention as A  # noqa: E402
@@ -86,7 +93,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_shape(name: str, batch: int, n: int, heads: int, d: int, replays: int) -> list[dict]:
     q, k, v = make_qkv(batch, n, heads, d, seed=n)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    p = A.padded_head_dim(d)
+    p = A.padded_head_dim(d if n % A.SAGE_KV_BLOCK == 0 else d + 1)
     qp, kp, vp = (F.pad(t, (0, p - d)).contiguous() for t in (q, A.smooth_keys(k), v))
     scale = d ** -0.5
     compiled = torch.compile(A.sage_attention, fullgraph=True, dynamic=False)
@@ -94,7 +101,7 @@ def bench_shape(name: str, batch: int, n: int, heads: int, d: int, replays: int)
         "sdpa_bf16": lambda: F.scaled_dot_product_attention(q, k, v),
         "sage": lambda: A.sage_attention(q, k, v),
         "sage_compiled": lambda: compiled(q, k, v),
-        "sage_kernel_only": lambda: torch.ops.qc.sage_attention(qp, kp, vp, scale)[..., :d],
+        "sage_library_uncorrected": lambda: torch.ops.qc.sage_attention(qp, kp, vp, scale)[..., :d],
     }
     rows = []
     for backend, fn in fns.items():
@@ -116,6 +123,37 @@ def bench_shape(name: str, batch: int, n: int, heads: int, d: int, replays: int)
     return rows
 
 
+def bench_blocks(size: tuple[int, int, int], replays: int) -> list[dict]:
+    """ms per computed XL block (FP8 plan, compiled, CUDA graph) with each attention backend, and the sage block's
+    residual error against the sdpa block's."""
+    from qc_compile.runtime.fast_blocks import build_fast_model, compiled_block_forward, fp8_block_plan
+
+    model = B.xl_model(depth=1)
+    g, z, y, mask = B.xl_inputs(model.config, size=size)
+    ts, fps = torch.full((2,), 500.0, device="cuda"), torch.full((2,), 24.0, device="cuda")
+    y2 = torch.cat([y, model.y_embedder.y_embedding[None, None].float().expand_as(y)])  # as tools/bench_units.py
+    emb = model.run_unit("embed", {"x": torch.cat([z, z]), "timestep": ts, "y": y2, "mask": torch.cat([mask, mask]),
+                                   "fps": fps}, g)
+    x, t_mlp, yy, m2 = emb["x"].contiguous(), emb["t_mlp"], emb["y"], torch.cat([mask, mask])
+    plan = fp8_block_plan(model)
+    fms = {a: build_fast_model(model, plan, fn=compiled_block_forward(), attention=a) for a in A.BACKENDS}
+    rows = []
+    for unit in ("spatial_0", "temporal_0"):
+        outs, ms = {}, {}
+        for a, fm in fms.items():
+            blk = fm.block(unit)
+            fn = (lambda blk=blk: blk(x, t_mlp, yy, m2, g.T, g.S))
+            outs[a] = fn().float() - x.float()
+            ms[a] = time_graph(fn, replays=replays)
+        for a in A.BACKENDS:
+            rows.append({"unit": unit, "attention": a, "ms_median": statistics.median(ms[a]),
+                         "residual_rel_err_vs_sdpa": rel(outs[a], outs["sdpa"]),
+                         "speedup_vs_sdpa": statistics.median(ms["sdpa"]) / statistics.median(ms[a])})
+            print(f"block {unit:10s} {a:5s} {rows[-1]['ms_median']:8.3f} ms  "
+                  f"residual rel err vs sdpa {rows[-1]['residual_rel_err_vs_sdpa']:.2e}", flush=True)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| shape | (B, H, N, d) | backend | median ms (p10-p90) | vs SDPA | rel err vs fp32 |",
              "|---|---|---|---|---|---|"]
@@ -132,11 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None)
     ap.add_argument("--quick", action="store_true", help="3 latent frames (smoke run)")
     ap.add_argument("--replays", type=int, default=30)
+    ap.add_argument("--blocks", action="store_true", help="also whole computed XL blocks (FP8, compiled, CUDA graph)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention needs a CUDA GPU", file=sys.stderr)
         return 2
-    A.check_attention_backend("sage", "cuda")
+    try:
+        A.check_attention_backend("sage", "cuda")
+    except UserError as e:
+        print(e, file=sys.stderr)
+        return 2
     torch.set_grad_enabled(False)
     cfg = OPENSORA_V12
     g = Geometry.for_model(cfg, 9 if args.quick else B.XL_FRAMES, B.XL_HEIGHT, B.XL_WIDTH)
@@ -144,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg_batch = 2  # CFG pair
     rows = bench_shape("spatial", cfg_batch * g.T, g.S, heads, d, args.replays)
     rows += bench_shape("temporal", cfg_batch * g.S, g.T, heads, d, args.replays)
+    size = (9 if args.quick else B.XL_FRAMES, B.XL_HEIGHT, B.XL_WIDTH)
+    blocks = bench_blocks(size, args.replays) if args.blocks else []
     import importlib.metadata as md
 
     doc = {"what": "self-attention at STDiT3-XL shapes, bf16 SDPA vs SageAttention (INT8 QK, FP16 PV), CUDA graphs",
            "geometry": {"T": g.T, "S": g.S, "frames": g.frames, "cfg_batch": cfg_batch},
-           "sage_min_tokens": A.SAGE_MIN_TOKENS, "rows": rows,
+           "sage_min_tokens": A.SAGE_MIN_TOKENS, "rows": rows, "blocks": blocks,
            "env": {**B.env(args.commit), "sageattention": md.version("sageattention")}}
     name = torch.cuda.get_device_name().lower()
     gpu = next((k for k in ("h200", "h100", "a100", "l40s", "b200") if k in name),
@@ -157,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, doc)
     print(table(rows))
+    for b in blocks:
+        print(f"| block {b['unit']} | attention={b['attention']} | {b['ms_median']:.3f} ms | {b['speedup_vs_sdpa']:.2f}x "
+              f"| residual rel err vs sdpa {b['residual_rel_err_vs_sdpa']:.2e} |")
     print(f"device {doc['env']['device']}, commit {doc['env']['commit']}; wrote {out}")
     return 0
 
