@@ -123,6 +123,8 @@ def sage_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     q, k = (F.pad(t, (0, p - d)) for t in (q, k))
     v = torch.cat([v, v.new_ones(*v.shape[:-1], 1), v.new_zeros(*v.shape[:-1], p - d - 1)], dim=-1)
     out = KERNEL(q, k, v, 1.0 / math.sqrt(d))
+    # the divisor is >= 1/N: smoothed keys average to zero, so each query's largest real logit is >= the missing
+    # keys' 0 and its own softmax weight is 1 before normalisation
     return out[..., :d] / out[..., d:d + 1]
 
 
