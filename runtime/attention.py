@@ -6,12 +6,13 @@ on an H200 attention was 42% of a computed STDiT3-XL block of the FP8 fast path 
 attention; plugins/README.md 6c). Off by default: its speed and fidelity on a GPU are measured by
 ``tools/bench_attention.py`` and ``FastRunner(attention="sage")`` on qc-ref, not assumed.
 
-Three things this module adds around ``sageattn``:
+What this module adds around ``sageattn``:
 
 * **Head dims.** The kernels take head dims 64, 96 and 128 only; STDiT3-XL has 72 and qc-ref 32. q, k, v are
   zero-padded on the last dim to the next supported size (:func:`padded_attention`): the padded columns add nothing
   to Q·K^T (exact, and the per-block INT8 scales, which take a max over the block, are unchanged), the padded value
   columns give zero output columns that are dropped, and the softmax scale stays ``1/sqrt(original head dim)``.
+  (The library's head-dim-96 kernels work on 128-wide tiles with a mask, so 72 -> 96 costs the arithmetic of 128.)
 * **K smoothing without mutation.** ``sageattn(smooth_k=True)`` subtracts the per-head key mean *in place*
   (``k -= k.mean(seq)``), which would corrupt a caller's tensor (in the fast blocks ``k`` can be a view of the qkv
   projection). Subtracting the mean is exact for softmax (it shifts every logit of a query row by the same amount)
@@ -23,7 +24,8 @@ Three things this module adds around ``sageattn``:
   and 15 tokens, 1% at 256). STDiT3-XL's 1590 tokens per frame hit it. :func:`sage_attention` then appends a column
   of ones to ``v`` (in the head-dim padding): the kernel's output in that column is the softmax mass of the real
   keys, and dividing by it gives the exact normalisation (the missing keys' values are 0, so they add nothing else).
-  Head dim 128 has no room for the column: such sequences stay on SDPA.
+  Head dim 128 has no room for the column: such sequences stay on SDPA. (That masked loads read zeros is what the
+  interpreter does and what Triton's CUDA lowering does; ``tests/test_attention_sage_gpu.py`` checks the result.)
 * **torch.compile / CUDA graphs.** The kernel call is a torch custom op (``qc::sage_attention``, with a fake
   kernel), so inductor keeps one graph around it (no graph break) and fuses the smoothing and padding into its
   producers; the op launches Triton kernels on the current stream, which CUDA-graph capture records (the fast
