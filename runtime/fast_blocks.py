@@ -3,7 +3,8 @@ torch.compile and CUDA graphs see plain tensors (the fast runner, :mod:`qc_compi
 
 Per the plan each linear is dense (bf16) or FP8 (``qkv`` / ``fc1`` take the fused ``modulate_quant_fp8`` producer,
 ``fc2`` ``gelu_rotate_quant_fp8``, the others ``rotate_quant_fp8``; then ``fp8_linear``). Attention is
-``F.scaled_dot_product_attention``; cross-attention is batched with the caption mask as a boolean ``attn_mask`` (the
+``F.scaled_dot_product_attention``, or for self-attention SageAttention's 8-bit kernel where the spec says
+``attention="sage"`` (:mod:`qc_compile.runtime.attention`; optional, off by default); cross-attention is batched with the caption mask as a boolean ``attn_mask`` (the
 padded form of ``layers.MultiHeadCrossAttention``, identical math to its packed per-sample loop). Temporal blocks
 permute the FP8 codes of the block input (half the bytes of the bf16 tensor the reference permutes). Without a plan
 every linear is dense: the same math as ``STDiT3Block`` (tested equal in fp32).
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from qc_compile.models.layers import RotaryEmbedding
 from qc_compile.models.stdit3 import STDiT3, BlockSteps, STDiT3Block, Geometry, Modulation, unit_kind
 from qc_compile.runtime import fast_linear as fl
+from qc_compile.runtime.attention import self_attend
 from qc_compile.runtime.fast_linear import LinearSpec, LinearWeights
 
 ROLES: tuple[tuple[str, str], ...] = (
@@ -45,6 +47,7 @@ class BlockSpec(NamedTuple):
     cproj: LinearSpec
     fc1: LinearSpec
     fc2: LinearSpec
+    attention: str = "sdpa"  # self-attention backend (qc_compile.runtime.attention.BACKENDS)
 
 
 class BlockWeights(NamedTuple):
@@ -103,7 +106,7 @@ def _attend(spec: BlockSpec, w: BlockWeights, qkv: torch.Tensor) -> torch.Tensor
         q, k = _rms(q, w.q_norm, spec.norm_eps), _rms(k, w.k_norm, spec.norm_eps)
     if spec.temporal:
         q, k = _rope(q, w.rope), _rope(k, w.rope)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = self_attend(q, k, v, spec.attention)
     return out.transpose(1, 2).reshape(Bp, n, spec.heads * spec.head_dim)
 
 
@@ -181,7 +184,8 @@ class FastBlock:
     """One block unit: specs + weights + the (eager or compiled) forward."""
 
     def __init__(self, block: STDiT3Block, rope_freqs: torch.Tensor, entries: Mapping[str, tuple] | None = None,
-                 *, prefix: str = "block", fn: Callable = block_forward, fused: bool = False) -> None:
+                 *, prefix: str = "block", fn: Callable = block_forward, fused: bool = False,
+                 attention: str = "sdpa") -> None:
         entries = entries or {}
         specs, weights = {}, {}
         for key, role in ROLES:
@@ -192,7 +196,7 @@ class FastBlock:
         attn = block.attn
         qk = not isinstance(attn.q_norm, torch.nn.Identity)
         self.spec = BlockSpec(block.temporal, attn.num_heads, attn.head_dim, qk, attn.q_norm.eps if qk else 1e-6,
-                              **specs)
+                              **specs, attention=attention)
         self.w = BlockWeights(block.scale_shift_table.detach(), attn.q_norm.weight.detach() if qk else None,
                               attn.k_norm.weight.detach() if qk else None,
                               rope_freqs.detach() if block.temporal else None, **weights)
@@ -253,9 +257,10 @@ class FastModel:
 
 
 def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: Callable = block_forward,
-                     fused: bool = False) -> FastModel:
+                     fused: bool = False, attention: str = "sdpa") -> FastModel:
     """Fast blocks of ``model`` under ``plan``'s ``variant`` (None: dense FP blocks sharing the model's weights);
-    ``fused``: FP8 linears as inductor-fusable torch ops (for a compiled ``fn``)."""
+    ``fused``: FP8 linears as inductor-fusable torch ops (for a compiled ``fn``); ``attention``: the
+    self-attention backend (:mod:`qc_compile.runtime.attention`)."""
     entries_by_unit: dict[str, dict[str, tuple]] = {}
     if plan is not None:
         resolved = plan.resolve(variant)
@@ -271,7 +276,7 @@ def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: 
     for unit in model.unit_names():
         if unit_kind(unit) == "block":
             blocks[unit] = FastBlock(model.block(unit), model.rope.freqs, entries_by_unit.get(unit), prefix=unit,
-                                     fn=fn, fused=fused)
+                                     fn=fn, fused=fused, attention=attention)
     return FastModel(model, blocks)
 
 

@@ -265,7 +265,7 @@ class Meter:
 
 # ------------------------------------------------------------------------------------------------ kernel classes
 KERNEL_CLASSES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("attention", ("flash", "fmha", "attention", "efficient", "sdpa")),
+    ("attention", ("flash", "fmha", "attention", "efficient", "sdpa", "_attn_fwd", "quant_per_block")),  # the last two: SageAttention's
     ("quantization", ("_producer", "_quant", "rotate", "amax", "float8", "fp8_quant", "scaled_fp8")),
     ("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul", "_scaled_mm", "wgmma")),
     ("statistics", ("_cache_kernel",)),

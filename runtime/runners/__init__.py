@@ -113,7 +113,8 @@ def _load_fast(req: RunnerRequest):
     if model is None:
         model = req.cache["fast_model"] = fast_model_copy(req.loaded.model)
     return FastRunner(model, req.geometry, req.plan, compile=bool(req.options.get("compile", False)),
-                      cuda_graphs=bool(req.options.get("cuda_graphs", False)))
+                      cuda_graphs=bool(req.options.get("cuda_graphs", False)),
+                      attention=str(req.options.get("attention", "sdpa")))
 
 
 def _check_fast(device: str) -> None:

@@ -15,7 +15,9 @@ optional torch.compile and per-unit CUDA graphs; statistics through the fused ``
 * **Caption keys trimmed**: cross-attention runs on the caption tokens up to the last one any sample's mask keeps
   (Open-Sora pads T5 features to 300 tokens; a prompt has tens). The dropped keys are masked out, so the result is
   the same function; when every kept token is valid in every sample the mask is dropped too, which lets SDPA take
-  its flash kernels. The sampler reads the cut from the mask on the host before the first step (``Conditioning.caption_cut``);
+  its flash kernels.
+* ``attention="sage"``: spatial/temporal self-attention of at least 128 tokens per sequence on SageAttention's 8-bit
+  kernel (optional extra ``sage``; :mod:`..attention`); off by default (``"sdpa"``). Cross-attention keeps SDPA. The sampler reads the cut from the mask on the host before the first step (``Conditioning.caption_cut``);
   other callers get one device read per mask tensor.
 """
 
@@ -29,6 +31,7 @@ import torch
 from qc_compile.errors import UserError
 from qc_compile.models.stdit3 import STDiT3, Geometry
 from qc_compile.models.units import is_block, unit_kind
+from qc_compile.runtime.attention import check_attention_backend
 from qc_compile.runtime.fast_blocks import FastModel, block_forward, build_fast_model, compiled_block_forward
 from qc_compile.runtime.protocols import caption_cut
 
@@ -52,7 +55,9 @@ class FastRunner:
     stats = "fused"
 
     def __init__(self, model: STDiT3, geometry: Geometry, plan=None, *, compile: bool = False,
-                 cuda_graphs: bool = False, fused: bool | None = None, trim_captions: bool = True) -> None:
+                 cuda_graphs: bool = False, fused: bool | None = None, trim_captions: bool = True,
+                 attention: str = "sdpa") -> None:
+        check_attention_backend(attention, model.x_embedder.proj.weight.device)
         if cuda_graphs and model.x_embedder.proj.weight.device.type != "cuda":
             raise UserError("cuda_graphs=True needs the model on a CUDA device.")
         self.model = model
@@ -63,11 +68,12 @@ class FastRunner:
         self.cuda_graphs = cuda_graphs
         self.fused = False if fused is None else fused
         self.trim_captions = trim_captions
+        self.attention = attention
         fn = compiled_block_forward() if compile else block_forward
-        self.fp_model = build_fast_model(model, None, fn=fn)
+        self.fp_model = build_fast_model(model, None, fn=fn, attention=attention)
         self.variant_models: dict[str, FastModel] = {}
         if plan is not None:
-            self.variant_models = {v: build_fast_model(model, plan, v, fn=fn, fused=self.fused)
+            self.variant_models = {v: build_fast_model(model, plan, v, fn=fn, fused=self.fused, attention=attention)
                                    for v in plan.variant_names}
             self.variant_models.setdefault("fp", self.fp_model)
         self.default_model = self.variant_models.get("default", self.fp_model)
@@ -92,7 +98,7 @@ class FastRunner:
         return {"runner": self.backend, "plan": self.plan is not None, "variants": sorted(self.variant_models),
                 "compile": self.compile, "cuda_graphs": self.cuda_graphs,
                 "fp8_quantization": "torch ops fused by inductor" if self.fused else "qc:: producer kernels",
-                "trim_captions": self.trim_captions,
+                "trim_captions": self.trim_captions, "self_attention": self.attention,
                 "activation_scales": "dynamic per token (the kernels'); the plan's static act_scale is not used",
                 "quantized_roles_first_block": some.quantized, "plan_linears_run_unquantized": ignored}
 
