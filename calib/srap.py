@@ -258,6 +258,18 @@ def calibrate(grid: SimilarityGrid, prune_error: Callable[[int, int, str], float
     return SrapCalibration({**never, "units": {u: dict(never) for u in grid.units[1:]}}, rep)
 
 
+def summary_line(rep: dict | None) -> str | None:
+    """One line saying what SRAP's calibration decided and why (the numbers are in the plan's provenance)."""
+    if not rep:
+        return None
+    chosen = rep.get("chosen")
+    if chosen:
+        return (f"SRAP prunes {', '.join(chosen['units'])}: saves {chosen['saved_points']:.1f} points of compute at "
+                f"{chosen['cost_db_mean']:.2f} dB mean PSNR cost under {rep.get('context', 'hlc')} on the calibration "
+                "prompts")
+    return f"SRAP never prunes with this plan: {rep.get('reason', rep.get('note', ''))}"
+
+
 def _summary(x: torch.Tensor) -> dict:
     x = x.flatten().double()
     q = torch.quantile(x, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64))

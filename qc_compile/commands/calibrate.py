@@ -113,6 +113,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
 
     from qc_compile.calib import runtime_params
     from qc_compile.calib.inputs import load_for_calibration
+    from qc_compile.calib.srap import summary_line as srap_summary
     from qc_compile.calib.uniform import UniformOptions, calibrate_uniform
 
     opts = UniformOptions(fmt=fmt, percentile=percentile, exclude=tuple(exclude), target=target,
@@ -138,18 +139,6 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                f"{time.perf_counter() - start:.1f} s")
     if kept:
         click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
-    _echo_srap((res.plan.provenance or {}).get("calibration", {}).get("runtime", {}))
-
-
-def _echo_srap(runtime: dict) -> None:
-    """One line saying what SRAP's calibration decided and why (the numbers are in the plan's provenance)."""
-    rep = runtime.get("srap")
-    if not rep:
-        return
-    chosen = rep.get("chosen")
-    if chosen:
-        click.echo(f"SRAP prunes {', '.join(chosen['units'])}: saves {chosen['saved_points']:.1f} points of compute "
-                   f"at {chosen['cost_db_mean']:.2f} dB mean PSNR cost under {rep.get('context', 'hlc')} on the "
-                   "calibration prompts")
-    else:
-        click.echo(f"SRAP never prunes with this plan: {rep.get('reason', rep.get('note', ''))}")
+    line = srap_summary((res.plan.provenance or {}).get("calibration", {}).get("runtime", {}).get("srap"))
+    if line:
+        click.echo(line)

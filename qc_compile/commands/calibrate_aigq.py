@@ -84,6 +84,8 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
                f"({res.selection['method']} samples: {len(res.selected)}); weights {a.avg_bits:.2f} average bits "
                f"(budget {a.budget_bits:.2f}); schedule {' '.join(res.plan.schedule) or '-'}; wrote "
                f"{work.plan_json}; report {rep}; {time.perf_counter() - start:.1f} s")
-    from qc_compile.commands.calibrate import _echo_srap
+    from qc_compile.calib.srap import summary_line
 
-    _echo_srap(res.runtime or {})
+    line = summary_line((res.runtime or {}).get("srap"))
+    if line:
+        click.echo(line)
