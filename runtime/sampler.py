@@ -128,6 +128,9 @@ class RFlowSampler:
                             fps=torch.full((2 * n,), float(fps), device=device),
                             caption_cut=caption_cut(mask2))  # read once per video, before the first step
         units = executor.unit_names
+        use_policy = getattr(executor, "use_policy", None)
+        if use_policy is not None:  # the executor's statistics level follows what the policy reads
+            use_policy(policy)
         executor.reset()
         policy.reset(units, len(ts))
         result = SampleResult(z=z)
