@@ -121,7 +121,7 @@ class StepExecutor:
         return x + (steps.gate_mlp if regate else gate) * out
 
     def _no_cache(self, what: str) -> None:
-        raise RuntimeError(f"{self._policy_name} asked for {what}, but this executor runs with stats='none': no "
+        raise RuntimeError(f"{self._policy_name} {what}, but this executor runs with stats='none': no "
                            f"statistics are measured and no residuals are kept, so a reuse would be silently wrong. "
                            f"Declare what the policy reads (reads_stats = 'cache' or 'full') or build the "
                            f"StepExecutor with stats='cache' / 'full'.")
@@ -162,7 +162,7 @@ class StepExecutor:
         if gate is not None:
             self._check(self.block_units[0], UnitDecision(Action.GATED, gate=gate))
             if not measure:
-                self._no_cache("gated (in-step) reuse")
+                self._no_cache("asked for gated (in-step) reuse")
         if gate is not None and gate.probe == "modulated_input":
             mod = run.block_steps(self.block_units[0], "default", ctx).attention_input(h)
             val = self._rel_l1(mod, self._prev_mod)
@@ -193,7 +193,7 @@ class StepExecutor:
                 continue
             if action is Action.REUSE:
                 if not measure:
-                    self._no_cache(f"to reuse {name}")
+                    self._no_cache(f"asked to reuse {name}")
                 if name not in self.residuals:
                     raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
                 h = h + self.residuals[name]
