@@ -233,9 +233,13 @@ def test_fast_executor_drives_the_sampler(qcref):
     v0, r0 = generate(qcref, ["a red circle moving right on a black background"], settings,
                       executor=torch_executor(qcref.model, g), progress=False)
     v1, r1 = generate(qcref, ["a red circle moving right on a black background"], settings,
-                      executor=fast_executor(qcref.model, g), progress=False)
+                      executor=StepExecutor(FastRunner(qcref.model, g), g, stats="full"), progress=False)
     assert rel(v1, v0) < 1e-5
     assert len(r1.steps) == 3 and r1.steps[-1].stats["spatial_0"]["res_norm"] > 0
+    # by default the level follows the policy: policy none measures nothing but the action, same video
+    v2, r2 = generate(qcref, ["a red circle moving right on a black background"], settings,
+                      executor=fast_executor(qcref.model, g), progress=False)
+    assert torch.equal(v2, v1) and set(r2.steps[-1].stats["spatial_0"]) == {"action"}
 
 
 def test_cuda_graphs_need_cuda(qcref):
