@@ -368,3 +368,24 @@ def test_fast_runner_keeps_the_hidden_state_row_major(qcref):
     assert emb["x"].is_contiguous() and torch.equal(emb["x"], emb_plain["x"])
     ex.step(_z(qcref, g), torch.full((2,), 500.0), cond, {})
     assert ex.residuals and all(r.is_contiguous() for r in ex.residuals.values())
+
+
+def test_graph_input_chains_on_a_graph_output_else_copies(qcref):
+    """CUDA-graph inputs (the pure bookkeeping; capture needs a GPU: tests/test_fast_executor_gpu.py): a unit whose
+    input is a captured graph's output buffer reads it in place; one chained graph per unit; anything else is copied
+    into the static buffer of its shape."""
+    r = FastRunner(qcref.model, _geometry(qcref))
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    r._outs = {a.data_ptr(): a, b.data_ptr(): b}
+    x, key = r._graph_input("default", "spatial_1", a)
+    assert x is a and key[-1] == a.data_ptr()
+    r._graphs[key] = None  # captured
+    assert r._graph_input("default", "spatial_1", a)[0] is a  # replayed chained
+    other = r._graph_input("default", "spatial_1", b)  # a second producer: copied, not a second chained graph
+    assert other[0] is not b and torch.equal(other[0], b) and other[1] == ("default", "spatial_1", (2, 5, 8))
+    fresh = torch.randn(2, 5, 8)  # e.g. h + reused residual
+    x, key = r._graph_input("default", "temporal_1", fresh)
+    assert x is other[0] and torch.equal(x, fresh) and len(key) == 3
+    part = a[:, :, :4]  # same address as a graph output, another shape: copied
+    x, key = r._graph_input("default", "temporal_2", part)
+    assert x is not a and torch.equal(x, part) and len(key) == 3
