@@ -98,11 +98,11 @@ def generate(loaded: LoadedModel, prompts: list[str], settings: GenerationSettin
     return video, result
 
 
-def torch_executor(model, geometry, variant_models=None):
+def torch_executor(model, geometry, variant_models=None, stats: str | None = None):
     """The plain torch step executor for ``model`` (the FP computation unless ``variant_models`` say otherwise),
     sharded over the current parallel mesh if there is one."""
     from qc_compile.runtime.parallel import shard_runner
     from qc_compile.runtime.runners.torch import TorchRunner
     from qc_compile.runtime.step_executor import StepExecutor
 
-    return StepExecutor(shard_runner(TorchRunner(model, geometry, variant_models), geometry), geometry)
+    return StepExecutor(shard_runner(TorchRunner(model, geometry, variant_models), geometry), geometry, stats=stats)

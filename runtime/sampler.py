@@ -128,6 +128,9 @@ class RFlowSampler:
                             fps=torch.full((2 * n,), float(fps), device=device),
                             caption_cut=caption_cut(mask2))  # read once per video, before the first step
         units = executor.unit_names
+        use_policy = getattr(executor, "use_policy", None)
+        if use_policy is not None:  # the executor's statistics level follows what the policy reads
+            use_policy(policy)
         executor.reset()
         policy.reset(units, len(ts))
         result = SampleResult(z=z)
@@ -150,6 +153,12 @@ class RFlowSampler:
             packed = torch.cat([stats_dev.reshape(-1).float(), torch.isfinite(z).all().float().reshape(1)]).cpu()
             stats_host = packed[:-1].view(stats_dev.shape)
             if not packed[-1]:
+                if getattr(executor, "stats_level", None) == "none":  # nothing measured: re-run the step measuring
+                    executor.stats_level = "full"  # (failure path only) so the error can name the unit
+                    try:
+                        stats_host = executor.step(z_in, timestep, cond, decisions)[1].float().cpu()
+                    finally:
+                        executor.stats_level = "none"
                 raise_nonfinite(i, len(ts), units, stats_host)
             stats = StepStats(units, {u: {s: float(stats_host[j, k]) for k, s in enumerate(STAT_NAMES)
                                           if not math.isnan(float(stats_host[j, k]))}

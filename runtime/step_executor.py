@@ -16,6 +16,9 @@ What runs where:
   the original methods.
 * the ``action`` statistic records what was actually done, written device-to-device (a Python scalar assigned into
   a CUDA tensor would be a host-to-device copy and synchronise inside the step).
+* the statistics level (``stats``: full / cache / none) follows the policy by default (its ``reads_stats``, set by
+  the sampler through :meth:`StepExecutor.use_policy`): policy none computes no statistics and keeps no residuals;
+  a reuse asked for under ``"none"`` raises rather than reuse nothing.
 * statistics are kept as partial sums (:mod:`~qc_compile.runtime.step_stats`) and turned into ratios at the end of
   the step, after the runner's :class:`~qc_compile.runtime.protocols.StatsReducer` (if it has one) combined them
   over the processes that share the video (:mod:`qc_compile.runtime.parallel`: one collective per step, on the
@@ -47,16 +50,21 @@ def _put(slot: torch.Tensor, val: torch.Tensor | float) -> None:
 class StepExecutor:
     """``StepExecutor(runner, geometry)``: the sampler's :class:`~qc_compile.runtime.protocols.Executor`."""
 
-    def __init__(self, runner: UnitRunner, geometry, *, stats: str = "full",
+    def __init__(self, runner: UnitRunner, geometry, *, stats: str | None = None,
                  reducer: StatsReducer | None = None) -> None:
-        if stats not in STATS_LEVELS:
+        """``stats``: the statistics level (:data:`~qc_compile.runtime.step_stats.STATS_LEVELS`); ``None`` (the
+        default) follows the policy the sampler runs (its ``reads_stats``; ``"full"`` until one is set), an explicit
+        level wins over the policy."""
+        if stats is not None and stats not in STATS_LEVELS:
             raise ValueError(f"stats must be one of {', '.join(STATS_LEVELS)}, got {stats!r}")
         self.runner = runner
         self.g = geometry
         self.unit_names = tuple(runner.unit_names)
         self.block_units = block_units(self.unit_names)
         self.supports = frozenset(runner.supports)
-        self.stats_level = stats
+        self.stats_requested = stats
+        self.stats_level = stats or "full"
+        self._policy_name = "the policy"
         self._unit_stats = STATS_IMPLS[runner.stats]
         self._prefix = int(getattr(geometry, "prefix_tokens", 0))  # tokens before the video tokens (CogVideoX)
         self.reducer: StatsReducer = reducer or getattr(runner, "reducer", None) or LOCAL
@@ -72,6 +80,16 @@ class StepExecutor:
         if hasattr(self.runner, "reset"):  # runners that carry values between calls (TrtRunner: cached_residual)
             self.runner.reset()
         self._prev_z = self._prev_mod = self._gate_ref = None
+
+    def use_policy(self, policy) -> None:
+        """Called by the sampler before a run: the level follows what ``policy`` reads unless one was asked for."""
+        self._policy_name = f"policy {getattr(policy, 'name', type(policy).__name__)!r}"
+        if self.stats_requested is None:
+            level = getattr(policy, "reads_stats", "full")
+            if level not in STATS_LEVELS:
+                raise ValueError(f"{self._policy_name} declares reads_stats={level!r}; expected one of "
+                                 f"{', '.join(STATS_LEVELS)}")
+            self.stats_level = level
 
     def describe(self) -> dict:
         return dict(self.runner.describe(), stats=self.stats_level)
@@ -102,6 +120,12 @@ class StepExecutor:
         out, gate = cache["mlp"]
         return x + (steps.gate_mlp if regate else gate) * out
 
+    def _no_cache(self, what: str) -> None:
+        raise RuntimeError(f"{self._policy_name} {what}, but this executor runs with stats='none': no "
+                           f"statistics are measured and no residuals are kept, so a reuse would be silently wrong. "
+                           f"Declare what the policy reads (reads_stats = 'cache' or 'full') or build the "
+                           f"StepExecutor with stats='cache' / 'full'.")
+
     def _check(self, name: str, d: UnitDecision) -> None:
         if d.parts is not None and "parts" not in self.supports:
             raise NotImplementedError(f"the {self.runner.backend} runner runs whole unit graphs: sub-block parts "
@@ -123,11 +147,13 @@ class StepExecutor:
         if getattr(cond, "caption_cut", None) is not None:
             ctx["caption_cut"] = cond.caption_cut  # host-side facts about the mask (runners may use them)
         h = h0 = emb["x"]
-        zf = z.float()  # the whole latent, on every process
-        if self._prev_z is not None and self._prev_z.shape == zf.shape:
-            stats[0, P["latent_l1_diff"]] = (zf - self._prev_z).abs().sum()
-            stats[0, P["latent_l1_prev"]] = self._prev_z.abs().sum()
-        self._prev_z = zf
+        measure = self.stats_level != "none"
+        if measure:
+            zf = z.float()  # the whole latent, on every process
+            if self._prev_z is not None and self._prev_z.shape == zf.shape:
+                stats[0, P["latent_l1_diff"]] = (zf - self._prev_z).abs().sum()
+                stats[0, P["latent_l1_prev"]] = self._prev_z.abs().sum()
+            self._prev_z = zf
         gates = {id(d.gate): d.gate for d in decisions.values() if d.action is Action.GATED}
         if len(gates) > 1 or (gates and None in gates.values()):
             raise RuntimeError("GATED decisions of one step must share one Gate")
@@ -135,6 +161,8 @@ class StepExecutor:
         gate_open: bool | None = None
         if gate is not None:
             self._check(self.block_units[0], UnitDecision(Action.GATED, gate=gate))
+            if not measure:
+                self._no_cache("asked for gated (in-step) reuse")
         if gate is not None and gate.probe == "modulated_input":
             mod = run.block_steps(self.block_units[0], "default", ctx).attention_input(h)
             val = self._rel_l1(mod, self._prev_mod)
@@ -164,6 +192,8 @@ class StepExecutor:
                 row[P["action"]] = codes["prune"]
                 continue
             if action is Action.REUSE:
+                if not measure:
+                    self._no_cache(f"asked to reuse {name}")
                 if name not in self.residuals:
                     raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
                 h = h + self.residuals[name]
@@ -179,6 +209,9 @@ class StepExecutor:
                 h, has_prev = out, True
                 continue
             row[P["action"]] = codes["partial" if d.parts else "compute"]
+            if not measure:  # nothing reads statistics or the residual: no reductions, no cached copy
+                h, has_prev = out, True
+                continue
             self.residuals[name] = self._unit_stats(row, h, out, self.residuals.get(name), has_prev, self.g.T,
                                                     self.stats_level, self._prefix)
             h, has_prev = out, True

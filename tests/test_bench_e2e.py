@@ -224,3 +224,30 @@ def test_fidelity_mode_writes_every_configuration(tmp_path):
     assert c["plain_bf16"]["psnr_db"] > c["ours_fp8"]["psnr_db"] > 15.0  # bf16 closer to fp32 than FP8
     assert c["ours_both_100"]["steps"] == 2 and 0 < c["ours_both_100"]["compute_fraction"] <= 1
     assert "skipped" in c["torchao_fp8"] or "psnr_db" in c["torchao_fp8"]
+
+
+def test_interrupted_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row: an interrupt during row k+1 leaves a valid document with k rows."""
+    args = E.parse_args(["--quick", "--device", "cpu", "--dtype", "fp32", "--steps", "1", "--out", str(tmp_path),
+                         "--stem", "e2e_int", "--grids", str(_full_grids(tmp_path / "grids.json", steps=2)),
+                         "--no-compile", "--compile-backend", "eager", "--warmup-steps", "1",
+                         "--rows", "plain_bf16_eager", "plain_bf16_compile", "ours_cached"])
+    real, calls = E.measure, []
+
+    def measure(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(E, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        E.run_bench(args)
+    doc = json.loads((tmp_path / "e2e_int.json").read_text())
+    E.validate_doc(doc)
+    assert [r["key"] for r in doc["rows"]] == ["plain_bf16_eager", "plain_bf16_compile"]
+    assert all(r["seconds"] > 0 for r in doc["rows"]) and doc["complete"] is False
+    assert doc["rows_planned"] == ["plain_bf16_eager", "plain_bf16_compile", "ours_cached"]
+    assert any(o["key"] == "compile_warmup_s.plain_bf16_compile" for o in doc["overheads"])
+    assert "`plain_bf16_compile`" in (tmp_path / "e2e_int.md").read_text()
+    assert not list(tmp_path.glob("*.tmp*"))

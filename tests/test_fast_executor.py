@@ -233,9 +233,13 @@ def test_fast_executor_drives_the_sampler(qcref):
     v0, r0 = generate(qcref, ["a red circle moving right on a black background"], settings,
                       executor=torch_executor(qcref.model, g), progress=False)
     v1, r1 = generate(qcref, ["a red circle moving right on a black background"], settings,
-                      executor=fast_executor(qcref.model, g), progress=False)
+                      executor=StepExecutor(FastRunner(qcref.model, g), g, stats="full"), progress=False)
     assert rel(v1, v0) < 1e-5
     assert len(r1.steps) == 3 and r1.steps[-1].stats["spatial_0"]["res_norm"] > 0
+    # by default the level follows the policy: policy none measures nothing but the action, same video
+    v2, r2 = generate(qcref, ["a red circle moving right on a black background"], settings,
+                      executor=fast_executor(qcref.model, g), progress=False)
+    assert torch.equal(v2, v1) and set(r2.steps[-1].stats["spatial_0"]) == {"action"}
 
 
 def test_cuda_graphs_need_cuda(qcref):
@@ -364,3 +368,24 @@ def test_fast_runner_keeps_the_hidden_state_row_major(qcref):
     assert emb["x"].is_contiguous() and torch.equal(emb["x"], emb_plain["x"])
     ex.step(_z(qcref, g), torch.full((2,), 500.0), cond, {})
     assert ex.residuals and all(r.is_contiguous() for r in ex.residuals.values())
+
+
+def test_graph_input_chains_on_a_graph_output_else_copies(qcref):
+    """CUDA-graph inputs (the pure bookkeeping; capture needs a GPU: tests/test_fast_executor_gpu.py): a unit whose
+    input is a captured graph's output buffer reads it in place; one chained graph per unit; anything else is copied
+    into the static buffer of its shape."""
+    r = FastRunner(qcref.model, _geometry(qcref))
+    a, b = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    r._outs = {a.data_ptr(): a, b.data_ptr(): b}
+    x, key = r._graph_input("default", "spatial_1", a)
+    assert x is a and key[-1] == a.data_ptr()
+    r._graphs[key] = None  # captured
+    assert r._graph_input("default", "spatial_1", a)[0] is a  # replayed chained
+    other = r._graph_input("default", "spatial_1", b)  # a second producer: copied, not a second chained graph
+    assert other[0] is not b and torch.equal(other[0], b) and other[1] == ("default", "spatial_1", (2, 5, 8))
+    fresh = torch.randn(2, 5, 8)  # e.g. h + reused residual
+    x, key = r._graph_input("default", "temporal_1", fresh)
+    assert x is other[0] and torch.equal(x, fresh) and len(key) == 3
+    part = a[:, :, :4]  # same address as a graph output, another shape: copied
+    x, key = r._graph_input("default", "temporal_2", part)
+    assert x is not a and torch.equal(x, part) and len(key) == 3

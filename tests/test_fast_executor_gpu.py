@@ -193,3 +193,41 @@ def test_plan_variant_per_step_changes_the_executed_precision(xl):
     outs = {v: runner.run_unit("spatial_0", v, inp)["x"].float() - x.float() for v in ("default", "high", "fp")}
     assert rel(outs["high"], outs["default"]) > 1e-3
     assert rel(outs["high"], outs["fp"]) < rel(outs["default"], outs["fp"])
+
+
+def test_stats_none_is_full_compute_bit_for_bit_and_no_sync(xl):
+    """The ours_fp8 configuration (FP8 plan, compiled, CUDA graphs) at stats='none' (policy none's default) gives
+    the velocity of stats='full' bit for bit, measures nothing but the action, keeps no residual, and does not
+    synchronise with the host inside a step."""
+    from qc_compile.runtime.policy import STAT_INDEX
+
+    gpu, _, g = xl
+    plan = fp8_block_plan(gpu)
+    runner = FastRunner(gpu, g, plan, compile=True, cuda_graphs=True)
+    cond = _cond()
+    z0 = torch.randn(2, 4, g.frames, g.height, g.width, generator=torch.Generator().manual_seed(6)).cuda()
+    out = {}
+    for level in ("full", "none", "full"):  # graphs captured during the first; the later runs replay them
+        ex = StepExecutor(runner, g, stats=level)
+        ex.reset()
+        z, vs = z0.clone(), []
+        for i in range(3):
+            v, st = ex.step(z, torch.full((2,), 900.0 - 200 * i, device="cuda"), cond, {})
+            vs.append((v.clone(), st.cpu()))
+            z = z + 0.1 * v[:, :4].float()
+        out[level] = (vs, dict(ex.residuals))
+    (full, res_full), (none, res_none) = out["full"], out["none"]
+    assert res_full and not res_none
+    for (v0, s0), (v1, s1) in zip(full, none):
+        assert torch.equal(v0, v1)
+        assert torch.equal(s1[:, STAT_INDEX["action"]], s0[:, STAT_INDEX["action"]])
+        others = torch.cat([s1[:, :STAT_INDEX["action"]], s1[:, STAT_INDEX["action"] + 1:]], dim=1)
+        assert torch.isnan(others).all()
+        assert not torch.isnan(s0[1:, STAT_INDEX["res_norm"]]).all()  # full does measure
+    ex = StepExecutor(runner, g, stats="none")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ex.step(z0, torch.full((2,), 500.0, device="cuda"), cond, {})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -39,10 +39,13 @@ def measured(qc_ref):
 
 def test_similarity_grid_equals_the_executors_cos_prev(qc_ref, measured):
     """Calibration measures exactly what SRAP reads at run time (both CFG rows of a one-prompt run)."""
-    from qc_compile.runtime.generation import generate
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.runtime.generation import generate, torch_executor
 
     s, sig = measured
-    _, rec = generate(qc_ref, CALIB_PROMPTS[1:], s, progress=False, seeds=[s.seed + 1])
+    g = Geometry.for_model(qc_ref.config, s.frames, s.height, s.width)
+    ex = torch_executor(qc_ref.model, g, stats="full")  # policy none alone measures nothing: ask for the statistics
+    _, rec = generate(qc_ref, CALIB_PROMPTS[1:], s, progress=False, seeds=[s.seed + 1], executor=ex)
     cos = sig.grid.cos("both")[1]
     for step in (0, 4, 9):
         for j, u in enumerate(sig.grid.units[1:], start=1):

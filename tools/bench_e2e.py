@@ -12,8 +12,12 @@ are excluded (``tools/bench_request.py`` times the whole request). Rows (``ROWS`
   ``ours_both_100``: the step executor over the ``torch-fast`` runner, compiled (``--cuda-graphs``: per-unit graphs).
 
 The quantcache decisions are replayed from qc-ref runs (``--make-grids``, committed in ``bench/results/e2e_grids.json``):
-random XL weights make adaptive statistics meaningless. The executor still computes every statistic a policy would
-read, so our rows carry that cost; the baselines carry nothing our path skips. Per row: seconds of the loop (CUDA
+random XL weights make adaptive statistics meaningless. The full-compute rows (``ours_fp8``) run at the statistics
+level a user without caching gets by default (policy none reads nothing: ``stats="none"``, no statistics kernels, no
+residual cache); the cached rows still compute every statistic a live caching policy would read (``stats="full"``),
+so they carry that cost. ``--stats`` forces one level on every our row. The baselines carry nothing our path skips.
+The JSON (and .md) is rewritten atomically after every row, so an interrupted run keeps the rows it finished
+(``"complete": false``); the overheads are measured right after our rows, before torchao's row (which runs last). Per row: seconds of the loop (CUDA
 events, after a separate 2-step warm-up that compiles/autotunes), median step, warm-up seconds, peak GPU memory
 (counter reset per row), compute fraction, the qc-ref fidelity of the same configuration (``--fidelity``), plus the
 overheads a user pays and a per-block kernel profile of ``plain_bf16_compile`` and ``ours_fp8``.
@@ -72,8 +76,8 @@ ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's 
             fidelity="plain_bf16"),
     RowSpec("plain_bf16_compile_100", "plain STDiT3.forward, bf16, every block torch.compile'd, 100 steps",
             "plain_compile", long=True, fidelity="plain_bf16_100"),
-    RowSpec("ours_fp8", "ours: FP8 W8A8 plan, torch-fast runner, compiled, every unit computed", "ours", fp8=True,
-            fidelity="ours_fp8"),
+    RowSpec("ours_fp8", "ours: FP8 W8A8 plan, torch-fast runner, compiled, every unit computed, statistics as "
+            "a user without caching gets them by default (policy none: none)", "ours", fp8=True, fidelity="ours_fp8"),
     RowSpec("ours_fp8_fused", "ours: FP8 W8A8 plan, compiled, quantization as torch ops fused by inductor (instead "
             "of the qc:: producer kernels), every unit computed", "ours", fp8=True, fidelity="ours_fp8", fused=True),
     RowSpec("ours_cached", "ours: bf16 torch-fast, quantcache decisions (replayed grid)", "ours", grid="cached_30",
@@ -250,7 +254,7 @@ def graph_pool_overhead(setup: Setup, plan, args, meter: B.Meter) -> list[dict]:
     from qc_compile.runtime.step_executor import StepExecutor
 
     runner = FastRunner(setup.model, setup.g, plan, compile=not args.no_compile, cuda_graphs=True)
-    ex = StepExecutor(runner, setup.g, stats=args.stats)
+    ex = StepExecutor(runner, setup.g, stats=args.stats)  # None: the full grid's level, as in ours_fp8
     torch.cuda.empty_cache()
     before = meter.allocated_gib()
     secs, _ = meter.timed(lambda: sample(setup, ex, full_grid(1, ex.unit_names), 1))
@@ -282,8 +286,9 @@ def load_grids(path: Path, depth: int) -> dict[str, dict]:
 
 
 def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, meter: B.Meter,
-             keep_latents: bool = False) -> tuple[list[dict], list[dict]]:
-    """Every row in order on the same inputs; one failing row is recorded and the others go on."""
+             keep_latents: bool = False, checkpoint=None) -> tuple[list[dict], list[dict]]:
+    """Every row in order on the same inputs; one failing row is recorded and the others go on. ``checkpoint(rows,
+    overheads)`` is called after every row and after the overheads are measured (the caller writes the JSON)."""
     from qc_compile.runtime.step_executor import StepExecutor
 
     model, units = setup.model, setup.model.unit_names()
@@ -305,6 +310,10 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
 
     graphs_measured = False
 
+    def save() -> None:
+        if checkpoint is not None and rows:
+            checkpoint(rows, overheads)
+
     def measure_graphs() -> None:  # before torchao rewrites the block linears the runner would quantize
         nonlocal graphs_measured
         if plan is None or graphs_measured or args.no_graph_overhead:
@@ -315,6 +324,7 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
         except Exception as err:  # noqa: BLE001
             overheads.append(skipped_overhead("cuda_graph_pool_gib", f"failed: {type(err).__name__}: {err}"[:500],
                                               "device memory held by per-unit CUDA graphs"))
+        save()
 
     for spec in specs:
         steps = setup.long_steps if spec.long else setup.steps
@@ -336,8 +346,9 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
             if spec.path == "torchao_compile":
                 compiled = B.regional_compile(model, backend=args.compile_backend)
                 compiled.__enter__()
-            if spec.path == "ours":
-                ex = StepExecutor(runner_for(spec.fp8, spec.fused), setup.g, stats=args.stats)
+            if spec.path == "ours":  # full compute: the level follows the policy (none); cached rows: full
+                level = args.stats if args.stats or spec.grid is None else "full"
+                ex = StepExecutor(runner_for(spec.fp8, spec.fused), setup.g, stats=level)
             else:
                 ex = B.PlainExecutor(model, setup.g)
             if spec.grid is None:
@@ -366,19 +377,19 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
         latent = row.pop("_latent", None)
         if keep_latents and latent is not None:
             row["_latent"] = latent
+        if row.get("warmup_s") is not None and spec.key in ("plain_bf16_compile", "ours_fp8", "torchao_fp8_compile"):
+            overheads.append(overhead(f"compile_warmup_s.{spec.key}", row["warmup_s"], "s",  # the first compile
+                                      f"first {args.warmup_steps}-step run of {spec.key}: compile, autotune"
+                                      + (", graph capture" if args.cuda_graphs and spec.key == "ours_fp8" else "")))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("_") and k != "executor"}), flush=True)
+        save()
         ex = None
         if meter.cuda:
             torch.cuda.empty_cache()
     if compiled is not None:
         compiled.__exit__(None, None, None)
     measure_graphs()
-    for r in rows:  # the first compile a user waits for, per path
-        if r.get("warmup_s") is not None and r["key"] in ("plain_bf16_compile", "ours_fp8", "torchao_fp8_compile"):
-            overheads.append(overhead(f"compile_warmup_s.{r['key']}", r["warmup_s"], "s",
-                                      f"first {args.warmup_steps}-step run of {r['key']}: compile, autotune"
-                                      + (", graph capture" if args.cuda_graphs and r['key'] == 'ours_fp8' else "")))
     return rows, overheads
 
 
@@ -443,34 +454,54 @@ def run_bench(args, keep_latents: bool = False) -> dict:
     setup = make_setup(args)
     grids = load_grids(args.grids, setup.depth)
     specs = [s for s in ROWS if not args.rows or s.key in args.rows]
-    rows, overheads = run_rows(setup, specs, grids, args, meter, keep_latents)
-    latents = {r["key"]: r.pop("_latent") for r in rows if "_latent" in r}
     fid_path = Path(args.fidelity_json) if args.fidelity_json else None
     fidelity = json.loads(fid_path.read_text()) if fid_path and fid_path.is_file() else None
-    add_ratios_and_fidelity(rows, fidelity)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.stem or gpu_stem()}.json"
+
+    def write(rows: list[dict], overheads: list[dict], complete: bool) -> dict:
+        kept = [{k: v for k, v in r.items() if k != "_latent"} for r in rows]
+        add_ratios_and_fidelity(kept, fidelity)
+        doc = bench_doc(setup, args, grids, fidelity, fid_path, kept, overheads, complete, [s.key for s in specs])
+        validate_doc(doc)
+        write_doc(path, doc)
+        return doc
+
+    rows, overheads = run_rows(setup, specs, grids, args, meter, keep_latents,
+                               checkpoint=lambda r, o: write(r, o, False))
+    latents = {r["key"]: r.pop("_latent") for r in rows if "_latent" in r}
+    doc = write(rows, overheads, True)
+    print(f"wrote {path} and .md")
+    if keep_latents:
+        doc["_latents"] = latents
+    return doc
+
+
+def write_doc(path: Path, doc: dict) -> None:
+    """The JSON and its .md, each written atomically (a reader never sees half a file)."""
+    from qc_compile.artifacts import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps(doc, indent=1).encode())
+    render(path)
+
+
+def bench_doc(setup: Setup, args, grids: dict, fidelity: dict | None, fid_path: Path | None, rows: list[dict],
+              overheads: list[dict], complete: bool, planned: list[str]) -> dict:
     g = setup.g
-    doc = {"what": WHAT, "excluded": EXCLUDED,
+    return {"what": WHAT, "excluded": EXCLUDED, "complete": complete, "rows_planned": planned,
            "setting": f"{setup.model.config.name} random weights, {setup.size[1]}x{setup.size[2]} px, {setup.size[0]} "
                       f"frames (latent {g.frames}x{g.height}x{g.width}, {g.N} tokens), CFG batch 2, RFLOW, "
                       f"{setup.steps} steps (100-step pair: {setup.long_steps}), {args.dtype}",
            "geometry": {"T": g.T, "S": g.S, "N": g.N}, "depth": setup.depth,
-           "options": {"cuda_graphs": args.cuda_graphs, "compile": not args.no_compile, "stats": args.stats,
+           "options": {"cuda_graphs": args.cuda_graphs, "compile": not args.no_compile, "stats": args.stats or "per row: ours_fp8 follows its "
+                       "policy (none), the cached rows full",
                        "compile_backend": args.compile_backend, "warmup_steps": args.warmup_steps, "quick": args.quick},
            "grids": {"file": str(args.grids), "mapping": "XL block j <- qc-ref block floor(j * 4 / depth) of the "
                      "same kind", **{k: {kk: vv for kk, vv in v.items() if kk != "grid"} for k, v in grids.items()}},
            "fidelity_source": None if fidelity is None else {"file": str(fid_path), "env": fidelity.get("env"),
                                                               "reference": fidelity.get("reference")},
            "rows": rows, "overheads": overheads, "env": _env(args.commit)}
-    validate_doc(doc)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.stem or gpu_stem()}.json"
-    path.write_text(json.dumps(doc, indent=1))
-    render(path)
-    print(f"wrote {path} and .md")
-    if keep_latents:
-        doc["_latents"] = latents
-    return doc
 
 
 # ------------------------------------------------------------------------------------------------ qc-ref: grids
@@ -601,14 +632,23 @@ def run_fidelity(args) -> None:
                          "checker_drop_points": 100.0 * (ref_checker[steps] - checker), "compute_fraction": cf,
                          "videos": len(vids), "policy": policy or "none", "overrides": over or {}}
         print(name, json.dumps(configs[name]), f"{time.perf_counter() - t0:.0f} s", flush=True)
-    doc = {"model": "qc-ref", "captions": captions, "caption_seed": EVAL_CAPTION_SEED, "batch": args.batch,
-           "dtype": args.dtype, "device": dev,
-           "reference": f"the fp32 model, policy none, same caption, noise seed and step count (torch executor)",
-           "note": "compile does not change the math: plain_bf16 stands for the eager and compiled rows; policies "
-                   "decide once per batch of `batch` captions", "configs": configs, "env": _env(args.commit)}
-    Path(args.out_fidelity).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out_fidelity).write_text(json.dumps(doc, indent=1))
+        write_fidelity(args, captions, configs, complete=False)  # an interrupted run keeps what it measured
+    write_fidelity(args, captions, configs, complete=True)
     print(f"wrote {args.out_fidelity}")
+
+
+def write_fidelity(args, captions: list[str], configs: dict, complete: bool) -> None:
+    """The --fidelity JSON, atomically; rewritten after every configuration."""
+    from qc_compile.artifacts import write_bytes_atomic
+
+    doc = {"model": "qc-ref", "captions": captions, "caption_seed": EVAL_CAPTION_SEED, "batch": args.batch,
+           "dtype": args.dtype, "device": args.device, "complete": complete,
+           "reference": "the fp32 model, policy none, same caption, noise seed and step count (torch executor)",
+           "note": "compile does not change the math: plain_bf16 stands for the eager and compiled rows; policies "
+                   "decide once per batch of `batch` captions; our executors' statistics level follows the policy "
+                   "(none: none, quantcache: full)", "configs": configs, "env": _env(args.commit)}
+    Path(args.out_fidelity).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(args.out_fidelity, json.dumps(doc, indent=1).encode())
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -666,7 +706,9 @@ def render(path: Path) -> None:
             vals = [p["ms_by_class"].get(c, 0.0) if c in classes else p["launch_gaps_ms" if c == "launch_gaps"
                                                                             else "wall_ms"] for p in prof.values()]
             L.append(f"| {c.replace('_', ' ')} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    Path(path).with_suffix(".md").write_text("\n".join(L) + "\n")
+    from qc_compile.artifacts import write_bytes_atomic
+
+    write_bytes_atomic(Path(path).with_suffix(".md"), ("\n".join(L) + "\n").encode())
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -695,7 +737,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compile-backend", default=None, help="regional compile backend (default inductor; "
                                                              "--quick: eager)")
     ap.add_argument("--cuda-graphs", action="store_true", help="our rows with per-unit CUDA graphs")
-    ap.add_argument("--stats", default="full", choices=("full", "cache"), help="statistics our executor computes")
+    ap.add_argument("--stats", default=None, choices=("full", "cache", "none"),
+                    help="statistics level of every our row (default: ours_fp8 follows its policy, none; the "
+                         "cached rows full)")
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--profile-steps", type=int, default=2, help="0: no per-block profile")
     ap.add_argument("--no-graph-overhead", action="store_true", help="skip the CUDA-graph memory measurement")

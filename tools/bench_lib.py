@@ -210,6 +210,9 @@ class ReplayPolicy:
 
     def __init__(self, grid: list[dict[str, dict]]) -> None:
         self.grid = grid
+        # what the executor must measure: nothing for an all-compute grid (policy none's level), else everything
+        # (the cached rows keep the statistics cost a live caching policy pays)
+        self.reads_stats = "none" if all(d["action"] == "compute" for g in grid for d in g.values()) else "full"
 
     def reset(self, unit_names, num_steps: int) -> None:
         if num_steps > len(self.grid):

@@ -51,6 +51,7 @@ class NoPolicy(BasePolicy):
     """The FP baseline: every unit computed at every step (the one "none" policy; the sampler's default)."""
 
     name = "none"
+    reads_stats = "none"  # computes every unit, reads nothing: no statistics kernels, no residual cache
 
 
 POLICIES: dict[str, type[BasePolicy]] = {c.name: c for c in (

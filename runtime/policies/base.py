@@ -166,6 +166,9 @@ class BasePolicy:
     name = "base"
     PARAMS: dict[str, Param] = {}
     requires: frozenset[str] = frozenset()  # executor features: "parts" (sub-block caches), "gate" (in-step test)
+    # the statistics level the policy needs from the executor (step_stats.STATS_LEVELS): "none" for a policy that
+    # never reuses and reads no statistics; "full" (the safe default) for every caching policy
+    reads_stats: str = "full"
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         self.params = resolve_params(self.name, self.PARAMS, ("defaults", params))

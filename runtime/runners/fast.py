@@ -6,8 +6,9 @@ optional torch.compile and per-unit CUDA graphs; statistics through the fused ``
 * ``embed`` and ``final`` run on the model itself (unquantized even where the plan lists their linears; recorded in
   :meth:`FastRunner.describe`).
 * ``cuda_graphs=True`` captures each (variant, block unit) once, after two eager warm-up calls (the Triton producers
-  autotune on their first call), into one shared memory pool; the unit input is copied into a static buffer before
-  each replay and the step's other block inputs once per step (:meth:`begin_step`). ``compile=True`` compiles the
+  autotune on their first call), into one shared memory pool. A unit whose input is the previous unit graph's output
+  reads that buffer directly; any other input is copied into a static buffer before the replay; the step's other
+  block inputs are copied once per step (:meth:`begin_step`). ``compile=True`` compiles the
   block forward with inductor once per block kind. ``fused=True`` writes the FP8 quantization as torch ops for
   inductor to fuse into the kernels producing each activation (:mod:`..fast_linear`); it is off by default because
   on an H200 it was slower than the ``qc::`` producers (inductor split each producer into an amax reduction and a
@@ -80,6 +81,8 @@ class FastRunner:
         self._graphs: dict[tuple, _UnitGraph] = {}
         self._static: dict[str, torch.Tensor] = {}
         self._x: dict[tuple, torch.Tensor] = {}
+        self._outs: dict[int, torch.Tensor] = {}  # data_ptr -> a captured graph's output buffer (chained inputs)
+        self._chained: set[tuple] = set()  # units that already have their one chained graph
         self._x_dtype: torch.dtype | None = None
         self._pool = None
         # id(mask) -> (weak reference to the mask, its cut): a hit needs the same live tensor object, since ids
@@ -163,6 +166,8 @@ class FastRunner:
 
         if h.dtype != self._x_dtype or any(differs(k, v) for k, v in want.items()):
             self._graphs.clear()
+            self._outs.clear()
+            self._chained.clear()
             self._x.clear()
             self._x_dtype = h.dtype
             self._static = {k: None if v is None else torch.empty_like(v) for k, v in want.items()}
@@ -171,15 +176,34 @@ class FastRunner:
             if v is not None:
                 self._static[k].copy_(v)
 
-    def _graph_unit(self, fm: FastModel, variant: str, name: str, h: torch.Tensor, g) -> torch.Tensor:
-        """Replay the unit's graph; a unit input buffer per shape (a sharded run's spatial and temporal blocks may
-        see different token counts), made before any capture."""
-        st = self._static
-        x = self._x.get(tuple(h.shape))
+    def _graph_input(self, variant: str, name: str, h: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The buffer the unit's graph reads and its key. When ``h`` is the output buffer of another unit's graph (the
+        previous unit computed: every unit of a full-compute step) the graph reads that buffer directly: no copy (an
+        XL step had one 110 MB device-to-device copy per block unit, 56 per step; the H200 profile of ours_fp8 at
+        1544a85 showed 3.5 ms of Memcpy DtoD per 261 ms step, which these account for by size). Otherwise (a reused
+        or pruned predecessor, the first unit) ``h`` is copied into the unit input buffer of its shape (a sharded
+        run's spatial and temporal blocks may see different token counts). A unit keeps one chained graph (for the
+        first producer it saw) besides its copying one, so memory stays bounded."""
+        shape = tuple(h.shape)
+        src = self._outs.get(h.data_ptr())
+        if src is not None and src is not h and (src.shape != h.shape or src.stride() != h.stride()
+                                                 or src.dtype != h.dtype):
+            src = None
+        if src is not None:
+            key = (variant, name, shape, h.data_ptr())
+            if key in self._graphs or (variant, name, shape, "chained") not in self._chained:
+                self._chained.add((variant, name, shape, "chained"))
+                return src, key
+        x = self._x.get(shape)
         if x is None:
-            x = self._x[tuple(h.shape)] = torch.empty_like(h)
+            x = self._x[shape] = torch.empty_like(h)
         x.copy_(h)
-        key = (variant, name, tuple(h.shape))
+        return x, (variant, name, shape)
+
+    def _graph_unit(self, fm: FastModel, variant: str, name: str, h: torch.Tensor, g) -> torch.Tensor:
+        """Replay the unit's graph (captured on first use), reading its input as :meth:`_graph_input` says."""
+        st = self._static
+        x, key = self._graph_input(variant, name, h)
         entry = self._graphs.get(key)
         if entry is None:
             block = fm.block(name)
@@ -197,6 +221,7 @@ class FastRunner:
             with torch.cuda.graph(graph, pool=self._pool):
                 out = run()
             entry = self._graphs[key] = _UnitGraph(graph, out)
+            self._outs[out.data_ptr()] = out
         entry.graph.replay()
         return entry.out
 
