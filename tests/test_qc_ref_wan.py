@@ -255,3 +255,17 @@ def test_init_from_starts_a_run_from_a_folders_weights(tmp_path):
     with pytest.raises(UserError, match="config differs"):
         train_reference_wan.main(["--out", str(tmp_path / "bad"), "--init-from", str(src), "--max-steps", "1",
                                   "--batch", "2"])
+
+
+def test_diagnose_tool_on_a_tiny_folder(tmp_path):
+    import diagnose_qc_ref_wan
+
+    folder = _tiny_folder(tmp_path, defaults=qrw.SamplingDefaults(frames=8, height=16, width=16, steps=2))
+    out = tmp_path / "diag.json"
+    assert diagnose_qc_ref_wan.main(["--checkpoint", str(folder), "--n", "2", "--device", "cpu",
+                                     "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["checker_ground_truth"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "background": 1.0}
+    sens = rep["caption_sensitivity"]
+    assert set(sens) == {"color", "shape", "direction"} and all(v > 0 for v in sens.values())  # random weights
+    assert rep["time_flip"] > 0 and sum(rep["direction_from_noise"]["read_directions"].values()) == 8
