@@ -178,3 +178,94 @@ def test_bf16_load_keeps_diffusers_fp32_modules_and_samples(tmp_path):
     out = loaded.sample(["a red circle moving left on a black background"], seed=0)
     qc_compile.disable(loaded.transformer)
     assert torch.isfinite(out).all() and out.shape == ref.shape
+
+
+def _record_inputs(transformer, into: list) -> None:
+    """Record (hidden_states, timestep) of every transformer call."""
+
+    def hook(_mod, args, kwargs):
+        hs = kwargs.get("hidden_states", args[0] if args else None)
+        ts = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        into.append((hs.detach().float().clone(), ts.detach().float().clone()))
+
+    transformer.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_training_and_sampling_feed_the_transformer_alike(tmp_path, monkeypatch):
+    """The direction-at-chance hypotheses of issue 16: the frame-position channel (channel 3, rising from -1 at frame
+    0 to 1 at the last frame, the same in every batch row and CFG branch) and timestep = σ·1000 must reach the
+    transformer identically from the trainer and from the sampler."""
+    import train_reference_wan
+
+    frames = qrw.SamplingDefaults().frames
+    ramp = torch.linspace(-1.0, 1.0, frames).view(1, frames, 1, 1)
+    trained: list = []
+    build = qrw.build_transformer
+
+    def recording_build(config=None):
+        tr = build(config)
+        _record_inputs(tr, trained)
+        return tr
+
+    monkeypatch.setattr(train_reference_wan.qrw, "build_transformer", recording_build)
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    assert train_reference_wan.main(["--out", str(tmp_path / "run"), "--max-steps", "1", "--batch", "2",
+                                     "--warmup", "1", "--config", str(cfg)]) == 0
+    (hs, ts), = trained
+    assert hs.shape == (2, 4, frames, 32, 32)
+    assert torch.equal(hs[:, 3], ramp.expand(2, frames, 32, 32))  # frame channel, frames on dim 2
+    assert ts.shape == (2,) and bool(((ts > 0) & (ts < 1000)).all())  # σ·1000 per row
+
+    monkeypatch.undo()
+    loaded = load_model("qc-ref-wan", checkpoint=_tiny_folder(tmp_path))
+    sampled: list = []
+    _record_inputs(loaded.transformer, sampled)
+    z0 = loaded.sample(["a red circle moving left on a black background"], seed=3, steps=2)
+    d = loaded.defaults
+    sched = qrw.flow_scheduler(d.shift)
+    sched.set_timesteps(2)
+    assert len(sampled) == 4  # cond + uncond per step
+    sr = torch.linspace(-1.0, 1.0, d.frames).view(1, d.frames, 1, 1).expand(1, d.frames, d.height, d.width)
+    for k, (hs, ts) in enumerate(sampled):
+        assert hs.shape == (1, 4, d.frames, d.height, d.width) and torch.equal(hs[:, 3], sr)
+        assert torch.allclose(ts, sched.sigmas[k // 2] * 1000)
+    from qc_compile.runtime.sampler import noise
+
+    assert torch.equal(sampled[0][0][:, :3], noise((1, 3, d.frames, d.height, d.width), 3))  # the start: pure noise
+    assert z0.shape == (1, 3, d.frames, d.height, d.width)
+
+
+def test_init_from_starts_a_run_from_a_folders_weights(tmp_path):
+    """``--init-from`` (a further training stage with a fresh schedule): at lr 0 the written folder's weights are
+    exactly the source folder's."""
+    import train_reference_wan
+
+    src = _tiny_folder(tmp_path)
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "stage2"
+    assert train_reference_wan.main(["--out", str(out), "--init-from", str(src), "--max-steps", "1", "--batch", "2",
+                                     "--lr", "0", "--warmup", "1", "--config", str(cfg)]) == 0
+    a, b = load_model("qc-ref-wan", checkpoint=src), load_model("qc-ref-wan", checkpoint=out / "qc_ref_wan")
+    for x, y in ((a.transformer, b.transformer), (a.text_encoder, b.text_encoder)):
+        sx, sy = x.state_dict(), y.state_dict()
+        assert sx.keys() == sy.keys() and all(torch.equal(sx[k], sy[k]) for k in sx)
+    assert b.meta["provenance"]["init_from"]["folder"] == str(src)
+    with pytest.raises(UserError, match="config differs"):
+        train_reference_wan.main(["--out", str(tmp_path / "bad"), "--init-from", str(src), "--max-steps", "1",
+                                  "--batch", "2"])
+
+
+def test_diagnose_tool_on_a_tiny_folder(tmp_path):
+    import diagnose_qc_ref_wan
+
+    folder = _tiny_folder(tmp_path, defaults=qrw.SamplingDefaults(frames=8, height=16, width=16, steps=2))
+    out = tmp_path / "diag.json"
+    assert diagnose_qc_ref_wan.main(["--checkpoint", str(folder), "--n", "2", "--device", "cpu",
+                                     "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["checker_ground_truth"] == {"color": 1.0, "shape": 1.0, "direction": 1.0, "background": 1.0}
+    sens = rep["caption_sensitivity"]
+    assert set(sens) == {"color", "shape", "direction"} and all(v > 0 for v in sens.values())  # random weights
+    assert rep["time_flip"] > 0 and sum(rep["direction_from_noise"]["read_directions"].values()) == 8

@@ -7,6 +7,8 @@ empty caption (the null caption qc-ref-wan samples with). See qc_compile/models/
 
     python tools/train_reference_wan.py --out OUT --minutes 7 --compile          # H100: ~7 min
     python tools/train_reference_wan.py --out OUT --max-steps 30 --batch 4       # CPU smoke run
+    python tools/train_reference_wan.py --out OUT2 --init-from OUT/qc_ref_wan --lr 3e-4 --warmup 100 --minutes 10 --compile
+                                                      # a further stage from a folder's weights, fresh schedule
 
 Writes OUT/qc_ref_wan/ (the diffusers-layout folder to ship: EMA weights, fp32), OUT/state_*.safetensors (resume
 state), OUT/train_log.json (losses every 25 steps, per-run device/commit/wall time).
@@ -41,6 +43,27 @@ class Trainee(torch.nn.Module):
         self.text_encoder = qrw.build_text_encoder()
 
 
+def init_from_folder(net: Trainee, folder: Path, config: dict) -> dict:
+    """Load a qc-ref-wan folder's transformer and caption encoder into ``net`` (verified by sha256 on load); the
+    folder's transformer config must be the one being trained."""
+    import json
+
+    from qc_compile.errors import UserError
+
+    loaded = qrw.load_qc_ref_wan(folder)
+    norm = lambda x: json.loads(json.dumps(x))  # noqa: E731  (tuples vs lists)
+    diff = {k: (loaded.transformer.config.get(k), v) for k, v in config.items()
+            if norm(loaded.transformer.config.get(k)) != norm(v)}
+    if diff:
+        raise UserError(f"--init-from {folder}: its transformer config differs from the one being trained "
+                        f"(field: (folder, training)) {diff}; pass the matching --config.")
+    net.transformer.load_state_dict(loaded.transformer.state_dict())
+    net.text_encoder.load_state_dict(loaded.text_encoder.state_dict())
+    steps = loaded.meta.get("provenance", {}).get("train_steps")
+    print(f"initialised from {folder} ({steps} steps)", flush=True)
+    return {"folder": str(folder), "train_steps": steps, "files": loaded.meta.get("files", {})}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, lr=5e-4, warmup=300)
@@ -48,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke runs)")
     ap.add_argument("--log-every", type=int, default=25, help="log the loss every N steps")
     ap.add_argument("--config", default=None, help="JSON file overriding fields of the transformer config (tests)")
+    ap.add_argument("--init-from", default=None,
+                    help="a qc-ref-wan folder (e.g. the shipped one) whose weights start this run, with a fresh "
+                         "optimizer and lr schedule (qc-ref's later stages; --resume instead continues a schedule)")
     args = ap.parse_args(argv)
 
     import json
@@ -70,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     log: dict = {"losses": [], "runs": [], "model": "qc-ref-wan", "transformer_config": config,
                  "train_shift": args.train_shift, "class_dropout": CLASS_DROPOUT}
+    if args.init_from:
+        log["init_from"] = init_from_folder(net, Path(args.init_from), config)
+        ema.load_state_dict(net.state_dict())
     step, total = 0, args.total_steps
     if args.resume:
         step, total, log = load_state(Path(args.resume), net, ema, opt, params, device)
@@ -99,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         run = run_info(args, device, step, total, wall)
         save_state(out, net, ema, opt, params, step, total, log, run)
         prov = {"train_steps": step, "train_batch": args.batch, "train_commit": git_commit(),
-                "train_shift": args.train_shift, "runs": log["runs"] + [run]}
+                "train_shift": args.train_shift, "init_from": log.get("init_from"), "runs": log["runs"] + [run]}
         qrw.save_qc_ref_wan(out / "qc_ref_wan", ema.transformer, ema.text_encoder, defaults=defaults,
                             provenance=prov)
         print(f"{'done' if final else 'saved'}: step {step}/{total}, {wall:.0f}s this run", flush=True)
