@@ -251,3 +251,12 @@ def test_interrupted_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     assert any(o["key"] == "compile_warmup_s.plain_bf16_compile" for o in doc["overheads"])
     assert "`plain_bf16_compile`" in (tmp_path / "e2e_int.md").read_text()
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the row where the 8-bit attention cannot run")
+def test_the_sage_row_is_skipped_with_its_reason_without_cuda(tmp_path) -> None:
+    """An optional backend that cannot run here is a skipped row naming why, not an error that hides the others."""
+    assert E.main(["--quick", "--rows", "ours_fp8", "ours_fp8_sage", "--out", str(tmp_path), "--stem", "s"]) == 0
+    rows = {r["key"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
+    assert rows["ours_fp8"]["seconds"] > 0 and "error" not in rows["ours_fp8"]
+    assert "needs a CUDA GPU" in rows["ours_fp8_sage"]["skipped"] and "seconds" not in rows["ours_fp8_sage"]

@@ -68,6 +68,7 @@ class RowSpec:
     grid: str | None = None  # ours: the replayed grid in e2e_grids.json (None: every unit computed)
     fidelity: str = ""  # the configuration's key in the --fidelity JSON
     fused: bool | None = None  # ours: FP8 quantization fused by inductor (None: the runner's default)
+    attention: str = "sdpa"  # ours: self-attention backend (runtime/attention.py; "sage" = 8-bit, extra `sage`)
 
 
 ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's linears, so it runs last
@@ -80,6 +81,9 @@ ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's 
             "a user without caching gets them by default (policy none: none)", "ours", fp8=True, fidelity="ours_fp8"),
     RowSpec("ours_fp8_fused", "ours: FP8 W8A8 plan, compiled, quantization as torch ops fused by inductor (instead "
             "of the qc:: producer kernels), every unit computed", "ours", fp8=True, fidelity="ours_fp8", fused=True),
+    RowSpec("ours_fp8_sage", "ours: FP8 W8A8 plan as ours_fp8, spatial self-attention in 8 bits (SageAttention "
+            "1.0.6 INT8 Q.K, FP16 P.V; extra `sage`), every unit computed", "ours", fp8=True,
+            fidelity="ours_fp8_sage", attention="sage"),
     RowSpec("ours_cached", "ours: bf16 torch-fast, quantcache decisions (replayed grid)", "ours", grid="cached_30",
             fidelity="ours_cached"),
     RowSpec("ours_both", "ours: FP8 + quantcache decisions (replayed grid)", "ours", fp8=True, grid="both_30",
@@ -91,7 +95,7 @@ ROWS: tuple[RowSpec, ...] = (  # run order: the torchao row mutates the model's 
 )
 ROW_KEYS = tuple(r.key for r in ROWS)
 BASELINE = {False: "plain_bf16_compile", True: "plain_bf16_compile_100"}  # ratios are to these (same steps)
-PROFILE_ROWS = ("plain_bf16_compile", "ours_fp8", "ours_fp8_fused")
+PROFILE_ROWS = ("plain_bf16_compile", "ours_fp8", "ours_fp8_fused", "ours_fp8_sage")
 
 
 # ------------------------------------------------------------------------------------------------ JSON schema
@@ -227,12 +231,13 @@ def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict]):
 
 
 def build_fast_runner(setup: Setup, plan, args, meter: B.Meter, overheads: list[dict] | None,
-                      fused: bool | None = None):
+                      fused: bool | None = None, attention: str = "sdpa"):
     from qc_compile.runtime.runners.fast import FastRunner
 
     before = meter.allocated_gib()
     secs, runner = meter.timed(lambda: FastRunner(setup.model, setup.g, plan, compile=not args.no_compile,
-                                                  cuda_graphs=args.cuda_graphs, fused=fused))
+                                                  cuda_graphs=args.cuda_graphs, fused=fused,
+                                                  attention=attention))
     if overheads is not None and plan is not None:
         after = meter.allocated_gib()
         overheads.append(overhead("weight_quantization_s", secs, "s", "building the torch-fast runner from the "
@@ -298,15 +303,15 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
     plan = None
     compiled = None  # the regional-compile context while plain_compile rows run
 
-    def runner_for(fp8: bool, fused: bool | None = None):
+    def runner_for(fp8: bool, fused: bool | None = None, attention: str = "sdpa"):
         nonlocal plan
-        if (fp8, fused) not in runners:
+        if (fp8, fused, attention) not in runners:
             if fp8 and plan is None:
                 plan = load_fp8_plan(setup, meter, overheads)
             first = not any(k[0] == fp8 for k in runners)  # the overheads are those of the first such runner
-            runners[(fp8, fused)] = build_fast_runner(setup, plan if fp8 else None, args, meter,
-                                                      overheads if first else None, fused)
-        return runners[(fp8, fused)]
+            runners[(fp8, fused, attention)] = build_fast_runner(setup, plan if fp8 else None, args, meter,
+                                                                 overheads if first else None, fused, attention)
+        return runners[(fp8, fused, attention)]
 
     graphs_measured = False
 
@@ -340,6 +345,15 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
                 if why is not None:
                     rows.append({**row, "skipped": why})
                     continue
+            if spec.attention != "sdpa":  # an optional backend that cannot run here is a skipped row, not an error
+                from qc_compile.errors import UserError
+                from qc_compile.runtime.attention import check_attention_backend
+
+                try:
+                    check_attention_backend(spec.attention, args.device)
+                except UserError as why:
+                    rows.append({**row, "skipped": str(why)})
+                    continue
             if spec.path == "plain_compile" and compiled is None:
                 compiled = B.regional_compile(model, backend=args.compile_backend)
                 compiled.__enter__()
@@ -348,7 +362,7 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
                 compiled.__enter__()
             if spec.path == "ours":  # full compute: the level follows the policy (none); cached rows: full
                 level = args.stats if args.stats or spec.grid is None else "full"
-                ex = StepExecutor(runner_for(spec.fp8, spec.fused), setup.g, stats=level)
+                ex = StepExecutor(runner_for(spec.fp8, spec.fused, spec.attention), setup.g, stats=level)
             else:
                 ex = B.PlainExecutor(model, setup.g)
             if spec.grid is None:
@@ -596,7 +610,11 @@ def run_fidelity(args) -> None:
     refs: dict[int, list] = {}
     ref_checker: dict[int, float] = {}
     configs: dict[str, dict] = {}
+    def sage(p):
+        return lambda m, g: StepExecutor(FastRunner(m, g, p, attention="sage"), g)
+
     table = [("plain_bf16", "plain", args.steps, None, None), ("ours_fp8", fast(plan), args.steps, None, None),
+             ("ours_fp8_sage", sage(plan), args.steps, None, None),
              ("ours_cached", fast(None), args.steps, "quantcache", None),
              ("ours_both", fast(plan), args.steps, "quantcache", None),
              ("torchao_fp8", "torchao", args.steps, None, None),
@@ -617,6 +635,15 @@ def run_fidelity(args) -> None:
             why = B.torchao_fp8(lm.model)
             if why is not None:
                 configs[name] = {"skipped": why}
+                continue
+        if name.endswith("_sage"):  # the optional 8-bit attention: skipped with the reason where it cannot run
+            from qc_compile.errors import UserError
+            from qc_compile.runtime.attention import check_attention_backend
+
+            try:
+                check_attention_backend("sage", dev)
+            except UserError as why:
+                configs[name] = {"skipped": str(why)}
                 continue
         t0 = time.perf_counter()
         if how in ("plain", "torchao"):
