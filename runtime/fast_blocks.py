@@ -281,8 +281,12 @@ def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: 
 
 
 def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *, rotation: int | None = None,
-                   include_embed_final: bool = False):
+                   include_embed_final: bool = False, high_variant: bool = False):
     """A W8A8 FP8 plan over every block linear of ``model`` (other linears bf16), for the fast path and the benches.
+
+    ``high_variant`` adds the ``high`` precision variant (every linear bf16) that ``calibrate --uniform`` plans carry,
+    so the precision requests of a policy (AIGQ's computes after a reuse) run at that precision instead of falling
+    back to the FP8 default.
 
     ``ranges`` (name -> {"amax": ...}, from :class:`qc_compile.calib.ranges.RangeCollector`) give the static
     ``act_scale`` the Q/DQ graphs and ``torch_package`` use; without them ``act_scale`` stays None (the fast path
@@ -299,7 +303,9 @@ def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *
             e = LinearPlan(unit=li.unit, weight="fp8_e4m3", activation="fp8_e4m3", act_amax=amax,
                            act_scale=None if amax is None else act_scale_for("fp8_e4m3", amax), rotation=rotation)
         linears[li.name] = e
+    variants = {"high": {"*": {"weight": "bf16", "activation": "bf16"}}} if high_variant else {}
     return Plan(model={"name": model.config.name, "config_sha256": config_sha256(model.config)}, linears=linears,
+                variants=variants,
                 provenance={"made_by": "qc_compile.runtime.fast_blocks.fp8_block_plan",
                             "act_scale": "calibrated ranges" if ranges is not None else
                             "none: dynamic per-token scales only"})

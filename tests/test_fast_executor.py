@@ -389,3 +389,25 @@ def test_graph_input_chains_on_a_graph_output_else_copies(qcref):
     part = a[:, :, :4]  # same address as a graph output, another shape: copied
     x, key = r._graph_input("default", "temporal_2", part)
     assert x is not a and torch.equal(x, part) and len(key) == 3
+
+
+def test_fp8_plan_high_variant_runs_precision_requests_unquantized(qcref):
+    """The benches' FP8 plan carries the ``high`` variant (every linear bf16, as ``calibrate --uniform`` plans do):
+    a decision asking for ``high`` runs the unquantized block (equal to the ``fp`` model), ``default`` runs FP8; without
+    the variant a ``high`` request falls back to the FP8 default (what the 1544a85 benches measured)."""
+    g = _geometry(qcref)
+    c = qcref.config
+    gen = torch.Generator().manual_seed(11)
+    L = c.model_max_length
+    inp = {"x": torch.randn(2, g.N, c.hidden_size, generator=gen),
+           "t_mlp": torch.randn(2, 6 * c.hidden_size, generator=gen),
+           "y": torch.randn(2, L, c.hidden_size, generator=gen), "mask": torch.ones(2, L, dtype=torch.bool)}
+    with_high = FastRunner(qcref.model, g, fp8_block_plan(qcref.model, high_variant=True))
+    without = FastRunner(qcref.model, g, fp8_block_plan(qcref.model))
+    assert "high" in with_high.describe()["variants"] and "high" not in without.describe()["variants"]
+    high = with_high.run_unit("spatial_1", "high", inp)["x"]
+    fp = with_high.run_unit("spatial_1", "fp", inp)["x"]
+    default = with_high.run_unit("spatial_1", "default", inp)["x"]
+    assert torch.equal(high, fp)
+    assert rel(default, fp) > 1e-4  # FP8 changed something
+    assert torch.equal(without.run_unit("spatial_1", "high", inp)["x"], default)

@@ -213,7 +213,7 @@ def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict]):
     with RangeCollector(setup.model) as rc:
         cal_s, _ = meter.timed(lambda: sample(setup, B.PlainExecutor(setup.model, setup.g),
                                               full_grid(1, setup.model.unit_names()), 1))
-    plan = fp8_block_plan(setup.model, rc.reduce())
+    plan = fp8_block_plan(setup.model, rc.reduce(), high_variant=True)
     plan.model = {**plan.model, "weights_sha256": None}  # random weights: no exported digest to bind to
     plan.provenance = {**plan.provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "command": "tools/bench_e2e.py (ranges of one sampling step)",
@@ -510,7 +510,8 @@ def bench_doc(setup: Setup, args, grids: dict, fidelity: dict | None, fid_path: 
            "geometry": {"T": g.T, "S": g.S, "N": g.N}, "depth": setup.depth,
            "options": {"cuda_graphs": args.cuda_graphs, "compile": not args.no_compile, "stats": args.stats or "per row: ours_fp8 follows its "
                        "policy (none), the cached rows full",
-                       "compile_backend": args.compile_backend, "warmup_steps": args.warmup_steps, "quick": args.quick},
+                       "compile_backend": args.compile_backend, "warmup_steps": args.warmup_steps, "quick": args.quick,
+                       "fp8_plan_variants": ["high"]},
            "grids": {"file": str(args.grids), "mapping": "XL block j <- qc-ref block floor(j * 4 / depth) of the "
                      "same kind", **{k: {kk: vv for kk, vv in v.items() if kk != "grid"} for k, v in grids.items()}},
            "fidelity_source": None if fidelity is None else {"file": str(fid_path), "env": fidelity.get("env"),
@@ -537,7 +538,7 @@ def run_grids(args) -> None:
     loaded = load_model("qc-ref", device=args.device)
     model = loaded.model
     prompts = default_prompts("qc-ref", args.grid_prompts, seed=GRID_PROMPT_SEED)
-    plan = fp8_block_plan(model)
+    plan = fp8_block_plan(model, high_variant=True)
     sets = dict(kv.split("=", 1) for kv in args.set_long)
     sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
     out = {}
@@ -587,7 +588,7 @@ def run_fidelity(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     low = copy.deepcopy(loaded)
     low.model = low.model.to(dtype)
-    plan = fp8_block_plan(low.model)
+    plan = fp8_block_plan(low.model, high_variant=True)
     sets = dict(kv.split("=", 1) for kv in args.set_long)
     sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
 
@@ -714,7 +715,9 @@ def render(path: Path) -> None:
     L += ["", "Rows: " + "; ".join(f"`{r['key']}` = {r['label']}" for r in doc["rows"]) + ".", "",
           f"Options: {json.dumps(doc.get('options', {}))}. Grids: {doc['grids'].get('mapping', '')}; replayed "
           "from qc-ref `quantcache` runs (random weights make adaptive statistics meaningless); AIGQ's precision "
-          "requests in them (`high`) run the one FP8 plan (the plan has no variants), as in the fidelity runs.", ""]
+          "requests in them (`high`) " + ("run the FP8 plan's `high` variant (every linear bf16, as in "
+          "`calibrate --uniform` plans)" if doc.get("options", {}).get("fp8_plan_variants") else
+          "run the one FP8 plan (the plan has no variants)") + ", as in the fidelity runs.", ""]
     if doc.get("notes"):
         L += ["Notes:", ""] + [f"- {n}" for n in doc["notes"]] + [""]
     L += ["## Overheads a user pays", "", "| what | value |", "|---|---|"]
