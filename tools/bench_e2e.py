@@ -696,7 +696,9 @@ def render(path: Path) -> None:
     env = doc["env"]
     L = [f"# {doc['what']}: {doc.get('setting', '')}", "",
          f"Excluded: {doc['excluded']}. Device {env['device']}, commit {env['commit']}, torch {env['torch']}, "
-         f"triton {env['triton']}, {env['date']}. All rows in one process on the same inputs; seconds = the whole "
+         f"triton {env['triton']}, {env['date']}. "
+         + (doc["processes"] if doc.get("processes") else "All rows in one process on the same inputs.")
+         + " Seconds = the whole "
          "sampling loop (CUDA events), after a separate warm-up run; peak memory reset per row. Ratios are to "
          "`plain_bf16_compile` at the same step count. Fidelity: qc-ref, the same configuration, 32 held-out "
          "captions, PSNR / SSIM vs its fp32 video / caption-checker accuracy (change vs fp32).", "",
