@@ -133,24 +133,6 @@ def measure(loaded, prompts, settings, *, progress: bool = False, contexts=()) -
     return videos, Signals(grid, res, prune_error, evaluate)
 
 
-def sample_captions_once(loaded, y, mask, y_null, settings, seed: int, policy) -> tuple[torch.Tensor, object]:
-    """One video from caption features (what :func:`generate` does after encoding the prompt): (video, record)."""
-    from qc_compile.models.stdit3 import Geometry
-    from qc_compile.runtime.generation import initial_noise, torch_executor
-    from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
-
-    c = loaded.config
-    g = Geometry.for_model(c, settings.frames, settings.height, settings.width)
-    dev = loaded.model.x_embedder.proj.weight.device
-    z = initial_noise(loaded, settings, 1, [seed]).to(dev)
-    sampler = RFlowSampler(SamplerConfig(num_steps=settings.steps, cfg_scale=settings.cfg,
-                                         use_timestep_transform=c.use_timestep_transform, shift=settings.shift))
-    rec = sampler.sample(torch_executor(loaded.model, g), z, y.to(dev), mask.to(dev), y_null.to(dev), settings.fps,
-                         video_size=(settings.frames, settings.height, settings.width), policy=policy, progress=False)
-    video = rec.z.float().cpu()
-    return (video.clamp(-1, 1) if c.space == "pixel" else video), rec
-
-
 def fidelity_evaluator(loaded, settings, captions: list, references: list[torch.Tensor], *, context: str = "hlc",
                        max_prompts: int = 4) -> srap_calib.Evaluate:
     """``evaluate(srap_params)``: the first ``max_prompts`` calibration prompts (prompt k from noise seed
@@ -159,6 +141,7 @@ def fidelity_evaluator(loaded, settings, captions: list, references: list[torch.
     fraction. Pixel-space videos in [-1, 1] (data range 2); latents against their own range."""
     from qc_compile.metrics.fidelity import psnr
     from qc_compile.models.units import block_units
+    from qc_compile.runtime.generation import generate_from_features
     from qc_compile.runtime.policies import get_policy
 
     units = tuple(block_units(loaded.model.unit_names()))
@@ -173,8 +156,8 @@ def fidelity_evaluator(loaded, settings, captions: list, references: list[torch.
         ps, comp = [], []
         for k in range(n):
             seed = settings.seed + k
-            video, rec = sample_captions_once(loaded, *captions[k], settings, seed, get_policy(spec, None, plan,
-                                                                                               seed=seed))
+            video, rec = generate_from_features(loaded, *captions[k], settings, progress=False, seeds=[seed],
+                                                policy=get_policy(spec, None, plan, seed=seed))
             ref = references[k].float().cpu()
             rng = 2.0 if loaded.config.space == "pixel" else float(ref.max() - ref.min()) or 1.0
             ps.append(min(srap_calib.PSNR_CAP, float(psnr(video[0], ref, data_range=rng))))

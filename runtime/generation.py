@@ -81,15 +81,25 @@ def generate(loaded: LoadedModel, prompts: list[str], settings: GenerationSettin
     float32 on the CPU, the sampler's record)."""
     if not prompts:
         raise UserError("no prompts given.")
+    y, mask = loaded.encode_prompts(prompts)
+    return generate_from_features(loaded, y, mask, loaded.null_captions(len(prompts)), settings, policy=policy,
+                                  executor=executor, progress=progress, seeds=seeds)
+
+
+def generate_from_features(loaded: LoadedModel, y: torch.Tensor, mask: torch.Tensor, y_null: torch.Tensor,
+                           settings: GenerationSettings, *, policy: StepPolicy | None = None,
+                           executor: Executor | None = None, progress: bool = True,
+                           seeds: list[int] | None = None) -> tuple[torch.Tensor, SampleResult]:
+    """:func:`generate` from caption features already encoded (``y``, ``mask``, ``y_null``: one row per video), for
+    callers that hold features, not prompts (calibration)."""
     c = loaded.config
     g = Geometry.for_model(c, settings.frames, settings.height, settings.width)
     device = loaded.model.x_embedder.proj.weight.device
-    y, mask = loaded.encode_prompts(prompts)
-    z = initial_noise(loaded, settings, len(prompts), seeds).to(device)
+    z = initial_noise(loaded, settings, y.shape[0], seeds).to(device)
     sampler = RFlowSampler(SamplerConfig(num_steps=settings.steps, cfg_scale=settings.cfg,
                                          use_timestep_transform=c.use_timestep_transform, shift=settings.shift))
     executor = executor or torch_executor(loaded.model, g)
-    result = sampler.sample(executor, z, y, mask, loaded.null_captions(len(prompts)).to(device), settings.fps,
+    result = sampler.sample(executor, z, y.to(device), mask.to(device), y_null.to(device), settings.fps,
                             video_size=(settings.frames, settings.height, settings.width), policy=policy,
                             progress=progress)
     video = result.z.float().cpu()

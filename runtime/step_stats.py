@@ -28,7 +28,6 @@ STATS_LEVELS = ("full", "cache", "none")
 """What the executor measures per computed unit: ``full`` every statistic; ``cache`` the sums of the fused pass
 (no ``in_outlier`` / ``motion``); ``none`` nothing but the action taken, and no residual kept for reuse (a full
 compute run reads neither: the FP8 fast path without caching pays no statistics kernels)."""
-LEVEL_ORDER = {"none": 0, "cache": 1, "full": 2}
 UnitStats = Callable[..., torch.Tensor]
 
 SUM, MAX, SHARED = 0.0, 1.0, 2.0
