@@ -18,7 +18,7 @@ import bench_lib as B  # noqa: E402
 
 from qc_compile.runtime.policy import Action, UnitDecision  # noqa: E402
 
-ROWS = ["plain_bf16_eager", "plain_bf16_compile", "ours_cached", "torchao_fp8_compile"]
+ROWS = ["plain_bf16_eager", "plain_bf16_compile", "plain_bf16_compile_cudagraphs", "ours_cached", "torchao_fp8_compile"]
 STEPS = 2
 
 
@@ -71,7 +71,7 @@ def test_baselines_compute_the_units_path_latent(run):
     ref = E.sample(setup, torch_executor(setup.model, setup.g), B.full_grid(STEPS, setup.model.unit_names()),
                    STEPS).z
     latents = doc["_latents"]
-    for key in ("plain_bf16_eager", "plain_bf16_compile", "ours_cached"):
+    for key in ("plain_bf16_eager", "plain_bf16_compile", "plain_bf16_compile_cudagraphs", "ours_cached"):
         assert _rel(latents[key], ref) < 1e-5, key
     rows = {r["key"]: r for r in doc["rows"]}
     assert all(rows[k]["compute_fraction"] == 1.0 and rows[k]["steps"] == STEPS for k in latents)
@@ -88,7 +88,8 @@ def test_json_follows_the_schema_and_the_md_is_written(run):
     assert "skipped" in written["rows"][-1] and "seconds" not in written["rows"][-1]  # no torchao FP8 on a CPU
     assert written["what"] == "DiT sampling loop" and "VAE" in written["excluded"] and "T5" in written["excluded"]
     assert {"device", "torch", "triton", "commit", "date"} <= set(written["env"])
-    assert written["rows"][1]["speedup_vs_plain_bf16_compile"] == pytest.approx(1.0)
+    base = min(written["rows"][1:3], key=lambda r: r["seconds"])  # the faster plain compiled row is the baseline
+    assert base["speedup_vs_plain_bf16_compile"] == pytest.approx(1.0) and base["ratio_baseline"] == base["key"]
     keys = {o["key"] for o in written["overheads"]}
     assert {"cache_gib_per_unit", "compile_warmup_s.plain_bf16_compile"} <= keys
     md = (tmp / "e2e_test.md").read_text()
@@ -110,7 +111,7 @@ def test_json_follows_the_schema_and_the_md_is_written(run):
 def test_peak_memory_reset_once_per_row_before_its_timed_run(run):
     _, doc, log, _ = run
     measured = [r for r in doc["rows"] if "seconds" in r]
-    assert log.count("reset_peak") == len(measured) == 3
+    assert log.count("reset_peak") == len(measured) == 4
     for i, ev in enumerate(log):
         if ev == "reset_peak":  # warm-up sample, reset, then the timed run of the full step count
             assert log[i - 1][0] == "sample" and log[i + 1] == ("sample", STEPS)
@@ -260,3 +261,20 @@ def test_the_sage_row_is_skipped_with_its_reason_without_cuda(tmp_path) -> None:
     rows = {r["key"]: r for r in json.loads((tmp_path / "s.json").read_text())["rows"]}
     assert rows["ours_fp8"]["seconds"] > 0 and "error" not in rows["ours_fp8"]
     assert "needs a CUDA GPU" in rows["ours_fp8_sage"]["skipped"] and "seconds" not in rows["ours_fp8_sage"]
+
+
+def test_ratios_divide_by_the_strongest_plain_compiled_row() -> None:
+    """Our rows are CUDA-graphed: where the CUDA-graphed plain row (mode='reduce-overhead') is faster than the plain
+    compiled one, it is the baseline (like with like); the 100-step rows keep their own baseline."""
+    rows = [{"key": "plain_bf16_compile", "seconds": 10.0}, {"key": "plain_bf16_compile_cudagraphs", "seconds": 9.0},
+            {"key": "ours_fp8", "seconds": 6.0}, {"key": "plain_bf16_compile_100", "seconds": 30.0},
+            {"key": "ours_both_100", "seconds": 6.0}]
+    E.add_ratios_and_fidelity(rows, None)
+    by = {r["key"]: r for r in rows}
+    assert by["ours_fp8"]["ratio_baseline"] == "plain_bf16_compile_cudagraphs"
+    assert by["ours_fp8"]["speedup_vs_plain_bf16_compile"] == pytest.approx(1.5)
+    assert by["ours_both_100"]["ratio_baseline"] == "plain_bf16_compile_100"
+    assert by["ours_both_100"]["speedup_vs_plain_bf16_compile"] == pytest.approx(5.0)
+    rows[1]["seconds"] = 12.0  # graphs slower here: the plain compiled row stays the baseline
+    E.add_ratios_and_fidelity(rows, None)
+    assert rows[2]["ratio_baseline"] == "plain_bf16_compile" and rows[2]["speedup_vs_plain_bf16_compile"] == 10 / 6

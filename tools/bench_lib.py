@@ -133,6 +133,9 @@ class PlainExecutor:
             raise RuntimeError(f"the plain forward computes every unit; decisions skip {skipped[:4]}")
         if self._stats is None or self._stats.device != z.device:
             self._stats = torch.full((len(self.unit_names), self._n_stats), float("nan"), device=z.device)
+        # a new iteration for inductor's CUDA-graph trees (mode="reduce-overhead" rows): one step's block outputs
+        # may be overwritten by the next step's replays (a host-side counter; nothing else changes)
+        torch.compiler.cudagraph_mark_step_begin()
         v = self.model(z, timestep, cond.y, mask=cond.mask, fps=cond.fps, height=self._hw[0], width=self._hw[1])
         return v, self._stats
 
