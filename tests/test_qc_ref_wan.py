@@ -269,3 +269,15 @@ def test_diagnose_tool_on_a_tiny_folder(tmp_path):
     sens = rep["caption_sensitivity"]
     assert set(sens) == {"color", "shape", "direction"} and all(v > 0 for v in sens.values())  # random weights
     assert rep["time_flip"] > 0 and sum(rep["direction_from_noise"]["read_directions"].values()) == 8
+
+
+def test_train_init_from_a_missing_folder_is_a_clear_error(tmp_path) -> None:
+    """A bad --init-from is one paragraph on stderr and exit 2, not a traceback."""
+    import subprocess
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "train_reference_wan.py"
+    r = subprocess.run([sys.executable, str(tool), "--out", str(tmp_path / "o"), "--init-from",
+                        str(tmp_path / "missing"), "--max-steps", "1", "--batch", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error:") and "missing" in r.stderr
