@@ -19,7 +19,7 @@ import bench_lib as B  # noqa: E402
 from qc_compile.runtime.policy import Action, UnitDecision  # noqa: E402
 
 ROWS = ["plain_bf16_eager", "plain_bf16_compile", "plain_bf16_compile_cudagraphs", "ours_cached", "torchao_fp8_compile"]
-STEPS = 2
+STEPS = 3  # > the 2 warm-up steps of a non-grid row, so the grid rows' whole-grid warm-up shows
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,7 +93,7 @@ def test_json_follows_the_schema_and_the_md_is_written(run):
     keys = {o["key"] for o in written["overheads"]}
     assert {"cache_gib_per_unit", "compile_warmup_s.plain_bf16_compile"} <= keys
     md = (tmp / "e2e_test.md").read_text()
-    assert "DiT sampling loop" in md and "`plain_bf16_compile` (2 steps)" in md and "Overheads" in md
+    assert "DiT sampling loop" in md and f"`plain_bf16_compile` ({STEPS} steps)" in md and "Overheads" in md
     bad = json.loads(json.dumps(written))
     del bad["rows"][0]["peak_gib"]  # a measured row must carry every number
     with pytest.raises(jsonschema.ValidationError):
@@ -115,6 +115,19 @@ def test_peak_memory_reset_once_per_row_before_its_timed_run(run):
     for i, ev in enumerate(log):
         if ev == "reset_peak":  # warm-up sample, reset, then the timed run of the full step count
             assert log[i - 1][0] == "sample" and log[i + 1] == ("sample", STEPS)
+
+
+def test_grid_rows_warm_up_on_the_whole_grid(run):
+    """A replayed grid's warm-up covers every step (every CUDA graph captured before timing); others take 2 steps."""
+    _, doc, log, _ = run
+    measured = [r for r in doc["rows"] if "seconds" in r]
+    warmups = [log[i - 1][1] for i, ev in enumerate(log) if ev == "reset_peak"]
+    assert len(warmups) == len(measured)
+    grid_rows = {s.key for s in E.ROWS if s.grid is not None}
+    assert any(r["key"] in grid_rows for r in measured) and any(r["key"] not in grid_rows for r in measured)
+    for r, n in zip(measured, warmups):
+        assert n == (STEPS if r["key"] in grid_rows else min(2, STEPS)), r["key"]
+        assert r.get("warmup_steps") == (STEPS if r["key"] in grid_rows else None)
 
 
 def test_meter_resets_the_cuda_counter(monkeypatch):
