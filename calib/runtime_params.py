@@ -13,7 +13,10 @@ for the step policies as an AIGQ plan:
 * ``cache_policy.params.srap`` — per-unit cosine thresholds (:mod:`qc_compile.calib.srap`), chosen by running
   candidate thresholds end to end on the calibration prompts (:func:`fidelity_evaluator`) and keeping the most
   permissive within the PSNR budget, or thresholds that never prune with the reason;
-* ``cache_policy.params.aigq.post_skip``.
+* ``cache_policy.params.aigq.post_skip``;
+* ``cache_policy.params.hlc`` — delta1/delta2 for quantized plans whose quantized execution raises HLC's compute
+  above the unquantized model's at the default thresholds (:mod:`qc_compile.calib.hlc_thresholds`, measured end to
+  end with the plan's own executor: :func:`plan_evaluator`); unquantized plans keep the defaults without extra runs.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Callable
 import torch
 
 from qc_compile.calib import act_schedule
+from qc_compile.calib import hlc_thresholds
 from qc_compile.calib import srap as srap_calib
 
 
@@ -40,6 +44,9 @@ class RuntimeOptions:
     srap_samples: int = 2
     srap_eval_prompts: int = 4
     post_skip: int = 3
+    hlc: bool = True  # per-plan HLC thresholds for quantized plans (calibrate --hlc-thresholds/--no-hlc-thresholds)
+    hlc_budget_db: float = hlc_thresholds.DEFAULT_BUDGET_DB
+    hlc_factors: tuple[float, ...] = hlc_thresholds.DEFAULT_FACTORS
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Signals:
     res_change: torch.Tensor
     prune_error: Callable[[int, int, str], float] | None
     evaluate: srap_calib.Evaluate | None = None
+    plan_evaluate: Callable[..., hlc_thresholds.Evaluate] | None = None  # plan -> evaluate(hlc params, quantized)
 
 
 def high_variant(plan, mode: str = "activations") -> dict | None:
@@ -91,7 +99,27 @@ def add_runtime_params(plan, signals: Signals, opts: RuntimeOptions) -> dict:
         report["srap"] = cal.report
         report["srap_pruning_units"] = cal.pruning_units
     plan.cache_policy = cp
+    if opts.hlc:
+        report["hlc"] = calibrate_hlc(plan, signals.plan_evaluate, opts)
     return report
+
+
+def is_quantized(plan) -> bool:
+    """Whether any linear of ``plan`` runs a quantized weight or activation format."""
+    return any(e.activation != "bf16" or e.weight != "bf16" for e in plan.linears.values())
+
+
+def calibrate_hlc(plan, plan_evaluate, opts: RuntimeOptions) -> dict:
+    """Write ``cache_policy.params.hlc`` thresholds into ``plan`` (after its variants, schedule and SRAP are set,
+    since the run that measures them is the plan's own) when the measurement asks for them; returns the report."""
+    if not is_quantized(plan):
+        return {"skipped": "unquantized plan: the defaults were tuned on the unquantized model"}
+    if plan_evaluate is None:
+        return {"skipped": "no end-to-end evaluation of the plan was available"}
+    cal = hlc_thresholds.calibrate(plan_evaluate(plan), factors=opts.hlc_factors, budget_db=opts.hlc_budget_db)
+    if cal.params is not None:
+        plan.cache_policy.setdefault("params", {}).setdefault("hlc", {}).update(cal.params)
+    return cal.report
 
 
 def measure(loaded, prompts, settings, *, progress: bool = False, contexts=()) -> tuple[torch.Tensor, Signals]:
@@ -128,9 +156,52 @@ def measure(loaded, prompts, settings, *, progress: bool = False, contexts=()) -
         return err
     y, mask = loaded.encode_prompts(list(prompts))
     null = loaded.null_captions(P).to(y.device)
-    evaluate = fidelity_evaluator(loaded, settings, [(y[k:k + 1], mask[k:k + 1], null[k:k + 1]) for k in range(P)],
-                                  list(videos))
-    return videos, Signals(grid, res, prune_error, evaluate)
+    caps = [(y[k:k + 1], mask[k:k + 1], null[k:k + 1]) for k in range(P)]
+    evaluate = fidelity_evaluator(loaded, settings, caps, list(videos))
+    return videos, Signals(grid, res, prune_error, evaluate,
+                           lambda plan: plan_evaluator(loaded, settings, caps, list(videos), plan))
+
+
+def plan_evaluator(loaded, settings, captions: list, references: list[torch.Tensor], plan, *,
+                   policy: str = hlc_thresholds.POLICY, max_prompts: int = 4) -> hlc_thresholds.Evaluate:
+    """``evaluate(hlc_params, quantized)``: the first ``max_prompts`` calibration prompts (noise seed
+    ``settings.seed + k``) under ``policy`` with ``plan``'s parameters (+ ``hlc`` overrides; None: the defaults),
+    on the plan's own computation (``quantized``: the fake-quantized torch copies per variant, what
+    ``qc-compile run`` executes on the torch backend, CPU or CUDA) or the unquantized model; each final video's PSNR
+    against ``references[k]`` (full compute, FP) and the mean compute fraction. Unlike :func:`fidelity_evaluator`
+    (SRAP's, on the unquantized model) this sees the quantization noise HLC's score reacts to."""
+    from qc_compile.metrics.fidelity import psnr
+    from qc_compile.models.stdit3 import Geometry
+    from qc_compile.models.units import block_units
+    from qc_compile.runtime.generation import generate_from_features, torch_executor
+    from qc_compile.runtime.policies import get_policy
+    from qc_compile.runtime.runners import plan_models
+
+    units = tuple(block_units(loaded.model.unit_names()))
+    g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
+    device = str(loaded.model.x_embedder.proj.weight.device)
+    n = min(max_prompts, len(captions))
+    models: dict = {}
+
+    def evaluate(hlc_params: dict | None, quantized: bool) -> srap_calib.Fidelity:
+        if quantized:
+            if not models:
+                models.update(plan_models(loaded, plan, device))
+            ex = torch_executor(models["default"], g, variant_models=models)
+        else:
+            ex = torch_executor(loaded.model, g)
+        over = {f"hlc.{k}": v for k, v in (hlc_params or {}).items()}
+        ps, comp = [], []
+        for k in range(n):
+            seed = settings.seed + k
+            video, rec = generate_from_features(loaded, *captions[k], settings, progress=False, seeds=[seed],
+                                                policy=get_policy(policy, over, plan, seed=seed), executor=ex)
+            ref = references[k].float().cpu()
+            rng = 2.0 if loaded.config.space == "pixel" else float(ref.max() - ref.min()) or 1.0
+            ps.append(min(srap_calib.PSNR_CAP, float(psnr(video[0], ref, data_range=rng))))
+            comp.append(rec.compute_fraction(units))
+        return srap_calib.Fidelity(ps, sum(comp) / len(comp))
+    return evaluate
 
 
 def fidelity_evaluator(loaded, settings, captions: list, references: list[torch.Tensor], *, context: str = "hlc",
@@ -208,4 +279,5 @@ def store_signals(loaded, store, captions, settings) -> Signals:
     if loaded.config.space == "pixel":
         finals = [f.clamp(-1, 1) for f in finals]
     caps = [(captions.y[p:p + 1], captions.mask[p:p + 1], captions.y_null[p:p + 1]) for p in range(store.num_prompts)]
-    return Signals(grid, res, prune_error, fidelity_evaluator(loaded, settings, caps, finals))
+    return Signals(grid, res, prune_error, fidelity_evaluator(loaded, settings, caps, finals),
+                   lambda plan: plan_evaluator(loaded, settings, caps, finals, plan))

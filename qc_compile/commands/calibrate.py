@@ -42,6 +42,12 @@ from qc_compile.errors import UserError
 @click.option("--srap-max-error", type=V.FiniteFloat(0.0, 1e6), default=0.5, show_default=True,
               help="SRAP: a unit whose pruning changes a calibration step's velocity by more than this (relative, "
                    "median of the replayed samples) is not a candidate.")
+@click.option("--hlc-thresholds/--no-hlc-thresholds", default=True, show_default=True,
+              help="--uniform, quantized formats: measure the plan's own quantized run under quantcache on the "
+                   "calibration prompts and, when quantization raises its compute above the unquantized model's at "
+                   "HLC's default thresholds, write the smallest scaled thresholds (x1.1 .. x2) that bring it back, "
+                   "if they cost <= 0.5 dB mean PSNR (cache_policy.params.hlc; else defaults, with the reason in "
+                   "calibration.runtime.hlc).")
 @click.option("--sampling", type=click.Choice(["tap", "uniform"]), default="tap", show_default=True,
               help="aigq: how calibration samples (prompt, step) are chosen: Q&C temporal-aware clustering or uniform.")
 @click.option("--calib-samples", type=V.BoundedInt(1, 100000), default=32, show_default=True,
@@ -84,7 +90,7 @@ from qc_compile.errors import UserError
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, act_format: str,
               act_high_fraction: float, srap_thresholds: bool, srap_budget_db: float, srap_min_saving: float,
-              srap_max_error: float, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
+              srap_max_error: float, hlc_thresholds: bool, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
               high_variant: str, act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
@@ -112,6 +118,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     import torch
 
     from qc_compile.calib import runtime_params
+    from qc_compile.calib.hlc_thresholds import summary_line as hlc_summary
     from qc_compile.calib.inputs import load_for_calibration
     from qc_compile.calib.srap import summary_line as srap_summary
     from qc_compile.calib.uniform import UniformOptions, calibrate_uniform
@@ -122,7 +129,8 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
         raise UserError(f"--srap-max-error must be positive; got {srap_max_error}.")
     runtime = runtime_params.RuntimeOptions(act_high_fraction=act_high_fraction, high=high_variant,
                                             srap=srap_thresholds, srap_budget_db=srap_budget_db,
-                                            srap_min_saving=srap_min_saving, srap_max_error=srap_max_error)
+                                            srap_min_saving=srap_min_saving, srap_max_error=srap_max_error,
+                                            hlc=hlc_thresholds)
     start = time.perf_counter()
     work, info, loaded, prompts, settings = load_for_calibration(
         work_dir, prompts_file, num_prompts or 4, steps=steps, cfg=cfg, seed=seed,
@@ -139,6 +147,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
                f"{time.perf_counter() - start:.1f} s")
     if kept:
         click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
-    line = srap_summary((res.plan.provenance or {}).get("calibration", {}).get("runtime", {}).get("srap"))
-    if line:
-        click.echo(line)
+    rt = (res.plan.provenance or {}).get("calibration", {}).get("runtime", {})
+    for line in (srap_summary(rt.get("srap")), hlc_summary(rt.get("hlc"))):
+        if line:
+            click.echo(line)
