@@ -46,6 +46,7 @@ class Options:
     srap_budget_db: float = 0.5
     srap_min_saving: float = 3.0
     srap_max_error: float = 0.5
+    hlc: bool = True  # per-plan HLC thresholds measured on the plan's quantized run (calib/hlc_thresholds.py)
 
 
 @dataclass
@@ -223,4 +224,12 @@ def run(loaded, linears: Sequence, model_meta: dict, calib_dir: str | Path, capt
                                              f"quantization + {opts.vc_policy}"}
         res.vc_info = info
         tm["vc_s"] = time.perf_counter() - t0
+    if opts.hlc:  # last: the run that measures them is the finished plan's own (variants, schedule, SRAP)
+        t0 = time.perf_counter()
+        from qc_compile.calib import runtime_params
+
+        sig = runtime_params.store_signals(loaded, store, captions, settings)
+        res.runtime = {**(res.runtime or {}),
+                       "hlc": runtime_params.calibrate_hlc(plan, sig.plan_evaluate, runtime_params.RuntimeOptions())}
+        tm["hlc_s"] = time.perf_counter() - t0
     return res

@@ -43,7 +43,7 @@ from qc_compile.errors import UserError
               help="SRAP: a unit whose pruning changes a calibration step's velocity by more than this (relative, "
                    "median of the replayed samples) is not a candidate.")
 @click.option("--hlc-thresholds/--no-hlc-thresholds", default=True, show_default=True,
-              help="--uniform, quantized formats: measure the plan's own quantized run under quantcache on the "
+              help="Quantized plans (both methods): measure the plan's own quantized run under quantcache on the "
                    "calibration prompts and, when quantization raises its compute above the unquantized model's at "
                    "HLC's default thresholds, write the smallest scaled thresholds (x1.1 .. x2) that bring it back, "
                    "if they cost <= 0.5 dB mean PSNR (cache_policy.params.hlc; else defaults, with the reason in "
@@ -109,7 +109,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
 
         return run_aigq(work_dir, budget=budget, act_format=act_format, act_high_fraction=act_high_fraction,
                         srap=srap_thresholds, srap_budget_db=srap_budget_db,
-                        srap_min_saving=srap_min_saving, srap_max_error=srap_max_error,
+                        srap_min_saving=srap_min_saving, srap_max_error=srap_max_error, hlc=hlc_thresholds,
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=not no_smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor,
                         num_prompts=num_prompts, fresh=fresh, prompts_file=prompts_file, steps=steps, cfg=cfg,

@@ -12,7 +12,7 @@ from qc_compile.errors import UserError
 
 
 def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction: float, srap: bool, srap_budget_db: float,
-             srap_min_saving: float, srap_max_error: float, sampling: str,
+             srap_min_saving: float, srap_max_error: float, sampling: str, hlc: bool = True,
              calib_samples: int, replay_samples: int, smoothing: bool, vc: bool, vc_policy: str, predictor: bool,
              num_prompts: int | None, fresh: bool, prompts_file: Path | None, steps: int | None, cfg: float | None,
              seed: int, target: str, quiet: bool, text_encoder: Path | None = None,
@@ -49,7 +49,7 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
                         sampling=sampling, calib_samples=calib_samples, replay_samples=replay_samples,
                         smoothing=smoothing, vc=vc, vc_policy=vc_policy, predictor=predictor, seed=seed,
                         srap=srap, srap_budget_db=srap_budget_db, srap_min_saving=srap_min_saving,
-                        srap_max_error=srap_max_error)
+                        srap_max_error=srap_max_error, hlc=hlc)
     cmd = f"qc-compile calibrate --method aigq --budget {budget} --target {target} --sampling {sampling}" + \
         (" --vc" if vc else "") + (" --predictor" if predictor else "")
     calib = {"prompts": prompts, "steps": gs.steps, "cfg": gs.cfg, "seed": gs.seed, "video": [frames, height, width],
@@ -84,8 +84,9 @@ def run_aigq(work_dir: Path, *, budget: str, act_format: str, act_high_fraction:
                f"({res.selection['method']} samples: {len(res.selected)}); weights {a.avg_bits:.2f} average bits "
                f"(budget {a.budget_bits:.2f}); schedule {' '.join(res.plan.schedule) or '-'}; wrote "
                f"{work.plan_json}; report {rep}; {time.perf_counter() - start:.1f} s")
+    from qc_compile.calib.hlc_thresholds import summary_line as hlc_summary
     from qc_compile.calib.srap import summary_line
 
-    line = summary_line((res.runtime or {}).get("srap"))
-    if line:
-        click.echo(line)
+    for line in (summary_line((res.runtime or {}).get("srap")), hlc_summary((res.runtime or {}).get("hlc"))):
+        if line:
+            click.echo(line)
