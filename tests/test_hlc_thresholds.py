@@ -40,7 +40,7 @@ def _scripted(fp: float, by_factor: dict[float, tuple[float, float]]):
 
 def test_rule_picks_the_smallest_factor_that_reaches_the_unquantized_compute():
     ev, calls = _scripted(0.37, {1.0: (0.40, 31.0), 1.1: (0.39, 31.0), 1.25: (0.37, 30.8), 1.5: (0.33, 30.0)})
-    cal = H.calibrate(ev)
+    cal = H.calibrate(ev, factors=(1.1, 1.25, 1.5))
     d1, d2 = H.defaults()
     assert cal.params == {"delta1": round(1.25 * d1, 6), "delta2": round(1.25 * d2, 6)}
     assert cal.report["chosen"]["factor"] == 1.25
@@ -50,13 +50,12 @@ def test_rule_picks_the_smallest_factor_that_reaches_the_unquantized_compute():
 
 def test_rule_keeps_defaults_when_the_first_factor_reaching_the_target_costs_too_much():
     ev, _ = _scripted(0.37, {1.0: (0.40, 31.0), 1.1: (0.39, 30.9), 1.25: (0.36, 30.0)})
-    cal = H.calibrate(ev, budget_db=0.5)
+    cal = H.calibrate(ev, factors=(1.1, 1.25), budget_db=0.5)
     assert cal.params is None and "1.00 dB" in cal.report["reason"]
 
 
 def test_rule_keeps_defaults_when_no_factor_reaches_the_target_or_none_is_needed():
-    ev, _ = _scripted(0.37, {1.0: (0.45, 31.0), 1.1: (0.44, 31.0), 1.25: (0.43, 31.0), 1.5: (0.42, 31.0),
-                             2.0: (0.41, 31.0)})
+    ev, _ = _scripted(0.37, {1.0: (0.45, 31.0), **{f: (0.44, 31.0) for f in H.DEFAULT_FACTORS}})
     cal = H.calibrate(ev)
     assert cal.params is None and "no factor" in cal.report["reason"]
     ev, calls = _scripted(0.37, {1.0: (0.37, 31.0)})

@@ -45,7 +45,7 @@ from qc_compile.errors import UserError
 @click.option("--hlc-thresholds/--no-hlc-thresholds", default=True, show_default=True,
               help="Quantized plans (both methods): measure the plan's own quantized run under quantcache on the "
                    "calibration prompts and, when quantization raises its compute above the unquantized model's at "
-                   "HLC's default thresholds, write the smallest scaled thresholds (x1.1 .. x2) that bring it back, "
+                   "HLC's default thresholds, write the smallest scaled thresholds (x1.05 .. x2) that bring it back, "
                    "if they cost <= 0.5 dB mean PSNR (cache_policy.params.hlc; else defaults, with the reason in "
                    "calibration.runtime.hlc).")
 @click.option("--sampling", type=click.Choice(["tap", "uniform"]), default="tap", show_default=True,
