@@ -201,6 +201,7 @@ def plan_evaluator(loaded, settings, captions: list, references: list[torch.Tens
             ps.append(min(srap_calib.PSNR_CAP, float(psnr(video[0], ref, data_range=rng))))
             comp.append(rec.compute_fraction(units))
         return srap_calib.Fidelity(ps, sum(comp) / len(comp))
+    evaluate.resolution = 1.0 / (len(units) * settings.steps)  # one unit evaluation of one video
     return evaluate
 
 

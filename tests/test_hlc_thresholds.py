@@ -48,6 +48,17 @@ def test_rule_picks_the_smallest_factor_that_reaches_the_unquantized_compute():
     assert "x1.25" in H.summary_line(cal.report)
 
 
+def test_rule_meets_the_target_within_one_unit_evaluation_per_video():
+    ev, _ = _scripted(0.37, {1.0: (0.40, 31.0), 1.1: (0.373, 30.8), 1.25: (0.36, 29.0)})
+    cal = H.calibrate(ev, factors=(1.1, 1.25))  # no resolution given: strict, x1.25 costs 2 dB -> defaults
+    assert cal.params is None
+    ev.resolution = 1 / 240  # 8 units x 30 steps: 0.417 points
+    cal = H.calibrate(ev, factors=(1.1, 1.25))
+    assert cal.report["chosen"]["factor"] == 1.1
+    ev.resolution = 1 / 960
+    assert H.calibrate(ev, factors=(1.1, 1.25)).params is None  # 0.3 points over is more than one evaluation
+
+
 def test_rule_keeps_defaults_when_the_first_factor_reaching_the_target_costs_too_much():
     ev, _ = _scripted(0.37, {1.0: (0.40, 31.0), 1.1: (0.39, 30.9), 1.25: (0.36, 30.0)})
     cal = H.calibrate(ev, factors=(1.1, 1.25), budget_db=0.5)
