@@ -18,7 +18,7 @@ from qc_compile.calib import hlc_thresholds as H  # noqa: E402
 from qc_compile.calib.srap import Fidelity  # noqa: E402
 
 SMALL = ["--frames", "4", "--height", "16", "--width", "16"]
-STEPS = 10  # HLC acts between its warm-up (3) and tail (2): fewer steps leave nothing to cache
+STEPS = 12  # HLC acts between its warm-up (3) and tail (2): fewer steps leave nothing to cache
 
 
 # ------------------------------------------------------------------ the rule, on a scripted evaluation (fast)
@@ -119,10 +119,12 @@ def test_quantized_plan_whose_noise_inflates_compute_gets_larger_thresholds(smal
     work, plan, out = _calibrate(small_export, "int4_b64")  # coarse weights: noise that HLC's score reads
     rep = plan["provenance"]["calibration"]["runtime"]["hlc"]
     d1, d2 = H.defaults()
-    assert rep["baseline"]["compute_percent"] > rep["target_compute_percent"], rep  # the noise inflates compute
+    # the noise inflates compute beyond the measurement's resolution (12 steps: 93.8% vs 91.7% unquantized)
+    assert rep["baseline"]["compute_percent"] > rep["target_compute_percent"] + rep["tolerance_percent"], rep
     hlc = plan["cache_policy"]["params"]["hlc"]
     assert hlc["delta1"] > d1 and hlc["delta2"] > d2, rep
-    assert rep["chosen"]["compute_percent"] <= rep["target_compute_percent"] + 1e-9
+    assert rep["chosen"]["compute_percent"] <= rep["target_compute_percent"] + rep["tolerance_percent"] + 1e-9
+    assert rep["chosen"]["compute_percent"] < rep["baseline"]["compute_percent"]
     assert rep["chosen"]["cost_db_mean"] <= rep["budget_db"]
     assert "HLC thresholds: delta x" in out
     # the runtime reads the plan's thresholds by default: the same compute as calibrate measured (the calibration
