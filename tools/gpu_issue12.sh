@@ -6,7 +6,8 @@
 # 1. export qc-ref once, copy the work dir four times, calibrate them in parallel on the device: bf16 uniform with
 #    calibrated SRAP thresholds (the `quantcache (calibrated SRAP)` row; every calibration now chooses SRAP thresholds
 #    by their measured cost, <= 0.5 dB for >= 3 points of compute, or writes never-pruning ones with the reason:
-#    calib/srap.py; `--srap-thresholds` is the default, spelled out for bf16), FP8 uniform at calibrate's defaults,
+#    calib/srap.py; `--srap-thresholds` is the default, spelled out for bf16), FP8 uniform at calibrate's defaults
+#    (which include per-plan HLC thresholds measured on the plan's quantized run: calib/hlc_thresholds.py),
 #    AIGQ, AIGQ with --vc --predictor (the VC / DMPQ rows). A calibration that fails or passes its time limit drops its rows
 #    (listed under "not run" in sweep.md), nothing else.
 # 2. tools/must_show_sweep.py on the held-out captions and noise seeds 0 and 1000, all rows in priority order over

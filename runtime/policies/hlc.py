@@ -36,7 +36,9 @@ In between, the unit is REUSEd: its residual cached at the last computation is a
   costs more on the long late steps of a shifted rectified-flow schedule than on the short early ones.
 
 Thresholds are per model: they come from the plan (``cache_policy.params.hlc``, optionally per unit under
-``units: {unit: {delta1, delta2}}``) or ``--set hlc.delta1=...``. The defaults were tuned on qc-ref with
+``units: {unit: {delta1, delta2}}``) or ``--set hlc.delta1=...``. ``calibrate`` writes them for quantized plans
+whose own quantized run computes more than the unquantized model at the defaults (quantization noise raises D:
+``qc_compile.calib.hlc_thresholds``). The defaults were tuned on qc-ref with
 ``tools/tune_policies.py --config-file tools/configs/tune_quantcache.txt`` (24 tuning captions, seed 7, never the
 held-out ones; H100; bench/results/tune_quantcache_h100.json): δ1 = δ2 = 0.1, τ ∈ {1, 5}, warm-up 3, tail 2, no
 motion term — 36.9% of unit evaluations, 30.2 dB mean PSNR. With a middle level (δ2 = 0.2, τ 1/3/6) it was 38.1% /
