@@ -208,7 +208,9 @@ def _fmt(v, spec: str, scale: float = 1.0) -> str:
     return format(v * scale, spec)
 
 
-def to_markdown(result: Mapping[str, Any], title: str = "Policy sweep", notes: Sequence[str] = ()) -> str:
+def to_markdown(result: Mapping[str, Any], title: str = "Policy sweep", notes: Sequence[str] = (),
+                columns: Sequence[tuple[str, Callable[[Mapping[str, Any]], str]]] = ()) -> str:
+    """The sweep's table (plus ``columns``: extra (header, row -> cell) pairs appended to each row)."""
     lines = [f"# {title}", ""]
     ctx = [f"{k}: {result[k]}" for k in ("model", "checkpoint", "device", "device_name", "steps", "caption_seed",
                                          "commit", "date")
@@ -217,12 +219,14 @@ def to_markdown(result: Mapping[str, Any], title: str = "Policy sweep", notes: S
         lines += ["- " + "; ".join(ctx), ""]
     lines += list(notes) + ([""] if notes else [])
     lines += ["| policy | compute % (unit evals) | block FLOPs % | PSNR dB (mean / min) | SSIM | checker % (FP) | "
-              "checker drop (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "checker drop (points) |" + "".join(f" {h} |" for h, _ in columns),
+              "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(columns)]
     for r in result["rows"]:
         lines.append(f"| {r['config']} | {_fmt(r['compute_fraction'], '.1f', 100)} | "
                      f"{_fmt(r['flop_fraction'], '.1f', 100)} | {_fmt(r['psnr_db'], '.2f')} / "
                      f"{_fmt(r['psnr_db_min'], '.2f')} | {_fmt(r['ssim'], '.4f')} | {_fmt(r['checker'], '.1f', 100)} "
-                     f"({_fmt(r['checker_fp'], '.1f', 100)}) | {_fmt(r.get('checker_drop_points'), '+.1f')} |")
+                     f"({_fmt(r['checker_fp'], '.1f', 100)}) | {_fmt(r.get('checker_drop_points'), '+.1f')} |"
+                     + "".join(f" {cell(r)} |" for _, cell in columns))
     lines += ["", f"{len(result['prompts'])} prompts × seeds {result['seeds']}"
               f"{' (one batch per seed)' if result.get('batch') else ' (one run per prompt, noise seed + k)'}; "
               "PSNR/SSIM against the FP run of the same prompt and seed (the FP row is the reference itself).", ""]

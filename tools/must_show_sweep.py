@@ -2,7 +2,10 @@
 
 Rows come from several work dirs (a plan is per work dir). One task per (tier, prompt and seed) runs every row group
 of the tier on that video, so its FP reference is computed once per tier; the tasks go to one pool of worker
-processes in priority order (tier 1: the must-show rows; tier 2: VC, DMPQ and guard; tier 3: extra rows and peers),
+processes in priority order (tier 1: the must-show rows; tier 2: VC, DMPQ and guard; tier 3: extra rows and peers; tier 4: the FP8 plan's
+schedule at equal average bits: the plan's own high steps without caching, and the same number of high steps moved
+to the least-changing steps (``reversed``) or spread evenly (``uniform``), or none, with and without quantcache;
+calib/schedule_controls.py builds them and the table says which steps each ran high and at how many bits),
 each worker keeping one pipeline per work dir:
 
     python tools/must_show_sweep.py --bf16 W_BF16 --fp8 W_FP8 --aigq W_AIGQ [--aigq-vc W_AIGQ_VC] --device cuda \
@@ -42,14 +45,72 @@ UNITS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (3, "fp8", ("hlc+aigq",)),
     (3, "aigq", ("none", "hlc+aigq")),
     (3, "fp", PEERS_EXTRA),
+    # equal average bits (issue 12 item 2): the FP8 plan's schedule (the plan's placement without caching, then the
+    # same number of high steps placed otherwise, with and without caching); last, so a deadline cuts them first
+    (4, "fp8", ("schedule", "schedule@reversed", "schedule@uniform", "quantcache@reversed", "quantcache@uniform",
+                "quantcache@none")),
 )
+# policy@placement: the policy run on the work dir's plan with its schedule replaced (calib/schedule_controls.py)
+PLACEMENT_NAME = {"reversed": "schedule moved: reversed", "uniform": "schedule moved: uniform",
+                  "none": "no high steps"}
 
 
 def label(key: str, policy: str) -> str:
-    """The table's name of a row."""
+    """The table's name of a row (``policy@placement``: the plan's schedule replaced by that control)."""
+    policy, _, placement = policy.partition("@")
+    prefix = PREFIX[key]
+    if placement:
+        prefix = f"{prefix.rstrip(': ')} ({PLACEMENT_NAME[placement]}): "
     if key != "fp" and key != "bf16" and policy == "none":
-        return PREFIX[key] + "only (no caching)"
-    return PREFIX[key] + policy
+        return prefix + "only (no caching)"
+    if key != "fp" and policy == "schedule":
+        return prefix + "schedule only (no caching)"
+    return prefix + policy
+
+
+def schedule_controls(work: str | Path, steps: int | None) -> dict:
+    """The equal-bits controls of a work dir's plan: ``{"plan" | placement: {"schedule", "high_steps", "bits"}}`` and
+    where the reversed ranking came from; ``bits``: the mean weight/activation bits of a full-compute run over
+    ``steps`` (the plan's length when None)."""
+    from qc_compile.calib import schedule_controls as sc
+    from qc_compile.plan import load_plan
+
+    plan = load_plan(Path(work) / "plan.json")
+    out: dict = {}
+    for name, sched in [("plan", list(plan.schedule)), *sc.control_schedules(plan).items()]:
+        out[name] = {"schedule": sched, "high_steps": [i for i, v in enumerate(sched) if v != "default"],
+                     "bits": sc.schedule_bits(plan, sched, steps).to_dict()}
+    out["ranking"] = ("the plan's recorded per-step residual change (lowest first)" if sc.recorded_redundancy(plan)
+                      else "none recorded: the middle steps")
+    return out
+
+
+def config_for(key: str, policy: str, controls: dict | None):
+    """The SweepConfig of a row: ``policy@placement`` overrides the schedule of every component that reads one."""
+    from qc_compile.runtime.policies import expand
+    from qc_compile.runtime.sweep import SweepConfig
+
+    base, _, placement = policy.partition("@")
+    if not placement:
+        return SweepConfig(label(key, policy), policy)
+    sched = controls[placement]["schedule"]
+    _, names = expand(base)
+    ov = {k: list(sched) for k, comp in (("aigq.schedule", "aigq"), ("schedule.steps", "schedule")) if comp in names}
+    if not ov:
+        raise ValueError(f"{policy}: {base} reads no schedule")
+    return SweepConfig(label(key, policy), base, ov)
+
+
+def run_bits(plan, trace: dict) -> dict:
+    """Executed precision of one run: mean weight/activation bits over its computed linear evaluations and the share
+    of computed block-unit evaluations that ran a non-default variant."""
+    from qc_compile.calib import schedule_controls as sc
+    from qc_compile.models.units import is_block
+
+    ev = sc.executed_evaluations(trace["steps"], trace["units"])
+    blocks = sum(k for (u, _), k in ev.items() if is_block(u))
+    high = sum(k for (u, v), k in ev.items() if is_block(u) and v != "default")
+    return {"avg_bits": sc.average_bits(plan, ev).to_dict(), "high_share": high / blocks if blocks else None}
 
 
 def safe(name: str) -> str:
@@ -69,10 +130,71 @@ def tier_task(items: list) -> dict:
     out: dict = {}
     for u, kw, cfgs, prompts, seed, steps in items:
         try:
-            out[u] = S._task(S.worker_pipeline(kw), cfgs, prompts, seed, steps, None, True)
+            pipe = S.worker_pipeline(kw)
+            out[u] = S._task(pipe, cfgs, prompts, seed, steps, None, True)
+            plan = getattr(pipe, "plan", None)
+            if plan is not None and getattr(pipe, "quantized", False):  # the executed bits, from each run's trace
+                for c in out[u]:
+                    if c.get("trace"):
+                        bits = run_bits(plan, c["trace"])
+                        for r in c["records"]:
+                            r.update(bits)
         except Exception as e:  # noqa: BLE001 - reported in the table; the other groups go on
             out[u] = f"{type(e).__name__}: {e}"
     return out
+
+
+def add_bits(rows: list, videos: list) -> None:
+    """Each row's mean executed bits and high share over its videos (rows of a plan's work dir)."""
+    for r in rows:
+        name = r.get("row", r["config"])
+        vs = [v for v in videos if v["config"] == name and v.get("avg_bits")]
+        if vs:
+            r["avg_bits"] = {k: sum(v["avg_bits"][k] for v in vs) / len(vs) for k in ("weight", "activation", "mean")}
+            hs = [v["high_share"] for v in vs if v.get("high_share") is not None]
+            r["high_share"] = sum(hs) / len(hs) if hs else None
+
+
+def _bits_cell(r: dict) -> str:
+    b = r.get("avg_bits")
+    return "—" if not b else f"{b['weight']:.2f} / {b['activation']:.2f}"
+
+
+def _high_cell(r: dict) -> str:
+    h = r.get("high_share")
+    return "—" if h is None else f"{100 * h:.1f}"
+
+
+def controls_notes(meta: dict) -> list[str]:
+    """What the schedule rows are: each placement's high steps and its nominal average bits."""
+    lines = []
+    for key, c in (meta.get("schedule_controls") or {}).items():
+        if "error" in c:
+            lines += [f"Schedule controls of the {PREFIX[key].rstrip(': ')}: not built ({c['error']}).", ""]
+            continue
+        steps = meta.get("steps") or len(c["plan"]["schedule"])
+        lines += [
+            f"**Schedule placement at equal average bits** ({PREFIX[key].rstrip(': ')}; rows named "
+            f"'{label(key, 'schedule')}' and '{PREFIX[key].rstrip(': ')} (...)'): the same plan (formats, variants, "
+            "calibrated thresholds), its per-step schedule replaced; high = the plan's `high` variant on block units "
+            "(embed and final always run default). 'only (no caching)' runs policy none: every step at the default "
+            f"formats, i.e. the `none` placement without caching. Nominal bits: mean over linear evaluations of a "
+            f"full-compute run of {steps} steps; the table's 'executed bits' column counts what each run computed "
+            "(caching skips units; quantcache's post-skip coupling runs a recompute after a long skip high).", "",
+            "| placement | high steps | nominal bits W / A | rows |", "|---|---|---:|---|"]
+        for name in ("plan", "reversed", "uniform", "none"):
+            if name not in c:
+                continue
+            b = c[name]["bits"]
+            rows = ([label(key, "schedule"), label(key, "quantcache")] if name == "plan" else
+                    [label(key, "none"), label(key, "quantcache@none")] if name == "none" else
+                    [label(key, f"schedule@{name}"), label(key, f"quantcache@{name}")])
+            how = {"plan": "the plan's (largest residual change)", "reversed": f"reversed: {c['ranking']}",
+                   "uniform": "evenly spaced", "none": "none"}[name]
+            lines.append(f"| {how} | {', '.join(map(str, c[name]['high_steps'])) or '—'} | {b['weight']:.2f} / "
+                         f"{b['activation']:.2f} | {'; '.join(rows)} |")
+        lines.append("")
+    return lines
 
 
 def write_outputs(out: Path, meta: dict, rows: list, videos: list, worst: dict, cut: list) -> dict:
@@ -96,11 +218,14 @@ def write_outputs(out: Path, meta: dict, rows: list, videos: list, worst: dict, 
         notes += ["**Failed** (not in the table): " + "; ".join(f"{k}: {v}" for k, v in result["failed"].items()), ""]
     if result.get("not_run"):
         notes += ["Not run (work dir not given, or above --max-tier): " + ", ".join(result["not_run"]), ""]
+    notes += controls_notes(result)
     notes += ["Worst cases (lowest PSNR per row; decision map of the worst video under worst/<row>/, of the first "
               "video under runs/<row>/):", ""]
     notes += [f"- {k}: " + "; ".join(f"{w['psnr_db']:.1f} dB seed {w['seed']} '{w['prompt']}'" for w in ws)
               for k, ws in worst3.items() if ws and ws[0]["psnr_db"] < 99]
-    md = to_markdown(result, title="Issue 12 must-show sweep on qc-ref", notes=notes)
+    cols = [("executed bits W / A", _bits_cell), ("high % of computed", _high_cell)] if any(
+        r.get("avg_bits") for r in rows) else []
+    md = to_markdown(result, title="Issue 12 must-show sweep on qc-ref", notes=notes, columns=cols)
     with atomic_write(out / "sweep.md", "w") as f:
         f.write(md)
     if rows:
@@ -121,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (spawned when the device is CUDA; they "
                                                         "share the GPU)")
-    ap.add_argument("--max-tier", type=int, default=3, help="run the tiers up to this one (1: must-show rows only)")
+    ap.add_argument("--max-tier", type=int, default=4, help="run the tiers up to this one (1: must-show rows only; "
+                                                            "4: also the schedule placement rows)")
     ap.add_argument("--deadline-s", type=float, default=None, help="take no new task after this many seconds; "
                                                                    "unfinished row groups are listed as cut")
     ap.add_argument("--commit", default=None)
@@ -150,11 +276,27 @@ def main(argv: list[str] | None = None) -> dict:
         return (dict(model="qc-ref", device=args.device) if key == "fp"
                 else dict(work_dir=works[key], device=args.device))
 
-    unit_cfgs = [[SweepConfig(label(k, p), p) for p in ps] for _, k, ps in units]
+    controls: dict[str, dict] = {}
+    for key in {k for _, k, ps in units if any("@" in p for p in ps)}:
+        try:
+            controls[key] = schedule_controls(works[key], args.steps)
+        except Exception as e:  # noqa: BLE001 - a plan without a schedule costs its control rows, not the sweep
+            controls[key] = {"error": f"{type(e).__name__}: {e}"}
+    meta["schedule_controls"] = controls
+    failed: dict[int, str] = {}
+    unit_cfgs = []
+    for u, (_, k, ps) in enumerate(units):
+        if "error" in controls.get(k, {}) and any("@" in p for p in ps):
+            failed[u] = controls[k]["error"]
+            unit_cfgs.append([SweepConfig(label(k, p), p) for p in ps])
+            continue
+        unit_cfgs.append([config_for(k, p, controls.get(k)) for p in ps])
     tiers = sorted({t for t, _, _ in units})
     tasks = [(t, i) for t in tiers for i in range(len(calls))]  # priority order
     payload = [[(u, kwargs(units[u][1]), unit_cfgs[u], calls[i][0], calls[i][1], args.steps)
-                for u in range(len(units)) if units[u][0] == t] for t, i in tasks]
+                for u in range(len(units)) if units[u][0] == t and u not in failed] for t, i in tasks]
+    tasks = [t for t, p in zip(tasks, payload) if p]
+    payload = [p for p in payload if p]
     done: dict[int, dict[int, list]] = {u: {} for u in range(len(units))}
     rows_of: dict[int, list] = {}
     videos_of: dict[int, list] = {}
@@ -165,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     def finish_unit(u: int) -> None:
         res = [done[u][i] for i in range(len(calls))]
         rows, recs = aggregate(unit_cfgs[u], res, args.output)
+        add_bits(rows, recs)
         for j, cfg in enumerate(unit_cfgs[u]):  # the worst video's trace and decision map
             k_worst = min(range(len(calls)), key=lambda i: min(r["psnr_db"] for r in res[i][j]["records"]))
             if cfg.policy != "none" and cfg.label not in worst_seen:
@@ -189,8 +332,6 @@ def main(argv: list[str] | None = None) -> dict:
         rows.sort(key=lambda r: order_rows.index(r.get("row", r["config"])))
         return write_outputs(args.output, dict(meta, _start=start), rows, [v for u in order for v in videos_of[u]],
                              {}, cut or [])
-
-    failed: dict[int, str] = {}
 
     def on_result(u: int, i: int, res: list | str) -> None:
         if isinstance(res, str):  # one row group's error costs that group, not the sweep
@@ -249,6 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows, recs = aggregate(cfgs, [done[u][i] for i in sorted(done[u])], args.output)
         for r, c in zip(rows, unit_cfgs[u]):
             r["row"], r["partial"] = c.label, True
+        add_bits(rows, recs)
         rows_of[u], videos_of[u] = rows, recs
     if args.device.startswith("cuda"):
         import torch
