@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12's must-show sweep on one GPU, from the shipped qc-ref model to a packed result, in at most ~6 minutes.
+# Issue 12's must-show sweep on one GPU, from the shipped qc-ref model to a packed result, in at most ~7 minutes.
 #
 #   CUDA_VISIBLE_DEVICES=1 bash tools/gpu_issue12.sh OUT_DIR [COMMIT]
 #
@@ -12,11 +12,14 @@
 #    (listed under "not run" in sweep.md), nothing else.
 # 2. tools/must_show_sweep.py on the held-out captions and noise seeds 0 and 1000, all rows in priority order over
 #    QC12_JOBS worker processes sharing the GPU, with a deadline: the row groups it cannot finish are listed as cut.
+#    The last tier (cut first) is the FP8 plan's schedule at equal average bits: its own high steps without caching,
+#    the same number moved to the least-changing steps or spread evenly, and none, with and without quantcache
+#    (calib/schedule_controls.py; ~60 s more on one H200 with 10 jobs, hence QC12_TOTAL_S 420).
 # 3. pack OUT_DIR into OUT_DIR.tgz (< 16 MB) and leave OUT_DIR/{sweep.json,sweep.md,pareto.png,log.txt} beside it.
 #
 # Overrides (CPU smoke test: QC12_DEVICE=cpu QC12_CAPTIONS=2 QC12_SEEDS=0 QC12_STEPS=4 QC12_JOBS=2):
 #   QC12_DEVICE (cuda) QC12_CAPTIONS (32) QC12_SEEDS (0,1000) QC12_STEPS (model default, 30) QC12_JOBS (12)
-#   QC12_TOTAL_S (360: the whole script) QC12_CALIB_S (150: each calibration) QC12_WORK (/tmp/qc12_work: work dirs,
+#   QC12_TOTAL_S (420: the whole script) QC12_CALIB_S (150: each calibration) QC12_WORK (/tmp/qc12_work: work dirs,
 #   not packed) QC12_CALIB_PROMPTS (calibrate's default) QC12_KEEP=1 (keep OUT_DIR unpacked too) PYTHON (python3)
 #   QC12_REUSE=1 (keep QC12_WORK's work dirs that have a plan.json: re-run only the sweep and the failed calibrations)
 set -u -o pipefail
@@ -29,7 +32,7 @@ CAPTIONS=${QC12_CAPTIONS:-32}
 SEEDS=${QC12_SEEDS:-0,1000}
 STEPS=${QC12_STEPS:-}
 JOBS=${QC12_JOBS:-12}
-TOTAL=${QC12_TOTAL_S:-360}
+TOTAL=${QC12_TOTAL_S:-420}
 CALIB_S=${QC12_CALIB_S:-150}
 WORK=${QC12_WORK:-/tmp/qc12_work}
 PY=${PYTHON:-python3}
