@@ -22,6 +22,7 @@ class UniformOptions:
     fmt: str
     percentile: float | None = None  # None: the max of |x|
     exclude: tuple[str, ...] = ()
+    quantize_embed_final: bool = False  # False: the embed and final units' linears stay bf16 (calibrate's default)
     target: str = "any"
     act_scales: str = "static"  # static (per tensor, from the ranges) | dynamic (per token at run time)
     runtime: "RuntimeOptions | None" = field(default=None)  # the per-step schedule and SRAP options
@@ -80,12 +81,13 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings, opts: Un
                   "command": f"qc-compile calibrate --uniform {opts.fmt}", "tool_versions": tool_versions(),
                   "calibration": calib}
     plan, kept = uniform_plan(info, opts.fmt, ranges, target=opts.target, exclude=list(opts.exclude),
-                              provenance=provenance)
+                              blocks_only=not opts.quantize_embed_final, provenance=provenance)
     if opts.act_scales == "dynamic":
         for e in plan.linears.values():
             if e.activation in ("fp8_e4m3", "int8"):
                 e.act_scale = "dynamic"
     calib["act_scales"] = opts.act_scales
+    calib["quantize_embed_final"] = opts.quantize_embed_final
     calib["runtime"] = runtime_params.add_runtime_params(plan, signals,
                                                          opts.runtime or runtime_params.RuntimeOptions())
     lins = {li["name"]: li for li in info.linears()}

@@ -367,11 +367,14 @@ def load_plan(path: str | Path, *, model_info=None) -> Plan:
 
 
 def uniform_plan(model_info, fmt: str, ranges: dict[str, dict], *, target: str = "any", exclude: list[str] = (),
-                 provenance: dict | None = None) -> tuple[Plan, list[str]]:
-    """Every linear in one format (W and A; int4 formats are weight-only), from calibrated ranges.
+                 blocks_only: bool = False, provenance: dict | None = None) -> tuple[Plan, list[str]]:
+    """Every linear in one format (W and A; int4 formats are weight-only), from calibrated ranges; with
+    ``blocks_only`` the embed and final units' linears stay bf16.
 
-    Returns the plan and the names kept at bf16 (excluded by pattern, or the format does not fit their shape).
+    Returns the plan and the names kept at bf16 (excluded by pattern or unit, or the format does not fit their shape).
     """
+    from qc_compile.models.units import is_block
+
     if fmt not in WEIGHT_FORMATS:
         raise UserError(f"--uniform {fmt!r}: unknown format; known: {', '.join(WEIGHT_FORMATS)}.")
     w = fmt
@@ -383,7 +386,8 @@ def uniform_plan(model_info, fmt: str, ranges: dict[str, dict], *, target: str =
         amax = float(ranges[name]["amax"]) if name in ranges else None
         e = LinearPlan(unit=li["unit"], act_amax=amax)
         blocks = [f.block for f in (WEIGHT_FORMATS[w], ACTIVATION_FORMATS[a]) if f.block]
-        if any(fnmatch.fnmatch(name, p) for p in exclude) or any(k % b for b in blocks):
+        if (any(fnmatch.fnmatch(name, p) for p in exclude) or any(k % b for b in blocks)
+                or (blocks_only and not is_block(li["unit"]))):
             kept.append(name)
         else:
             e.weight, e.activation = w, a

@@ -52,9 +52,9 @@ def copy_of(src: Path, name: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def calibrated(fmt: str) -> Path:
-    work = copy_of(exported(), f"calib-{fmt}")
-    _ok(["calibrate", work, "--uniform", fmt, "--steps", CALIB_STEPS, "--quiet"])
+def calibrated(fmt: str, *extra: str) -> Path:
+    work = copy_of(exported(), f"calib-{fmt}" + "".join(e.strip("-") for e in extra))
+    _ok(["calibrate", work, "--uniform", fmt, "--steps", CALIB_STEPS, "--quiet", *extra])
     return work
 
 

@@ -89,8 +89,15 @@ def test_calibrate_writes_a_valid_plan_and_ranges():
     work = WorkDir(calibrated("fp8_e4m3"))
     info = read_model_info(work)
     plan = load_plan(work.plan_json, model_info=info)
-    assert {(e.weight, e.activation) for e in plan.linears.values()} == {("fp8_e4m3", "fp8_e4m3")}
-    assert all(e.act_scale > 0 for e in plan.linears.values())
+    from qc_compile.models.units import is_block
+
+    blocks = {n: e for n, e in plan.linears.items() if is_block(e.unit)}
+    others = {n: e for n, e in plan.linears.items() if not is_block(e.unit)}
+    assert blocks and others  # default: the block linears quantized, embed and final kept bf16
+    assert {(e.weight, e.activation) for e in blocks.values()} == {("fp8_e4m3", "fp8_e4m3")}
+    assert {(e.weight, e.activation) for e in others.values()} == {("bf16", "bf16")}
+    assert all(e.act_scale > 0 for e in blocks.values())
+    assert plan.provenance["calibration"]["quantize_embed_final"] is False
     assert plan.provenance["calibration"]["steps"] == 3 and len(plan.provenance["calibration"]["prompts"]) == 4
     ranges = json.loads((work.calib_dir / "ranges.json").read_text())["ranges"]
     assert all(r["calls"] == 3 for r in ranges.values())  # one call per step (the CFG batch is one call)
@@ -98,9 +105,11 @@ def test_calibrate_writes_a_valid_plan_and_ranges():
     assert (work.report_dir / "calibration_ranges.png").read_bytes()[:4] == b"\x89PNG"
     # percentile <= max, same prompts and seed
     w2 = copy_of(exported(), "pct")
-    code, out = run_cli("calibrate", w2, "--uniform", "int8", "--steps", "3", "--percentile", "99", "--quiet")
+    code, out = run_cli("calibrate", w2, "--uniform", "int8", "--steps", "3", "--percentile", "99", "--quiet",
+                        "--quantize-embed-final")
     assert code == 0, out
     p2 = load_plan(WorkDir(w2).plan_json)
+    assert {e.weight for e in p2.linears.values()} == {"int8"}  # --quantize-embed-final: every linear
     assert all(p2.linears[n].act_amax <= e.act_amax + 1e-6 for n, e in plan.linears.items())
     assert any(p2.linears[n].act_amax < e.act_amax for n, e in plan.linears.items())
 
@@ -127,9 +136,13 @@ def test_fp8_plan_builds_an_engine_per_unit_for_rtx_sm89():
 
     work = WorkDir(built("fp8_e4m3", "rtx:sm89"))
     info = read_model_info(work)
+    from qc_compile.plan import load_plan
+
     t = Manifest.load(work, "rtx:sm89").target("rtx:sm89").data
+    plan = load_plan(work.plan_json, model_info=info)
     assert t["backend"] == "tensorrt_rtx" and t["tool"]["version"].startswith("1.7")
     assert set(t["units"]) == set(info.unit_names)
+    n_dq = 0
     for unit in info.unit_names:
         v = t["units"][unit]["variants"]["default"]
         engine = work.root / v["engine"]["path"]
@@ -137,8 +150,11 @@ def test_fp8_plan_builds_an_engine_per_unit_for_rtx_sm89():
         assert engine == work.engine("rtx-sm89", unit)
         q = onnx.load(work.root / v["onnx"][0]["path"])
         ops = [n.op_type for n in q.graph.node]
-        assert ops.count("DequantizeLinear") == 2 * len(info.unit(unit)["linears"])
+        quantized = [li for li in info.unit(unit)["linears"] if plan.linears[li["name"]].weight != "bf16"]
+        assert ops.count("DequantizeLinear") == 2 * len(quantized)  # embed / final linears stay bf16 by default
         assert {p.key: p.value for p in q.metadata_props}["qc.stage"] == "q"
+        n_dq += len(quantized)
+    assert n_dq > 0
     assert not work.build_marker.exists() and not _tmp_files(work.root)
 
 
@@ -168,7 +184,7 @@ def test_qdq_graphs_run_in_onnxruntime_end_to_end():
 
 
 def test_nvfp4_plan_builds_for_sm120_and_is_refused_for_sm89():
-    work = copy_of(calibrated("nvfp4"), "nvfp4")
+    work = copy_of(calibrated("nvfp4", "--quantize-embed-final"), "nvfp4")  # the final unit's twin is checked
     code, out = run_cli("build", work, "--target", "rtx:sm89", "--quiet")
     assert code == 2
     assert "cannot be built for --target rtx:sm89" in out and "nvfp4" in out and "sm120" in out

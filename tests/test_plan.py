@@ -45,6 +45,21 @@ def test_uniform_plan_covers_every_linear(info, plan):
     assert int4.linears["spatial_blocks.0.mlp.fc2"].activation == "bf16"
 
 
+def test_uniform_plan_blocks_only_keeps_embed_and_final_bf16(info):
+    """calibrate's default: the embed and final units' linears stay bf16, every block linear takes the format."""
+    from qc_compile.models.units import is_block
+
+    ranges = {n: {"amax": 1.0} for n in _lins(info)}
+    p, kept = uniform_plan(info, "fp8_e4m3", ranges, blocks_only=True)
+    outside = sorted(n for n, e in p.linears.items() if not is_block(e.unit))
+    assert outside and sorted(kept) == outside  # e.g. t_embedder.mlp.0, final_layer.linear
+    assert "final_layer.linear" in kept and any(n.startswith("t_embedder") for n in kept)
+    for n, e in p.linears.items():
+        want = "bf16" if n in kept else "fp8_e4m3"
+        assert (e.weight, e.activation) == (want, want), n
+        assert (e.act_scale is None) == (n in kept), n
+
+
 def test_round_trip_with_sidecar_and_variants(tmp_path, info, plan):
     import shutil
 

@@ -78,6 +78,10 @@ from qc_compile.errors import UserError
                    "at run time (dynamic: what the fast FP8 kernels compute; the Q/DQ graphs compute row scales).")
 @click.option("--exclude", multiple=True, help="--uniform: fnmatch pattern of linears to keep at bf16 (repeatable), "
                                                "e.g. 't_embedder.*'.")
+@click.option("--quantize-embed-final", is_flag=True,
+              help="--uniform: quantize the embed and final units' linears too (timestep / caption embedders, final "
+                   "projection). Off by default: a small share of the compute whose outputs modulate every block; "
+                   "ModelOpt's diffusion recipes leave them unquantized as well.")
 @click.option("--target", default="any", show_default=True,
               help="Target the plan is made for; aigq takes its format menu from it (torch/any/trt: int4_b128, "
                    "int6_sim (simulated, torch/any only), fp8_e4m3, bf16; rtx:sm120 adds nvfp4).")
@@ -93,7 +97,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
               srap_max_error: float, hlc_thresholds: bool, sampling: str, calib_samples: int, replay_samples: int, no_smoothing: bool,
               vc: bool, vc_policy: str, predictor: bool, num_prompts: int | None, fresh: bool,
               prompts_file: Path | None, percentile: float | None, steps: int | None, cfg: float | None, seed: int,
-              high_variant: str, act_scales: str, exclude: tuple[str, ...], target: str, text_encoder: Path | None, caption_cache: Path | None,
+              high_variant: str, act_scales: str, exclude: tuple[str, ...], quantize_embed_final: bool, target: str, text_encoder: Path | None, caption_cache: Path | None,
               device: str, quiet: bool) -> None:
     """Calibrate the model in WORK and write WORK/plan.json: --uniform FORMAT (one format everywhere) or
     --method aigq (mixed precision per layer and per step)."""
@@ -124,7 +128,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     from qc_compile.calib.uniform import UniformOptions, calibrate_uniform
 
     opts = UniformOptions(fmt=fmt, percentile=percentile, exclude=tuple(exclude), target=target,
-                          act_scales=act_scales).checked()  # before any load
+                          act_scales=act_scales, quantize_embed_final=quantize_embed_final).checked()  # before any load
     if srap_max_error <= 0:
         raise UserError(f"--srap-max-error must be positive; got {srap_max_error}.")
     runtime = runtime_params.RuntimeOptions(act_high_fraction=act_high_fraction, high=high_variant,
