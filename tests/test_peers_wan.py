@@ -159,3 +159,25 @@ def test_budget_skips_rows_with_a_reason_and_json_is_written_as_rows_finish(tmp_
     out.write_text(json.dumps(res))
     assert peers_wan.main(["--from-json", str(out), "--md", str(tmp_path / "again.md")]) == 0
     assert "Incomplete run" in (tmp_path / "again.md").read_text()
+
+
+def test_baselines_are_retimed_and_ratios_divide_by_the_faster_timing(monkeypatch):
+    """A baseline slowed at the start (e.g. a build beside it) must not flatter the rows: after every row both
+    baselines are timed again and each row's time ratio divides by the faster of the two timings."""
+    import peers_wan
+
+    again = {False: 0.5, True: 2.0}  # separate CFG was slow at the start, batched CFG got slower later
+    monkeypatch.setattr(peers_wan, "_timed", lambda loaded, caps, args, batched, videos, before=None:
+                        (again[batched], 0.0))
+    base = {False: {"seconds": 1.0, "videos": None}, True: {"seconds": 0.8, "videos": None}}
+    rows = [{"label": "baseline (no cache)", "family": "baseline", "seconds": 1.0, "time_ratio": 1.0},
+            {"label": "a", "family": "diffusers", "seconds": 0.4, "time_ratio": 0.4, "cfg_batched": False},
+            {"label": "b", "family": "cache-dit", "seconds": 0.6, "time_ratio": 0.75, "cfg_batched": True},
+            {"label": "c", "family": "diffusers", "skipped": "not run"}]
+    res: dict = {}
+    peers_wan.retime_baselines(None, [], None, base, rows, res)
+    assert rows[0]["seconds"] == 0.5 and rows[1]["time_ratio"] == pytest.approx(0.8)
+    assert rows[2]["time_ratio"] == pytest.approx(0.75)
+    assert "time_ratio" not in rows[3]
+    assert res["baseline_seconds"]["separate_cfg"] == {"start": 1.0, "end": 0.5}
+    assert res["baseline_batched_cfg_seconds"] == 0.8
