@@ -275,14 +275,10 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> None:
 
 @pytest.mark.slow
 def test_sigint_during_export_calibrate_build_leaves_a_usable_work_dir(work: Path) -> None:
+    from qc_compile.build import verify_manifest
+    from qc_compile.workdir import WorkDir
+
     good = snapshot(work)
-    # build: interrupted after it started writing -> the previous build is restored
-    p = _spawn("build", work, "--target", TARGET, "--onnx-only", "--quiet")
-    _wait_for(lambda: (work / ".build-in-progress.json").exists(), p)
-    p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=120)[0]
-    assert p.returncode == 130 and "Traceback" not in out, out
-    assert snapshot(work) == good
     # calibrate: interrupted while sampling -> nothing written, lock released
     p = _spawn("calibrate", work, "--uniform", "int8", "--steps", "30", "--quiet")
     _wait_for(lambda: (work / ".qc-lock").exists(), p)
@@ -300,6 +296,20 @@ def test_sigint_during_export_calibrate_build_leaves_a_usable_work_dir(work: Pat
     assert p.returncode == 130 and "Traceback" not in out, out
     assert snapshot(work) == good
     assert not [q for q in work.parent.iterdir() if q.name.startswith(".work.")]
+    # build (last: it may finish before the signal lands): interrupted after it started writing -> the previous
+    # build is restored
+    p = _spawn("build", work, "--target", TARGET, "--onnx-only", "--quiet")
+    _wait_for(lambda: (work / ".build-in-progress.json").exists(), p)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    finished = p.returncode in (0, -signal.SIGINT) and "interrupted" not in out
+    if finished and not (work / ".build-in-progress.json").exists():
+        # the build completed between the poll and the signal (seen on a loaded machine: the signal then lands
+        # in interpreter shutdown, exit -2): a complete, verified build is the right outcome, not an interruption
+        verify_manifest(WorkDir(work), TARGET)
+    else:
+        assert p.returncode == 130 and "Traceback" not in out, out
+        assert snapshot(work) == good
     code, out = run_cli("run", work, "-p", PROMPT, "--steps", "1", "--executor", "onnxruntime", "--quiet")
     assert code == 0, out
 
