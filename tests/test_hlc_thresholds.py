@@ -91,10 +91,10 @@ def small_export(tmp_path_factory) -> Path:
     return work
 
 
-def _calibrate(src: Path, fmt: str) -> tuple[Path, dict, str]:
+def _calibrate(src: Path, fmt: str, *extra: str) -> tuple[Path, dict, str]:
     work = copy_of(src, f"hlc-{fmt}")
     out = _ok(["calibrate", work, "--uniform", fmt, "--steps", str(STEPS), "--num-prompts", "2",
-               "--no-srap-thresholds", "--quiet"])
+               "--no-srap-thresholds", "--quiet", *extra])
     plan = json.loads((work / "plan.json").read_text())
     return work, plan, out
 
@@ -116,7 +116,8 @@ def _compute(work: Path, prompts: list[str], overrides: dict | None = None) -> t
 @pytest.mark.slow  # ~40 s on one CPU thread: a calibration with its end-to-end plan runs, then the checks
 def test_quantized_plan_whose_noise_inflates_compute_gets_larger_thresholds(small_export):
     torch.set_grad_enabled(False)
-    work, plan, out = _calibrate(small_export, "int4_b64")  # coarse weights: noise that HLC's score reads
+    # coarse weights everywhere (the embedders too): noise that HLC's score reads
+    work, plan, out = _calibrate(small_export, "int4_b64", "--quantize-embed-final")
     rep = plan["provenance"]["calibration"]["runtime"]["hlc"]
     d1, d2 = H.defaults()
     # the noise inflates compute beyond the measurement's resolution (12 steps: 93.8% vs 91.7% unquantized)

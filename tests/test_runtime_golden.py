@@ -14,6 +14,11 @@ the 3-step test calibration leaves SRAP no steps to validate on, so its plan's t
 uncalibrated defaults (0.995 / 0.999) used to prune 5 unit evaluations of the FP8 plan: ``torch-plan/srap`` and
 ``onnxruntime/srap`` now equal their ``none`` runs, ``torch-plan/quantcache`` and ``onnxruntime/quantcache`` prune
 nothing. Every other case is unchanged.
+
+Re-recorded for the 18 plan cases (session 8, issue 12): ``calibrate --uniform`` keeps the embed and final units'
+linears bf16 by default, so every ``torch-plan/*`` and ``onnxruntime/*`` video changed; decisions changed only for
+``hlc`` and ``quantcache`` (their divergence score reads the changed outputs). All 14 ``torch-fp/*`` cases are
+unchanged.
 """
 
 from __future__ import annotations

@@ -134,7 +134,9 @@ def test_a_replaced_schedule_is_what_runs(fp8_work):
     assert bits[0]["avg_bits"]["mean"] == pytest.approx(controls["plan"]["bits"]["mean"])
     flat = S._task(pipe, [ms.config_for("fp8", "schedule@none", controls)], ["a blue square moving up on a gray "
                                                                              "background"], 3, steps, None, True)
-    assert ms.run_bits(pipe.plan, flat[0]["trace"])["avg_bits"]["mean"] == pytest.approx(8.0)
+    flat_bits = ms.run_bits(pipe.plan, flat[0]["trace"])["avg_bits"]["mean"]
+    assert flat_bits == pytest.approx(controls["none"]["bits"]["mean"])  # FP8 blocks, bf16 embed / final linears
+    assert 8.0 < flat_bits < bits[0]["avg_bits"]["mean"]
 
 
 def test_sweep_lists_the_control_rows_last_with_their_steps_and_bits(tmp_path, monkeypatch, fp8_work):
