@@ -291,3 +291,48 @@ def test_ratios_divide_by_the_strongest_plain_compiled_row() -> None:
     rows[1]["seconds"] = 12.0  # graphs slower here: the plain compiled row stays the baseline
     E.add_ratios_and_fidelity(rows, None)
     assert rows[2]["ratio_baseline"] == "plain_bf16_compile" and rows[2]["speedup_vs_plain_bf16_compile"] == 10 / 6
+
+
+PLAN = Path(__file__).resolve().parents[1] / "bench" / "results" / "must_show_h200" / "plans" / "fp8.plan.json"
+
+
+@pytest.mark.slow
+def test_fidelity_with_a_calibrated_plan_runs_its_schedule_and_records_it(tmp_path):
+    """--plan: the configurations use the calibrated plan and its per-step schedule (an all-`high` schedule makes
+    ours_fp8_schedule the bf16 fast path: closer to fp32 than FP8 every step), and the file's sha256 is recorded."""
+    import hashlib
+
+    d = json.loads(PLAN.read_text())
+    d["schedule"] = ["high"] * len(d["schedule"])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "fid.json"
+    assert E.main(["--fidelity", "--device", "cpu", "--captions", "1", "--steps", "2", "--plan", str(plan),
+                   "--configs", "ours_fp8", "ours_fp8_schedule", "--out-fidelity", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["plan"]["sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
+    c = doc["configs"]
+    assert c["ours_fp8_schedule"]["policy"] == "schedule"
+    assert c["ours_fp8_schedule"]["psnr_db"] > c["ours_fp8"]["psnr_db"] + 3.0, c
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: None, "no such file"),
+    (lambda p: p.write_text("{not json"), "plan"),
+    (lambda p: p.write_text(PLAN.read_text().replace('"name": "qc-ref"', '"name": "opensora-v1.2"', 1)),
+     "opensora-v1.2"),
+])
+def test_fidelity_refuses_a_bad_plan_before_sampling(tmp_path, capsys, make, says):
+    plan, out = tmp_path / "plan.json", tmp_path / "fid.json"
+    make(plan)
+    assert E.main(["--fidelity", "--device", "cpu", "--captions", "1", "--steps", "1", "--plan", str(plan),
+                   "--configs", "ours_fp8", "--out-fidelity", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(plan) in err and says in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_plan_is_refused_outside_fidelity(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        E.parse_args(["--quick", "--plan", str(PLAN), "--out", str(tmp_path)])
+    assert e.value.code == 2

@@ -25,6 +25,7 @@ overheads a user pays and a per-block kernel profile of ``plain_bf16_compile`` a
 
     python tools/bench_e2e.py --make-grids                  # CPU: qc-ref decision grids -> bench/results/e2e_grids.json
     python tools/bench_e2e.py --fidelity --device cuda      # qc-ref fidelity per configuration (32 held-out captions)
+    python tools/bench_e2e.py --fidelity --plan WORK/plan.json   # ... with a calibrated qc-ref plan (+ ours_fp8_schedule)
     python tools/bench_e2e.py --out DIR                     # GPU: the timed rows -> DIR/e2e_<gpu>.{json,md}
     python tools/bench_e2e.py --quick --device cpu --out D  # tiny CPU smoke run of the same code
     python tools/bench_e2e.py --render DIR/e2e_h100.json
@@ -607,9 +608,10 @@ def run_fidelity(args) -> None:
     loaded = load_model("qc-ref", device=dev)  # fp32: the reference
     captions = [c.text() for c in sample_captions(args.captions, seed=EVAL_CAPTION_SEED)]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    user_plan, plan_info = load_user_plan(args.plan, loaded.model)  # before any sampling: a bad file costs nothing
     low = copy.deepcopy(loaded)
     low.model = low.model.to(dtype)
-    plan = fp8_block_plan(low.model, high_variant=True)
+    plan = user_plan if user_plan is not None else fp8_block_plan(low.model, high_variant=True)
     sets = dict(kv.split("=", 1) for kv in args.set_long)
     sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
 
@@ -620,7 +622,7 @@ def run_fidelity(args) -> None:
             s = GenerationSettings.defaults(lm, seed=i, steps=steps)  # caption k: noise seed k
             g = Geometry.for_model(lm.config, s.frames, s.height, s.width)
             ex = executor_for(lm.model, g)
-            pol = get_policy(policy, over, None, seed=0) if policy else None
+            pol = get_policy(policy, over, user_plan, seed=0) if policy else None
             v, res = generate(lm, caps, s, executor=ex, policy=pol, progress=False)
             out += list(v)
             cf.append(res.compute_fraction(ex.unit_names))
@@ -642,6 +644,8 @@ def run_fidelity(args) -> None:
              ("torchao_fp8", "torchao", args.steps, None, None),
              ("plain_bf16_100", "plain", args.long_steps, None, None),
              ("ours_both_100", fast(plan), args.long_steps, "quantcache", sets)]
+    if user_plan is not None:  # policy none ignores a plan's schedule; `schedule` runs it without caching
+        table.insert(2, ("ours_fp8_schedule", fast(plan), args.steps, "schedule", None))
     for name, how, steps, policy, over in table:
         if args.configs and name not in args.configs:
             continue
@@ -681,17 +685,46 @@ def run_fidelity(args) -> None:
                          "checker_drop_points": 100.0 * (ref_checker[steps] - checker), "compute_fraction": cf,
                          "videos": len(vids), "policy": policy or "none", "overrides": over or {}}
         print(name, json.dumps(configs[name]), f"{time.perf_counter() - t0:.0f} s", flush=True)
-        write_fidelity(args, captions, configs, complete=False)  # an interrupted run keeps what it measured
-    write_fidelity(args, captions, configs, complete=True)
+        write_fidelity(args, captions, configs, complete=False, plan=plan_info)  # an interrupted run keeps it
+    write_fidelity(args, captions, configs, complete=True, plan=plan_info)
     print(f"wrote {args.out_fidelity}")
 
 
-def write_fidelity(args, captions: list[str], configs: dict, complete: bool) -> None:
+def load_user_plan(path: Path | None, model=None):
+    """(plan, {"path", "sha256", "note"}) of ``--plan``, or (None, the FP8 block plan's description). A file that is
+    missing, not a valid plan, or made for another model than qc-ref is a UserError naming it."""
+    import hashlib
+
+    from qc_compile.errors import UserError
+    from qc_compile.linears import config_sha256, model_linears
+    from qc_compile.plan import load_plan, validate
+
+    if path is None:
+        return None, {"path": None, "note": "the uncalibrated FP8 block plan (fp8_block_plan: block linears W8A8, "
+                                            "dynamic per-token scales, a bf16 `high` variant, no schedule)"}
+    if not path.is_file():
+        raise UserError(f"--plan {path}: no such file; expected a plan.json written by `qc-compile calibrate` on "
+                        "qc-ref.")
+    plan = load_plan(path)  # schema checked; ArtifactError names the file and the field
+    name = (plan.model or {}).get("name")
+    if name != "qc-ref":
+        raise UserError(f"--plan {path}: the plan is for model {name!r}; the fidelity runs use qc-ref, so the plan "
+                        "must come from `qc-compile calibrate` on a qc-ref export.")
+    if model is not None:  # every linear named, shaped and formatted as this model allows
+        lins = {li.name: {"unit": li.unit, "in_features": li.in_features, "out_features": li.out_features}
+                for li in model_linears(model)}
+        validate(plan, linears=lins, model_name="qc-ref", config_sha256=config_sha256(model.config), where=str(path))
+    return plan, {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                  "note": "the fast path quantizes activations per token at run time (the plan's static act scales "
+                          "are not read); its formats, variants, schedule and policy parameters are"}
+
+
+def write_fidelity(args, captions: list[str], configs: dict, complete: bool, plan: dict | None = None) -> None:
     """The --fidelity JSON, atomically; rewritten after every configuration."""
     from qc_compile.artifacts import write_bytes_atomic
 
     doc = {"model": "qc-ref", "captions": captions, "caption_seed": EVAL_CAPTION_SEED, "batch": args.batch,
-           "dtype": args.dtype, "device": args.device, "complete": complete,
+           "dtype": args.dtype, "device": args.device, "complete": complete, "plan": plan,
            "reference": "the fp32 model, policy none, same caption, noise seed and step count (torch executor)",
            "note": "compile does not change the math: plain_bf16 stands for the eager and compiled rows; policies "
                    "decide once per batch of `batch` captions; our executors' statistics level follows the policy "
@@ -804,8 +837,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="quantcache overrides for the 100-step grid/fidelity (e.g. hlc.tau_max=10)")
     ap.add_argument("--captions", type=int, default=32, help="--fidelity: held-out captions")
     ap.add_argument("--batch", type=int, default=1, help="--fidelity: captions per generate call")
+    ap.add_argument("--plan", type=Path, default=None,
+                    help="--fidelity: a calibrated qc-ref plan.json (what `calibrate` wrote) instead of the "
+                         "uncalibrated FP8 block plan; the policies read its parameters and per-step schedule")
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
+    if args.plan is not None and not args.fidelity:
+        ap.error("--plan is implemented for --fidelity only (the XL timing rows still use the FP8 block plan)")
     if args.quick:
         args.steps, args.long_steps = min(args.steps, 3), min(args.long_steps, 5)
         args.profile_steps = min(args.profile_steps, 1)
@@ -818,7 +856,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qc_compile.errors import UserError
+
     args = parse_args(argv)
+    try:
+        return _main(args)
+    except UserError as e:  # ArtifactError is one: a bad --plan, a bad grids file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
     if args.render:
         if args.fidelity_json:
             attach_fidelity(Path(args.render), Path(args.fidelity_json))
