@@ -238,6 +238,9 @@ def test_fidelity_mode_writes_every_configuration(tmp_path):
     assert c["plain_bf16"]["psnr_db"] > c["ours_fp8"]["psnr_db"] > 15.0  # bf16 closer to fp32 than FP8
     assert c["ours_both_100"]["steps"] == 2 and 0 < c["ours_both_100"]["compute_fraction"] <= 1
     assert "skipped" in c["torchao_fp8"] or "psnr_db" in c["torchao_fp8"]
+    doc = json.loads(out.read_text())  # without --plan: the uncalibrated FP8 block plan, described, no file or hash
+    assert doc["plan"]["path"] is None and "sha256" not in doc["plan"] and "ours_fp8_schedule" not in c
+    assert set(c["ours_fp8"]) >= {"psnr_db", "ssim", "checker", "compute_fraction", "policy", "variants"}
 
 
 def test_interrupted_run_keeps_the_rows_it_finished(tmp_path, monkeypatch):
@@ -313,6 +316,7 @@ def test_fidelity_with_a_calibrated_plan_runs_its_schedule_and_records_it(tmp_pa
     assert doc["plan"]["sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
     c = doc["configs"]
     assert c["ours_fp8_schedule"]["policy"] == "schedule"
+    assert c["ours_fp8_schedule"]["variants"] == ["high"] and c["ours_fp8"]["variants"] == ["default"], c
     assert c["ours_fp8_schedule"]["psnr_db"] > c["ours_fp8"]["psnr_db"] + 3.0, c
 
 

@@ -616,7 +616,7 @@ def run_fidelity(args) -> None:
     sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
 
     def videos(lm, executor_for, steps: int, policy: str | None = None, over=None):
-        out, cf = [], []
+        out, cf, used = [], [], set()
         for i in range(0, len(captions), args.batch):
             caps = captions[i:i + args.batch]
             s = GenerationSettings.defaults(lm, seed=i, steps=steps)  # caption k: noise seed k
@@ -626,7 +626,8 @@ def run_fidelity(args) -> None:
             v, res = generate(lm, caps, s, executor=ex, policy=pol, progress=False)
             out += list(v)
             cf.append(res.compute_fraction(ex.unit_names))
-        return out, sum(cf) / len(cf)
+            used |= {d.get("variant") for st in res.steps for d in st.decisions.values() if d.get("action") == "compute"}
+        return out, sum(cf) / len(cf), sorted(v for v in used if v)  # variants the computed units actually ran
 
     def fast(p):
         return lambda m, g: StepExecutor(FastRunner(m, g, p), g)
@@ -651,7 +652,7 @@ def run_fidelity(args) -> None:
             continue
         if steps not in refs:
             t0 = time.perf_counter()
-            refs[steps], _ = videos(loaded, torch_executor, steps)
+            refs[steps], _, _ = videos(loaded, torch_executor, steps)
             ref_checker[steps] = score_videos(refs[steps], captions)["all"]
             print(f"reference {steps} steps: {time.perf_counter() - t0:.0f} s, checker {ref_checker[steps]:.3f}",
                   flush=True)
@@ -673,9 +674,9 @@ def run_fidelity(args) -> None:
                 continue
         t0 = time.perf_counter()
         if how in ("plain", "torchao"):
-            vids, cf = videos(lm, B.PlainExecutor, steps)
+            vids, cf, used = videos(lm, B.PlainExecutor, steps)
         else:
-            vids, cf = videos(lm, how, steps, policy, over)
+            vids, cf, used = videos(lm, how, steps, policy, over)
         per = [compare_videos(a.float(), b) for a, b in zip(vids, refs[steps])]
         checker = score_videos(vids, captions)["all"]
         configs[name] = {"steps": steps, "psnr_db": sum(p["psnr_db"] for p in per) / len(per),
@@ -683,7 +684,8 @@ def run_fidelity(args) -> None:
                          "ssim": sum(p["ssim"] for p in per) / len(per), "checker": checker,
                          "checker_reference": ref_checker[steps],
                          "checker_drop_points": 100.0 * (ref_checker[steps] - checker), "compute_fraction": cf,
-                         "videos": len(vids), "policy": policy or "none", "overrides": over or {}}
+                         "videos": len(vids), "policy": policy or "none", "overrides": over or {},
+                         "variants": used}
         print(name, json.dumps(configs[name]), f"{time.perf_counter() - t0:.0f} s", flush=True)
         write_fidelity(args, captions, configs, complete=False, plan=plan_info)  # an interrupted run keeps it
     write_fidelity(args, captions, configs, complete=True, plan=plan_info)
