@@ -626,8 +626,10 @@ def run_fidelity(args) -> None:
             v, res = generate(lm, caps, s, executor=ex, policy=pol, progress=False)
             out += list(v)
             cf.append(res.compute_fraction(ex.unit_names))
-            used |= {d.get("variant") for st in res.steps for d in st.decisions.values() if d.get("action") == "compute"}
-        return out, sum(cf) / len(cf), sorted(v for v in used if v)  # variants the computed units actually ran
+            used |= {d.get("variant") for st in res.steps for d in st.decisions.values()
+                     if d.get("action") == "compute"}
+        # the variants a policy's decisions ran (empty without a policy: every unit runs the runner's default)
+        return out, sum(cf) / len(cf), sorted(v for v in used if v)
 
     def fast(p):
         return lambda m, g: StepExecutor(FastRunner(m, g, p), g)
