@@ -311,12 +311,13 @@ def test_fidelity_with_a_calibrated_plan_runs_its_schedule_and_records_it(tmp_pa
     plan.write_text(json.dumps(d))
     out = tmp_path / "fid.json"
     assert E.main(["--fidelity", "--device", "cpu", "--captions", "1", "--steps", "2", "--plan", str(plan),
-                   "--configs", "ours_fp8", "ours_fp8_schedule", "--out-fidelity", str(out)]) == 0
+                   "--configs", "ours_fp8", "ours_fp8_schedule", "ours_cached", "--out-fidelity", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["plan"]["sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
     c = doc["configs"]
     assert c["ours_fp8_schedule"]["policy"] == "schedule"
     assert c["ours_fp8_schedule"]["variants"] == ["high"], c
+    assert "high" not in c["ours_cached"]["variants"], c  # the bf16 row's policy does not read the FP8 plan
     assert c["ours_fp8_schedule"]["psnr_db"] > c["ours_fp8"]["psnr_db"] + 3.0, c
 
 

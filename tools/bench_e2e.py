@@ -615,14 +615,14 @@ def run_fidelity(args) -> None:
     sets = dict(kv.split("=", 1) for kv in args.set_long)
     sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
 
-    def videos(lm, executor_for, steps: int, policy: str | None = None, over=None):
+    def videos(lm, executor_for, steps: int, policy: str | None = None, over=None, policy_plan=None):
         out, cf, used = [], [], set()
         for i in range(0, len(captions), args.batch):
             caps = captions[i:i + args.batch]
             s = GenerationSettings.defaults(lm, seed=i, steps=steps)  # caption k: noise seed k
             g = Geometry.for_model(lm.config, s.frames, s.height, s.width)
             ex = executor_for(lm.model, g)
-            pol = get_policy(policy, over, user_plan, seed=0) if policy else None
+            pol = get_policy(policy, over, policy_plan, seed=0) if policy else None
             v, res = generate(lm, caps, s, executor=ex, policy=pol, progress=False)
             out += list(v)
             cf.append(res.compute_fraction(ex.unit_names))
@@ -678,7 +678,10 @@ def run_fidelity(args) -> None:
         if how in ("plain", "torchao"):
             vids, cf, used = videos(lm, B.PlainExecutor, steps)
         else:
-            vids, cf, used = videos(lm, how, steps, policy, over)
+            # the plan's parameters and schedule go to the policies of the rows that run the plan, not to ours_cached
+            # (the bf16 model: a quantized plan's HLC thresholds and schedule are not its own)
+            vids, cf, used = videos(lm, how, steps, policy, over,
+                                    user_plan if name.startswith(("ours_fp8", "ours_both")) else None)
         per = [compare_videos(a.float(), b) for a, b in zip(vids, refs[steps])]
         checker = score_videos(vids, captions)["all"]
         configs[name] = {"steps": steps, "psnr_db": sum(p["psnr_db"] for p in per) / len(per),
