@@ -69,6 +69,10 @@ class StepExecutor:
         self._prefix = int(getattr(geometry, "prefix_tokens", 0))  # tokens before the video tokens (CogVideoX)
         self.reducer: StatsReducer = reducer or getattr(runner, "reducer", None) or LOCAL
         self.residuals: dict[str, torch.Tensor] = {}
+        self.extrapolation = 0.0  # > 0: a reuse extrapolates from the unit's last two residuals (the policy's)
+        self._older: dict[str, tuple[int, torch.Tensor]] = {}  # unit -> (step, residual) before the cached one
+        self._computed_at: dict[str, int] = {}  # unit -> step index of the cached residual
+        self._step = 0  # model evaluations since reset()
         self.parts: dict[str, dict[str, tuple]] = {}  # unit -> sub-block -> (last output, gate used)
         self._prev_z: torch.Tensor | None = None
         self._prev_mod: torch.Tensor | None = None
@@ -77,6 +81,9 @@ class StepExecutor:
     def reset(self) -> None:
         self.residuals.clear()
         self.parts.clear()
+        self._older.clear()
+        self._computed_at.clear()
+        self._step = 0
         if hasattr(self.runner, "reset"):  # runners that carry values between calls (TrtRunner: cached_residual)
             self.runner.reset()
         self._prev_z = self._prev_mod = self._gate_ref = None
@@ -90,6 +97,7 @@ class StepExecutor:
                 raise ValueError(f"{self._policy_name} declares reads_stats={level!r}; expected one of "
                                  f"{', '.join(STATS_LEVELS)}")
             self.stats_level = level
+        self.extrapolation = float(getattr(policy, "extrapolation", 0.0))
 
     def describe(self) -> dict:
         return dict(self.runner.describe(), stats=self.stats_level)
@@ -119,6 +127,17 @@ class StepExecutor:
             cache["mlp"] = (steps.feed_forward(x), steps.gate_mlp)
         out, gate = cache["mlp"]
         return x + (steps.gate_mlp if regate else gate) * out
+
+    def _reused(self, name: str) -> torch.Tensor:
+        """The residual a reuse adds: the cached one, or (``extrapolation`` g > 0, two computations seen) its linear
+        extrapolation to this step, r1 + g·k·(r1 − r0) with k = steps since r1 / steps between r0 and r1."""
+        r1 = self.residuals[name]
+        older = self._older.get(name) if self.extrapolation else None
+        if older is None:
+            return r1
+        s0, r0 = older
+        k = self.extrapolation * (self._step - self._computed_at[name]) / max(self._computed_at[name] - s0, 1)
+        return torch.lerp(r0, r1, 1.0 + k)
 
     def _no_cache(self, what: str) -> None:
         raise RuntimeError(f"{self._policy_name} {what}, but this executor runs with stats='none': no "
@@ -196,7 +215,7 @@ class StepExecutor:
                     self._no_cache(f"asked to reuse {name}")
                 if name not in self.residuals:
                     raise RuntimeError(f"policy asked to reuse {name} before it was ever computed")
-                h = h + self.residuals[name]
+                h = h + self._reused(name)
                 has_prev = True
                 row[P["action"]] = codes["reuse"]
                 continue
@@ -212,8 +231,13 @@ class StepExecutor:
             if not measure:  # nothing reads statistics or the residual: no reductions, no cached copy
                 h, has_prev = out, True
                 continue
-            self.residuals[name] = self._unit_stats(row, h, out, self.residuals.get(name), has_prev, self.g.T,
+            cached = self.residuals.get(name)
+            if self.extrapolation and cached is not None:
+                self._older[name] = (self._computed_at[name], cached)
+            self.residuals[name] = self._unit_stats(row, h, out, cached, has_prev, self.g.T,
                                                     self.stats_level, self._prefix)
+            self._computed_at[name] = self._step
             h, has_prev = out, True
         v = run.run_unit("final", decisions.get("final", COMPUTE).variant, {**ctx, "x": h})["v"]
+        self._step += 1
         return v.to(z.device), finish(self.reducer.partials(stats))

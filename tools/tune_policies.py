@@ -105,8 +105,10 @@ def main() -> int:
         def run_config(spec, ov):
             return [_evaluate(pipe, spec, ov, p, args.seed + k, args.steps, fps[k]) for k, p in enumerate(prompts)]
 
-        out = [_summarize(text, run_config(*parse_config(text))) for text in args.config]
-        _write(args, prompts, out)
+        out = []
+        for text in args.config:  # written after every config: a run cut by a time limit keeps what it finished
+            out.append(_summarize(text, run_config(*parse_config(text))))
+            _write(args, prompts, out)
         return 0
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

@@ -129,6 +129,10 @@ class Compose:
         return run
 
     @property
+    def extrapolation(self) -> float:
+        return max((float(getattr(c, "extrapolation", 0.0)) for c in self.components), default=0.0)
+
+    @property
     def requires(self) -> frozenset[str]:
         return frozenset().union(*(getattr(c, "requires", frozenset()) for c in self.components))
 

@@ -71,7 +71,13 @@ class HLC(BasePolicy):
         "warmup": Param(3, int, 1, 1000, doc="first steps always computed (>= 1: the cache must be filled)"),
         "tail": Param(2, int, 0, 1000, doc="last steps always computed"),
         "units": Param({}, dict, doc="per-unit {delta1, delta2} overrides from calibration"),
+        "extrapolate": Param(0.0, float, 0.0, 2.0, doc="weight g of the first-order term of a reuse: the residual "
+                             "added is r1 + g·k·(r1 − r0) from the unit's last two computations (0 = r1 as cached)"),
     }
+
+    @property
+    def extrapolation(self) -> float:
+        return float(self.extrapolate)
 
     def validate(self) -> None:
         require_order(self.name, self.params, "delta1", "delta2")
