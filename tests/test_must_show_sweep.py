@@ -24,7 +24,7 @@ def test_rows_have_unique_labels_and_valid_specs():
     assert len(labels) == len(set(labels))
     for _, _, ps in ms.UNITS:
         for p in ps:
-            expand(p.partition("@")[0])  # raises on an unknown policy name
+            expand(p.partition("@")[0].partition("~")[0])  # raises on an unknown policy name
     tiers = [t for t, _, _ in ms.UNITS]
     assert tiers == sorted(tiers)
     must = {ms.label(k, p) for t, k, ps in ms.UNITS if t == 1 for p in ps}
@@ -32,6 +32,19 @@ def test_rows_have_unique_labels_and_valid_specs():
             "FP8 plan: only (no caching)"} <= must
     assert any("+vc" in p for _, k, ps in ms.UNITS for p in ps) and any("dmpq" in p for _, _, ps in ms.UNITS
                                                                           for p in ps)
+
+
+def test_variant_rows_run_their_policy_with_the_overrides():
+    from qc_compile.runtime.policies import get_policy
+
+    variants = [(k, p) for _, k, ps in ms.UNITS for p in ps if "~" in p]
+    assert variants, "the rows that show a changed default's previous value are gone"
+    for key, p in variants:
+        cfg = ms.config_for(key, p, None)
+        assert cfg.policy == p.partition("~")[0] and cfg.overrides == ms.VARIANTS[p.partition("~")[2]][0]
+        pol = get_policy(cfg.policy, cfg.overrides, None, seed=0)  # raises on an unknown parameter
+        assert pol.extrapolation == 0.0
+    assert get_policy("hlc", {}, None, seed=0).extrapolation > 0  # the default the control row departs from
 
 
 def test_deadline_cuts_lowest_priority_groups(tmp_path, monkeypatch):
@@ -70,13 +83,14 @@ def test_deadline_cuts_lowest_priority_groups(tmp_path, monkeypatch):
                    "--steps", "3", "--deadline-s", "45", "--commit", "abc", "-o", str(out)])
     assert [c[1] for c in calls[:4]] == [["none", "hlc", "quantcache"], list(ms.PEERS_MUST)] * 2
     assert [c[0] for c in calls[:2]] == ["W16", "fp"] and [c[2] for c in calls[:4]] == [0, 0, 1000, 1000]
-    assert len(calls) == 5 and calls[4][1] == ["hlc+guard", "quantcache+guard"]
+    assert len(calls) == 5 and calls[4][1] == ["hlc+guard", "quantcache+guard", "hlc"]  # hlc~plain: hlc, overrides
+    plain = ms.label("bf16", "hlc~plain")
     done = [r["config"] for r in res["rows"]]
     assert done == ["none", "hlc", "quantcache", *ms.PEERS_MUST, "hlc+guard (partial: 1/2 videos)",
-                    "quantcache+guard (partial: 1/2 videos)"]
-    assert [r["videos"] for r in res["rows"]] == [2] * 7 + [1, 1] and res["rows"][-1]["partial"]
+                    "quantcache+guard (partial: 1/2 videos)", f"{plain} (partial: 1/2 videos)"]
+    assert [r["videos"] for r in res["rows"]] == [2] * 7 + [1, 1, 1] and res["rows"][-1]["partial"]
     cut = {c["config"]: c["calls_done"] for c in res["cut"]}
-    assert cut == {"hlc+guard": 1, "quantcache+guard": 1, "srap": 0, "hlc+aigq": 0, "dbcache": 0, "tdc": 0,
+    assert cut == {"hlc+guard": 1, "quantcache+guard": 1, plain: 1, "srap": 0, "hlc+aigq": 0, "dbcache": 0, "tdc": 0,
                    "interval": 0}
     assert "FP8 plan: quantcache" in res["not_run"] and "AIGQ+VC/DMPQ plan: hlc+dmpq" in res["not_run"]
     on_disk = json.loads((out / "sweep.json").read_text())

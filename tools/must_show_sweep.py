@@ -40,7 +40,8 @@ UNITS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "aigq", ("quantcache",)),
     (1, "fp", PEERS_MUST),
     (2, "aigq_vc", ("hlc+aigq", "hlc+aigq+vc", "hlc+dmpq", "quantcache+vc")),
-    (2, "bf16", ("hlc+guard", "quantcache+guard")),
+    (2, "bf16", ("hlc+guard", "quantcache+guard", "hlc~plain")),
+    (2, "fp8", ("quantcache~plain",)),
     (3, "bf16", ("srap", "hlc+aigq")),
     (3, "fp8", ("hlc+aigq",)),
     (3, "aigq", ("none", "hlc+aigq")),
@@ -53,10 +54,16 @@ UNITS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
 # policy@placement: the policy run on the work dir's plan with its schedule replaced (calib/schedule_controls.py)
 PLACEMENT_NAME = {"reversed": "schedule moved: reversed", "uniform": "schedule moved: uniform",
                   "none": "no high steps"}
+# policy~variant: the policy with these overrides (controls for a changed default)
+VARIANTS = {"plain": ({"hlc.extrapolate": 0.0, "hlc.delta1": 0.1, "hlc.delta2": 0.1},
+                      "plain reuse, delta 0.1: the default before hlc.extrapolate")}
 
 
 def label(key: str, policy: str) -> str:
     """The table's name of a row (``policy@placement``: the plan's schedule replaced by that control)."""
+    policy, _, variant = policy.partition("~")
+    if variant:
+        return f"{label(key, policy)} ({VARIANTS[variant][1]})"
     policy, _, placement = policy.partition("@")
     prefix = PREFIX[key]
     if placement:
@@ -90,6 +97,9 @@ def config_for(key: str, policy: str, controls: dict | None):
     from qc_compile.runtime.policies import expand
     from qc_compile.runtime.sweep import SweepConfig
 
+    base, _, variant = policy.partition("~")
+    if variant:
+        return SweepConfig(label(key, policy), base, dict(VARIANTS[variant][0]))
     base, _, placement = policy.partition("@")
     if not placement:
         return SweepConfig(label(key, policy), policy)
@@ -386,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
         if u in rows_of or u in failed or not done[u]:
             continue
         n = len(done[u])
-        cfgs = [SweepConfig(f"{c.label} (partial: {n}/{len(calls)} videos)", c.policy) for c in unit_cfgs[u]]
+        cfgs = [SweepConfig(f"{c.label} (partial: {n}/{len(calls)} videos)", c.policy, c.overrides)
+                for c in unit_cfgs[u]]
         rows, recs = aggregate(cfgs, [done[u][i] for i in sorted(done[u])], args.output)
         for r, c in zip(rows, unit_cfgs[u]):
             r["row"], r["partial"] = c.label, True

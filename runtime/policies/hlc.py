@@ -59,8 +59,8 @@ from qc_compile.runtime.policies.base import BasePolicy, Param, computed, requir
 class HLC(BasePolicy):
     name = "hlc"
     PARAMS = {
-        "delta1": Param(0.1, float, 0.0, None, doc="D below this -> tau_max"),
-        "delta2": Param(0.1, float, 0.0, None, doc="D from this up -> tau_min"),
+        "delta1": Param(0.12, float, 0.0, None, doc="D below this -> tau_max"),
+        "delta2": Param(0.12, float, 0.0, None, doc="D from this up -> tau_min"),
         "tau_max": Param(5, int, 1, 100, doc="steps until recomputation for low divergence"),
         "tau_mid": Param(5, int, 1, 100),
         "tau_min": Param(1, int, 1, 100),
@@ -71,7 +71,7 @@ class HLC(BasePolicy):
         "warmup": Param(3, int, 1, 1000, doc="first steps always computed (>= 1: the cache must be filled)"),
         "tail": Param(2, int, 0, 1000, doc="last steps always computed"),
         "units": Param({}, dict, doc="per-unit {delta1, delta2} overrides from calibration"),
-        "extrapolate": Param(0.0, float, 0.0, 2.0, doc="weight g of the first-order term of a reuse: the residual "
+        "extrapolate": Param(0.5, float, 0.0, 2.0, doc="weight g of the first-order term of a reuse: the residual "
                              "added is r1 + g·k·(r1 − r0) from the unit's last two computations (0 = r1 as cached)"),
     }
 
