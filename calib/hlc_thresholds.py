@@ -71,8 +71,9 @@ def calibrate(evaluate: Evaluate, *, factors: Sequence[float] = DEFAULT_FACTORS,
     eps = float(getattr(evaluate, "resolution", 0.0)) + 1e-9
     rep["tolerance_percent"] = 100 * (eps - 1e-9)
     if base.compute <= fp.compute + eps:
-        rep["reason"] = (f"the plan at the default thresholds already computes {100 * base.compute:.1f}% <= the "
-                         f"unquantized model's {100 * fp.compute:.1f}%: defaults kept")
+        within = f" (within {100 * (eps - 1e-9):.2f} points, one unit evaluation per video)" if eps > 1e-6 else ""
+        rep["reason"] = (f"the plan at the default thresholds already computes {100 * base.compute:.2f}% <= the "
+                         f"unquantized model's {100 * fp.compute:.2f}%{within}: defaults kept")
         return HlcCalibration(None, rep)
     for f in factors:
         params = {"delta1": round(d1 * f, 6), "delta2": round(d2 * f, 6)}

@@ -169,16 +169,17 @@ class Setup:
     depth: int
 
 
-def sample(setup: Setup, executor, grid: list[dict], steps: int):
+def sample(setup: Setup, executor, grid: list[dict], steps: int, extrapolation: float = 0.0):
+    """``extrapolation``: the recorded policy's (HLC's first-order reuse), so a replay pays what the policy pays."""
     from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
 
     s = RFlowSampler(SamplerConfig(num_steps=steps, cfg_scale=7.0))
     return s.sample(executor, setup.z, setup.y, setup.mask, setup.y_null, setup.model.config.default_fps,
-                    video_size=setup.size, policy=ReplayPolicy(grid[:steps]), progress=False)
+                    video_size=setup.size, policy=ReplayPolicy(grid[:steps], extrapolation), progress=False)
 
 
 def measure(setup: Setup, executor, grid: list[dict], steps: int, meter: B.Meter, warmup_steps: int = 2,
-            whole_grid_warmup: bool = False) -> dict:
+            whole_grid_warmup: bool = False, extrapolation: float = 0.0) -> dict:
     """Warm-up run (compile, autotune, graph capture) then the timed run, its peak memory alone.
 
     ``whole_grid_warmup``: the warm-up runs every step of a replayed grid, so every decision pattern (which unit
@@ -188,9 +189,9 @@ def measure(setup: Setup, executor, grid: list[dict], steps: int, meter: B.Meter
     from qc_compile.runtime.trace import compute_fractions
 
     n_warm = steps if whole_grid_warmup else min(warmup_steps, steps)
-    warm_s, _ = meter.timed(lambda: sample(setup, executor, grid, n_warm))
+    warm_s, _ = meter.timed(lambda: sample(setup, executor, grid, n_warm, extrapolation))
     meter.reset_peak()
-    secs, res = meter.timed(lambda: sample(setup, executor, grid, steps))
+    secs, res = meter.timed(lambda: sample(setup, executor, grid, steps, extrapolation))
     return {"seconds": secs, "median_step_ms": 1e3 * statistics.median(r.seconds for r in res.steps),
             "warmup_s": warm_s, "peak_gib": meter.peak_gib(), "steps": len(res.steps),
             "compute_fraction": compute_fractions(res.steps, executor.unit_names)[0],
@@ -289,12 +290,14 @@ def cache_overhead(executor) -> list[dict]:
     res = getattr(executor, "residuals", {})
     if not res:
         return []
-    sizes = [t.numel() * t.element_size() / 2 ** 30 for t in res.values()]
+    older = [t for _, t in getattr(executor, "_older", {}).values()]  # extrapolating reuse: the residual before
+    sizes = [t.numel() * t.element_size() / 2 ** 30 for t in [*res.values(), *older]]
     shape = list(next(iter(res.values())).shape)
     dtype = str(next(iter(res.values())).dtype).replace("torch.", "")
-    return [overhead("cache_gib_per_unit", sum(sizes) / len(sizes), "GiB", f"one cached residual {shape} {dtype} "
-                     "per block unit (the step executor's cache)"),
-            overhead("cache_gib_total", sum(sizes), "GiB", f"residual cache of all {len(sizes)} block units")]
+    per = "two cached residuals" if older else "one cached residual"
+    return [overhead("cache_gib_per_unit", sum(sizes) / len(res), "GiB", f"{per} {shape} {dtype} per block unit "
+                     "(the step executor's cache; two when the policy extrapolates its reuse)"),
+            overhead("cache_gib_total", sum(sizes), "GiB", f"residual cache of all {len(res)} block units")]
 
 
 # ------------------------------------------------------------------------------------------------ the rows
@@ -382,6 +385,7 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
                 ex = StepExecutor(runner_for(spec.fp8, spec.fused, spec.attention), setup.g, stats=level)
             else:
                 ex = B.PlainExecutor(model, setup.g)
+            extrapolation = 0.0
             if spec.grid is None:
                 grid = full_grid(steps, units)
             else:
@@ -389,11 +393,12 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
                     rows.append({**row, "skipped": f"grid {spec.grid!r} is not in the grids file"})
                     continue
                 grid = grids[spec.grid]["grid"]
+                extrapolation = float(grids[spec.grid].get("extrapolation", 0.0))
                 if len(grid) < steps:
                     rows.append({**row, "skipped": f"grid {spec.grid!r} has {len(grid)} steps, the row {steps}"})
                     continue
             row.update(measure(setup, ex, grid, steps, meter, args.warmup_steps,
-                               whole_grid_warmup=spec.grid is not None))
+                               whole_grid_warmup=spec.grid is not None, extrapolation=extrapolation))
             if spec.grid is not None:
                 row["warmup_steps"] = steps  # the whole grid: every decision pattern captured before timing
             if hasattr(ex, "describe"):
@@ -570,12 +575,13 @@ def run_grids(args) -> None:
         g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
         ex = StepExecutor(FastRunner(model, g, plan if fp8 else None), g)
         t0 = time.perf_counter()
-        _, res = generate(loaded, prompts, settings, executor=ex, progress=False,
-                          policy=get_policy("quantcache", over, None, seed=0))
+        policy = get_policy("quantcache", over, None, seed=0)
+        _, res = generate(loaded, prompts, settings, executor=ex, progress=False, policy=policy)
         units = block_units(ex.unit_names)
         grid = [{u: {"action": s.decisions.get(u, {}).get("action", "compute"),
                      "variant": s.decisions.get(u, {}).get("variant", "default")} for u in units} for s in res.steps]
         out[name] = {"steps": steps, "fp8": fp8, "policy": "quantcache", "overrides": over,
+                     "extrapolation": policy.extrapolation,
                      "compute_fraction": compute_fractions(res.steps, units)[0], "grid": grid}
         print(f"{name}: {out[name]['compute_fraction']:.3f} computed, {time.perf_counter() - t0:.0f} s", flush=True)
     doc = {"model": "qc-ref", "depth": loaded.config.depth, "prompts": prompts, "prompt_seed": GRID_PROMPT_SEED,

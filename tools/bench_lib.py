@@ -211,8 +211,9 @@ class ReplayPolicy:
 
     name = "replay"
 
-    def __init__(self, grid: list[dict[str, dict]]) -> None:
+    def __init__(self, grid: list[dict[str, dict]], extrapolation: float = 0.0) -> None:
         self.grid = grid
+        self.extrapolation = extrapolation  # the recorded policy's reuse extrapolation: the executor applies it
         # what the executor must measure: nothing for an all-compute grid (policy none's level), else everything
         # (the cached rows keep the statistics cost a live caching policy pays)
         self.reads_stats = "none" if all(d["action"] == "compute" for g in grid for d in g.values()) else "full"

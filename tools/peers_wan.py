@@ -428,6 +428,9 @@ def run(args, on_row: Callable[[dict], None] | None = None) -> dict:
             pol, param = k.split(":", 1) if ":" in k else (args.ours.split(",")[0], k)
             ov.setdefault(pol, {})[param] = v
         methods += ours_methods([p for p in args.ours.split(",") if p], ov)
+        for text in args.ours_config:  # "POLICY key=value ...": one more row of ours with its own overrides
+            spec, *kv = text.split()
+            methods += ours_methods([spec], {spec: dict(item.split("=", 1) for item in kv)})
     if "cache-dit" in wanted:
         m, note = cache_dit_methods(loaded, args)
         methods += m
@@ -609,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", default="diffusers,cache-dit,quant,qc-compile")
     ap.add_argument("--ours", default="quantcache,hlc,fbcache,dbcache,teacache,pab,fora,interval")
     ap.add_argument("--set", action="append", default=[], help="POLICY:policy.param=value for --ours rows")
+    ap.add_argument("--ours-config", action="append", default=[], metavar="'POLICY k=v ...'",
+                    help="one more row of ours: a policy and its overrides (repeatable; e.g. 'hlc hlc.delta1=0.2')")
     ap.add_argument("--only", default=None, help="regex: keep the methods whose label matches")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
@@ -618,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-json", default=None,
                     help="only re-render --md/--plot from a result JSON (e.g. a run stopped early)")
     args = ap.parse_args(argv)
+    for text in args.ours_config:
+        parts = text.split()
+        if not parts or any("=" not in kv for kv in parts[1:]):
+            ap.error(f"--ours-config {text!r}: expected a policy followed by key=value overrides, e.g. "
+                     f"'hlc hlc.delta1=0.2 hlc.delta2=0.2'")
     from qc_compile.artifacts import write_json_atomic
 
     if args.from_json:

@@ -9,7 +9,11 @@ is measured and sets the number of steps until its next computation:
     τ = τ_max if D < δ1;  τ_mid if δ1 ≤ D < δ2;  τ_min if D ≥ δ2                                 (Eq. 6)
 
 In between, the unit is REUSEd: its residual cached at the last computation is added to the *current* input
-(Δ-DiT style), not a stale output replayed. Readings we chose where the paper is silent or garbled:
+(Δ-DiT style), not a stale output replayed. **Our addition** (``extrapolate`` = g, default 0.5): the residual added is
+extrapolated to the current step from the unit's last two computations, r1 + g·k·(r1 − r0) with k = steps since r1
+divided by the steps between r0 and r1 (TaylorSeer's first-order term, damped; the executor keeps the one extra
+residual per unit only when a policy asks). g = 0 is the paper's plain reuse. Readings we chose where the paper is
+silent or garbled:
 
 * **p is the unit's residual** (output − input), the quantity that is cached, and ‖·‖₁ is relative to the cached
   residual (the executor's ``res_rel_l1``), so δ1/δ2 do not depend on the activation scale. k is the number of steps
@@ -38,12 +42,19 @@ In between, the unit is REUSEd: its residual cached at the last computation is a
 Thresholds are per model: they come from the plan (``cache_policy.params.hlc``, optionally per unit under
 ``units: {unit: {delta1, delta2}}``) or ``--set hlc.delta1=...``. ``calibrate`` writes them for quantized plans
 whose own quantized run computes more than the unquantized model at the defaults (quantization noise raises D:
-``qc_compile.calib.hlc_thresholds``). The defaults were tuned on qc-ref with
-``tools/tune_policies.py --config-file tools/configs/tune_quantcache.txt`` (24 tuning captions, seed 7, never the
-held-out ones; H100; bench/results/tune_quantcache_h100.json): δ1 = δ2 = 0.1, τ ∈ {1, 5}, warm-up 3, tail 2, no
-motion term — 36.9% of unit evaluations, 30.2 dB mean PSNR. With a middle level (δ2 = 0.2, τ 1/3/6) it was 38.1% /
-28.0 dB, and the moreg motion term at δ 0.1 gave 33.6% / 28.7 dB: the extra level and the motion term bought nothing
-measurable on this model, so the default keeps two levels; both stay available.
+``qc_compile.calib.hlc_thresholds``).
+
+Defaults: δ1 = δ2 = 0.12, τ ∈ {1, 5}, warm-up 3, tail 2, no motion term, extrapolate 0.5, tuned on qc-ref with
+``tools/tune_policies.py --config-file tools/configs/tune_extrapolate.txt`` (32 tuning captions, caption seed 7,
+noise seeds 0 and 1000, never the held-out ones; H200; bench/results/tune_extrapolate_h200/). Over those 64 videos:
+plain reuse at δ 0.1 (the previous default) 37.0% of unit evaluations, 30.46 dB mean / 21.65 dB min PSNR; g = 0.5 at
+δ 0.1 37.5%, 33.69 / 22.87 dB; g = 0.5 at δ 0.12 36.5%, 33.88 / 22.49 dB (the default); g = 1 overshoots (42.7%,
+33.56 / 19.34 dB: the extrapolated trajectory raises D, so more units recompute, and the worst video gets worse).
+On the held-out captions (issue 12's sweep, bench/results/must_show_h200) the new default gave 36.5% at
+34.80 / 25.23 dB against 37.0% at 31.50 / 23.42 dB for the previous one. Earlier tuning of the plain reuse
+(bench/results/tune_quantcache_h100.json): a middle level (δ2 = 0.2, τ 1/3/6) 38.1% / 28.0 dB, the moreg motion term
+33.6% / 28.7 dB: neither bought anything measurable on this model, so the default keeps two levels; both stay
+available.
 """
 
 from __future__ import annotations
