@@ -45,9 +45,9 @@ def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     real_sample, real_reset = E.sample, B.Meter.reset_peak
 
-    def spy_sample(setup, executor, grid, steps):
+    def spy_sample(setup, executor, grid, steps, extrapolation=0.0):
         log.append(("sample", steps))
-        return real_sample(setup, executor, grid, steps)
+        return real_sample(setup, executor, grid, steps, extrapolation)
 
     def spy_reset(self):
         log.append("reset_peak")
@@ -176,7 +176,10 @@ def test_grid_mapping_replay_and_kernel_classes():
 
 
 def test_committed_grids_cover_the_rows():
-    """bench/results/e2e_grids.json (made by --make-grids) holds every grid a row replays, long enough."""
+    """bench/results/e2e_grids.json (made by --make-grids) holds every grid a row replays, long enough, with the
+    recording policy's reuse extrapolation (the replay pays it: HLC's default extrapolates)."""
+    from qc_compile.runtime.policies import get_policy
+
     doc = json.loads(E.GRIDS_JSON.read_text())
     for spec in E.ROWS:
         if spec.grid:
@@ -184,6 +187,19 @@ def test_committed_grids_cover_the_rows():
             assert len(g["grid"]) == (100 if spec.long else 30) == g["steps"]
             assert g["fp8"] == spec.fp8
             assert 0.0 < g["compute_fraction"] < 1.0
+            assert g["extrapolation"] == get_policy("quantcache", g["overrides"], None).extrapolation > 0
+
+
+def test_replay_hands_the_recorded_extrapolation_to_the_executor():
+    from qc_compile.runtime.step_executor import StepExecutor
+
+    grid = [{"spatial_0": {"action": "compute", "variant": "default"}}]
+    assert B.ReplayPolicy(grid).extrapolation == 0.0
+    pol = B.ReplayPolicy(grid, 0.5)
+    ex = StepExecutor.__new__(StepExecutor)  # use_policy only reads the policy and the requested level
+    ex.stats_requested, ex.stats_level = None, "full"
+    ex.use_policy(pol)
+    assert ex.extrapolation == 0.5 and ex.stats_level == "none"  # an all-compute grid measures nothing
 
 
 @pytest.mark.gpu

@@ -181,3 +181,14 @@ def test_baselines_are_retimed_and_ratios_divide_by_the_faster_timing(monkeypatc
     assert "time_ratio" not in rows[3]
     assert res["baseline_seconds"]["separate_cfg"] == {"start": 1.0, "end": 0.5}
     assert res["baseline_batched_cfg_seconds"] == 0.8
+
+
+def test_ours_config_adds_rows_with_their_overrides_and_refuses_a_bad_one(capsys):
+    import peers_wan
+
+    m = peers_wan.ours_methods(["hlc"], {"hlc": {"hlc.delta1": "0.2", "hlc.delta2": "0.2"}})
+    assert [x.label for x in m] == ["qc-compile hlc hlc.delta1=0.2 hlc.delta2=0.2"]
+    with pytest.raises(SystemExit) as e:
+        peers_wan.main(["--ours-config", "hlc delta1"])
+    assert e.value.code == 2 and "--ours-config 'hlc delta1'" in capsys.readouterr().err
+
