@@ -163,6 +163,7 @@ class QCSession:
         ex = self._executors.get(branch)
         if ex is None or ex.g != g:
             ex = self._executors[branch] = StepExecutor(_AdapterRunner(self.adapter, g), g)
+            ex.use_policy(self.policy)  # its statistics level and reuse extrapolation, as the sampler does
         return ex
 
     def forward(self, *args: Any, **kwargs: Any):
@@ -189,6 +190,7 @@ class QCSession:
         cur["branches"].append(branch)
         ex = self._executor(branch, g)
         ex.runner.extra = {k: v for k, v in inputs.items() if k not in ("x", "timestep", "y")}
+        ex.step_index = cur["info"].index  # the pipeline's step, not this branch's call count (CFG may skip calls)
         start = time.perf_counter()
         v, stats = ex.step(inputs["x"], inputs["timestep"], Conditioning(y=inputs["y"], mask=None, fps=None),
                            cur["decisions"])

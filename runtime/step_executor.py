@@ -72,7 +72,7 @@ class StepExecutor:
         self.extrapolation = 0.0  # > 0: a reuse extrapolates from the unit's last two residuals (the policy's)
         self._older: dict[str, tuple[int, torch.Tensor]] = {}  # unit -> (step, residual) before the cached one
         self._computed_at: dict[str, int] = {}  # unit -> step index of the cached residual
-        self._step = 0  # model evaluations since reset()
+        self.step_index = 0  # the step being run: counts model evaluations since reset(); a caller may set it
         self.parts: dict[str, dict[str, tuple]] = {}  # unit -> sub-block -> (last output, gate used)
         self._prev_z: torch.Tensor | None = None
         self._prev_mod: torch.Tensor | None = None
@@ -83,7 +83,7 @@ class StepExecutor:
         self.parts.clear()
         self._older.clear()
         self._computed_at.clear()
-        self._step = 0
+        self.step_index = 0
         if hasattr(self.runner, "reset"):  # runners that carry values between calls (TrtRunner: cached_residual)
             self.runner.reset()
         self._prev_z = self._prev_mod = self._gate_ref = None
@@ -136,7 +136,7 @@ class StepExecutor:
         if older is None:
             return r1
         s0, r0 = older
-        k = self.extrapolation * (self._step - self._computed_at[name]) / max(self._computed_at[name] - s0, 1)
+        k = self.extrapolation * (self.step_index - self._computed_at[name]) / max(self._computed_at[name] - s0, 1)
         return torch.lerp(r0, r1, 1.0 + k)
 
     def _no_cache(self, what: str) -> None:
@@ -236,8 +236,8 @@ class StepExecutor:
                 self._older[name] = (self._computed_at[name], cached)
             self.residuals[name] = self._unit_stats(row, h, out, cached, has_prev, self.g.T,
                                                     self.stats_level, self._prefix)
-            self._computed_at[name] = self._step
+            self._computed_at[name] = self.step_index
             h, has_prev = out, True
         v = run.run_unit("final", decisions.get("final", COMPUTE).variant, {**ctx, "x": h})["v"]
-        self._step += 1
+        self.step_index += 1
         return v.to(z.device), finish(self.reducer.partials(stats))

@@ -76,6 +76,36 @@ def test_enable_none_is_identical_and_reuse_changes_only_reused_steps():
         [None, None, "reuse", None, "reuse", None]
 
 
+class ExtrapolatingReuseAt(ReuseAt):
+    name = "reuse_at_extrapolating"
+    extrapolation = 0.5
+
+
+@torch.no_grad()
+def test_enable_hands_the_policy_s_reuse_extrapolation_to_every_branch():
+    """The executors of an enabled pipeline follow the policy (as the sampler's do): a policy that extrapolates its
+    reuse changes the reused steps' output, at the pipeline's step index in each CFG branch."""
+    pipe = tiny_wan_pipeline(seed=3)
+    plain = ReuseAt({2, 4})
+    qc_compile.enable(pipe, policy=plain)
+    ref = run_wan_pipeline(pipe)
+    session = qc_compile.disable(pipe)[0]
+    assert all(ex.extrapolation == 0.0 for ex in session._executors.values())
+    policy = ExtrapolatingReuseAt({2, 4})
+    session = qc_compile.enable(pipe, policy=policy)
+    out = run_wan_pipeline(pipe)
+    qc_compile.disable(pipe)
+    assert len(session._executors) == 2
+    for ex in session._executors.values():
+        assert ex.extrapolation == 0.5 and ex.step_index == 6  # one call per step in each branch
+        assert all(ex._older[u][0] == 3 and ex._computed_at[u] == 5 for u in ex.block_units)  # computed 0, 1, 3, 5
+    assert rel_err(out, ref) > 1e-6
+    qc_compile.enable(pipe, policy="hlc")
+    run_wan_pipeline(pipe)
+    session = qc_compile.disable(pipe)[0]
+    assert all(ex.extrapolation == 0.5 for ex in session._executors.values())
+
+
 @torch.no_grad()
 def test_enable_default_policy_on_a_pipeline_runs_and_traces():
     pipe = tiny_wan_pipeline(seed=4)
