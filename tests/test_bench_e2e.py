@@ -353,7 +353,31 @@ def test_fidelity_refuses_a_bad_plan_before_sampling(tmp_path, capsys, make, say
     assert not out.exists()
 
 
-def test_plan_is_refused_outside_fidelity(tmp_path):
+def test_plan_is_refused_outside_fidelity_and_grids(tmp_path):
     with pytest.raises(SystemExit) as e:
         E.parse_args(["--quick", "--plan", str(PLAN), "--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_make_grids_with_a_calibrated_plan_records_its_schedule(tmp_path, capsys):
+    """--make-grids --plan: the FP8 grids follow the plan's per-step schedule (all `high` here: every computed unit
+    of both_30 runs `high`), the bf16 grid does not, and the plan's sha256 is in the file; a bad plan exits 2."""
+    import hashlib
+
+    d = json.loads(PLAN.read_text())
+    d["schedule"] = ["high"] * len(d["schedule"])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "grids.json"
+    assert E.main(["--make-grids", "--device", "cpu", "--steps", "3", "--long-steps", "4", "--grid-prompts", "1",
+                   "--grids", str(out), "--plan", str(plan)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["plan"]["sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
+    for name, want in (("both_30", {"high"}), ("both_100", {"high"}), ("cached_30", {"default"})):
+        used = {c["variant"] for step in doc["grids"][name]["grid"] for c in step.values() if c["action"] == "compute"}
+        assert used == want, name
+    (tmp_path / "bad.json").write_text("{not json")
+    assert E.main(["--make-grids", "--device", "cpu", "--steps", "3", "--grids", str(tmp_path / "g2.json"),
+                   "--plan", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err and not (tmp_path / "g2.json").exists()

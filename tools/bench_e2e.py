@@ -26,6 +26,8 @@ overheads a user pays and a per-block kernel profile of ``plain_bf16_compile`` a
     python tools/bench_e2e.py --make-grids                  # CPU: qc-ref decision grids -> bench/results/e2e_grids.json
     python tools/bench_e2e.py --fidelity --device cuda      # qc-ref fidelity per configuration (32 held-out captions)
     python tools/bench_e2e.py --fidelity --plan WORK/plan.json   # ... with a calibrated qc-ref plan (+ ours_fp8_schedule)
+    python tools/bench_e2e.py --make-grids --plan WORK/plan.json --grids G.json  # grids decided under that plan
+    python tools/bench_e2e.py --make-grids --set-long hlc.tau_max=7 hlc.tau_mid=7 --grids G.json  # 100-step thresholds
     python tools/bench_e2e.py --out DIR                     # GPU: the timed rows -> DIR/e2e_<gpu>.{json,md}
     python tools/bench_e2e.py --quick --device cpu --out D  # tiny CPU smoke run of the same code
     python tools/bench_e2e.py --render DIR/e2e_h100.json
@@ -564,8 +566,9 @@ def run_grids(args) -> None:
     torch.set_grad_enabled(False)
     loaded = load_model("qc-ref", device=args.device)
     model = loaded.model
+    user_plan, plan_info = load_user_plan(args.plan, model)  # before any sampling: a bad file costs nothing
     prompts = default_prompts("qc-ref", args.grid_prompts, seed=GRID_PROMPT_SEED)
-    plan = fp8_block_plan(model, high_variant=True)
+    plan = user_plan if user_plan is not None else fp8_block_plan(model, high_variant=True)
     sets = dict(kv.split("=", 1) for kv in args.set_long)
     sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
     out = {}
@@ -575,7 +578,8 @@ def run_grids(args) -> None:
         g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
         ex = StepExecutor(FastRunner(model, g, plan if fp8 else None), g)
         t0 = time.perf_counter()
-        policy = get_policy("quantcache", over, None, seed=0)
+        # a calibrated plan's policy parameters and per-step schedule decide the FP8 grids (not the bf16 one)
+        policy = get_policy("quantcache", over, user_plan if fp8 else None, seed=0)
         _, res = generate(loaded, prompts, settings, executor=ex, progress=False, policy=policy)
         units = block_units(ex.unit_names)
         grid = [{u: {"action": s.decisions.get(u, {}).get("action", "compute"),
@@ -584,7 +588,8 @@ def run_grids(args) -> None:
                      "extrapolation": policy.extrapolation,
                      "compute_fraction": compute_fractions(res.steps, units)[0], "grid": grid}
         print(f"{name}: {out[name]['compute_fraction']:.3f} computed, {time.perf_counter() - t0:.0f} s", flush=True)
-    doc = {"model": "qc-ref", "depth": loaded.config.depth, "prompts": prompts, "prompt_seed": GRID_PROMPT_SEED,
+    doc = {"model": "qc-ref", "depth": loaded.config.depth, "plan": plan_info, "prompts": prompts,
+           "prompt_seed": GRID_PROMPT_SEED,
            "noise_seed": 0, "cfg": loaded.config.default_cfg, "device": args.device,
            "precision": f"{next(model.parameters()).dtype} model; FP8 rows: the plan's block linears W8A8 with "
                         "dynamic per-token scales (qc:: reference kernels on the CPU)",
@@ -855,8 +860,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "uncalibrated FP8 block plan; the policies read its parameters and per-step schedule")
     ap.add_argument("--commit", default=None)
     args = ap.parse_args(argv)
-    if args.plan is not None and not args.fidelity:
-        ap.error("--plan is implemented for --fidelity only (the XL timing rows still use the FP8 block plan)")
+    if args.plan is not None and not (args.fidelity or args.mode_grids):
+        ap.error("--plan is for --fidelity and --make-grids (the XL timing rows replay grids; their FP8 weights are "
+                 "the FP8 block plan's, the grids carry a calibrated plan's decisions and per-step variants)")
     if args.quick:
         args.steps, args.long_steps = min(args.steps, 3), min(args.long_steps, 5)
         args.profile_steps = min(args.profile_steps, 1)
