@@ -6,6 +6,7 @@ qc-ref with random weights (the shipped checkpoint may not exist yet) at a small
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import io
@@ -16,6 +17,8 @@ from pathlib import Path
 GEOMETRY = ["--frames", "4", "--height", "16", "--width", "16"]
 CALIB_STEPS = "3"
 _ROOT = Path(tempfile.mkdtemp(prefix="qc-compile-tests-"))
+# ~2 GB of exports and engines per session: removed at exit (it used to stay, and repeated runs filled the disk)
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 
 def run_cli(*args: str) -> tuple[int, str]:

@@ -19,6 +19,10 @@ Re-recorded for the 18 plan cases (session 8, issue 12): ``calibrate --uniform``
 linears bf16 by default, so every ``torch-plan/*`` and ``onnxruntime/*`` video changed; decisions changed only for
 ``hlc`` and ``quantcache`` (their divergence score reads the changed outputs). All 14 ``torch-fp/*`` cases are
 unchanged.
+
+Re-recorded for the 6 HLC cases (session 9, issue 12): HLC's defaults are now δ 0.12 with extrapolated reuse
+(``hlc.extrapolate`` 0.5), so ``hlc`` and ``quantcache`` on every backend (torch-fp, torch-plan, onnxruntime) reuse a
+different residual; the other 26 cases are unchanged.
 """
 
 from __future__ import annotations
