@@ -13,8 +13,9 @@ from qc_compile.runtime.policy import Action, UnitDecision
 from qc_compile.runtime.runners.torch import TorchRunner
 from qc_compile.runtime.sampler import RFlowSampler, SamplerConfig
 from qc_compile.runtime.step_executor import StepExecutor
+from test_stats_levels import FRAMES, _setup  # noqa: E402  (pytest prepends tests/ to sys.path)
 
-FRAMES, STEPS = 4, 5
+STEPS = 5
 UNIT = "spatial_1"
 REUSE_AT = (1, 3, 4)  # UNIT computed at steps 0 and 2 only
 
@@ -46,12 +47,7 @@ def qcref():
 
 def _run(loaded, policy):
     c = loaded.config
-    g = Geometry.for_model(c, FRAMES, c.default_height, c.default_width)
-    gen = torch.Generator().manual_seed(11)
-    z = torch.randn(1, c.in_channels, g.frames, g.height, g.width, generator=gen)
-    y = torch.randn(1, 1, c.model_max_length, c.caption_channels, generator=gen)
-    mask = torch.zeros(1, c.model_max_length, dtype=torch.bool)
-    mask[0, :5] = True
+    g, z, y, mask, y_null = _setup(loaded)  # fresh random latent and captions (test_stats_levels' inputs)
     ex = StepExecutor(TorchRunner(loaded.model, g), g)
     cached, added = [], {}  # UNIT's cached residual after every step; what each reuse added
     step, reused = ex.step, ex._reused
@@ -69,7 +65,7 @@ def _run(loaded, policy):
 
     ex.step, ex._reused = step_and_record, reused_and_record
     s = RFlowSampler(SamplerConfig(num_steps=STEPS, cfg_scale=7.0, use_timestep_transform=False))
-    res = s.sample(ex, z, y, mask, loaded.null_captions(1), c.default_fps,
+    res = s.sample(ex, z, y, mask, y_null, c.default_fps,
                    video_size=(FRAMES, c.default_height, c.default_width), policy=policy, progress=False)
     return ex, res, cached, added
 

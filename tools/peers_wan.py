@@ -428,9 +428,11 @@ def run(args, on_row: Callable[[dict], None] | None = None) -> dict:
             pol, param = k.split(":", 1) if ":" in k else (args.ours.split(",")[0], k)
             ov.setdefault(pol, {})[param] = v
         methods += ours_methods([p for p in args.ours.split(",") if p], ov)
-        for text in args.ours_config:  # "POLICY key=value ...": one more row of ours with its own overrides
-            spec, *kv = text.split()
-            methods += ours_methods([spec], {spec: dict(item.split("=", 1) for item in kv)})
+        from tune_policies import parse_config  # the same "POLICY key=value ..." syntax as its --config
+
+        for text in args.ours_config:  # one more row of ours with its own overrides
+            spec, ov = parse_config(text)
+            methods += ours_methods([spec], {spec: ov})
     if "cache-dit" in wanted:
         m, note = cache_dit_methods(loaded, args)
         methods += m

@@ -144,9 +144,10 @@ def _write(args, prompts: list[str], out: list[dict]) -> None:
         import torch
 
         dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-        Path(args.json).write_text(json.dumps({"prompts": prompts, "caption_seed": args.caption_seed,
-                                               "steps": args.steps, "device": dev,
-                                               "commit": os.environ.get("QC_COMMIT"), "results": out}, indent=1))
+        from qc_compile.artifacts import write_json_atomic  # rewritten after every config: never half a file
+
+        write_json_atomic(args.json, {"prompts": prompts, "caption_seed": args.caption_seed, "steps": args.steps,
+                                      "device": dev, "commit": os.environ.get("QC_COMMIT"), "results": out})
 
 
 if __name__ == "__main__":
