@@ -381,3 +381,42 @@ def test_make_grids_with_a_calibrated_plan_records_its_schedule(tmp_path, capsys
     assert E.main(["--make-grids", "--device", "cpu", "--steps", "3", "--grids", str(tmp_path / "g2.json"),
                    "--plan", str(tmp_path / "bad.json")]) == 2
     assert "bad.json" in capsys.readouterr().err and not (tmp_path / "g2.json").exists()
+
+
+def test_make_grids_set_overrides_the_30_step_fp8_grid_only(tmp_path):
+    """--set reaches the both_30 grid (here: step 0 `high`, no post-skip coupling) and is recorded; the bf16 grid keeps
+    the defaults."""
+    out = tmp_path / "grids.json"
+    assert E.main(["--make-grids", "--device", "cpu", "--steps", "3", "--long-steps", "4", "--grid-prompts", "1",
+                   "--grids", str(out), "--set", 'aigq.schedule=["high","default","default"]',
+                   "aigq.post_skip=null"]) == 0
+    grids = json.loads(out.read_text())["grids"]
+    assert grids["both_30"]["overrides"] == {"aigq.schedule": ["high", "default", "default"], "aigq.post_skip": None}
+    assert grids["cached_30"]["overrides"] == {}
+    first = {c["variant"] for c in grids["both_30"]["grid"][0].values() if c["action"] == "compute"}
+    later = {c["variant"] for step in grids["both_30"]["grid"][1:] for c in step.values() if c["action"] == "compute"}
+    assert first == {"high"} and later <= {"default"}
+
+
+def test_fidelity_noise_seeds_and_set(tmp_path):
+    """--noise-seeds runs every caption once per seed (checker over all of them) and --set reaches ours_both."""
+    out = tmp_path / "fid.json"
+    assert E.main(["--fidelity", "--device", "cpu", "--captions", "1", "--steps", "2", "--noise-seeds", "0,1000",
+                   "--caption-seed", "7", "--configs", "ours_both", "--set", "aigq.post_skip=null",
+                   "--variant", "ps2", "aigq.post_skip=2", "--out-fidelity", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["noise_seeds"] == [0, 1000] and doc["caption_seed"] == 7
+    c = doc["configs"]["ours_both"]
+    assert c["videos"] == 2 and c["overrides"] == {"aigq.post_skip": None}
+    v = doc["configs"]["ours_both~ps2"]
+    assert v["overrides"] == {"aigq.post_skip": 2}
+    assert sum(v["variant_counts"].values()) > 0 and set(v["variant_counts"]) == set(v["variants"])
+
+
+def test_bad_noise_seeds_and_overrides_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        E.main(["--fidelity", "--device", "cpu", "--noise-seeds", "0,x"])
+    assert e.value.code == 2 and "--noise-seeds" in capsys.readouterr().err
+    assert E.main(["--make-grids", "--device", "cpu", "--steps", "2", "--grids", str(tmp_path / "g.json"),
+                   "--set", "aigq.post_skip"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err and not (tmp_path / "g.json").exists()

@@ -36,6 +36,7 @@ overheads a user pays and a per-block kernel profile of ``plain_bf16_compile`` a
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import dataclasses
 import json
@@ -569,10 +570,9 @@ def run_grids(args) -> None:
     user_plan, plan_info = load_user_plan(args.plan, model)  # before any sampling: a bad file costs nothing
     prompts = default_prompts("qc-ref", args.grid_prompts, seed=GRID_PROMPT_SEED)
     plan = user_plan if user_plan is not None else fp8_block_plan(model, high_variant=True)
-    sets = dict(kv.split("=", 1) for kv in args.set_long)
-    sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
+    sets, sets30 = parse_sets(args.set_long), parse_sets(args.set)
     out = {}
-    for name, fp8, steps, over in (("cached_30", False, args.steps, {}), ("both_30", True, args.steps, {}),
+    for name, fp8, steps, over in (("cached_30", False, args.steps, {}), ("both_30", True, args.steps, sets30),
                                    ("both_100", True, args.long_steps, sets)):
         settings = GenerationSettings.defaults(loaded, seed=0, steps=steps)
         g = Geometry.for_model(loaded.config, settings.frames, settings.height, settings.width)
@@ -613,34 +613,39 @@ def run_fidelity(args) -> None:
     from qc_compile.runtime.policies import get_policy
     from qc_compile.runtime.runners.fast import FastRunner
     from qc_compile.runtime.step_executor import StepExecutor
+    from qc_compile.models.units import block_units
 
     torch.set_grad_enabled(False)
     dev = args.device
     loaded = load_model("qc-ref", device=dev)  # fp32: the reference
-    captions = [c.text() for c in sample_captions(args.captions, seed=EVAL_CAPTION_SEED)]
+    captions = [c.text() for c in sample_captions(args.captions, seed=args.caption_seed)]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     user_plan, plan_info = load_user_plan(args.plan, loaded.model)  # before any sampling: a bad file costs nothing
     low = copy.deepcopy(loaded)
     low.model = low.model.to(dtype)
     plan = user_plan if user_plan is not None else fp8_block_plan(low.model, high_variant=True)
-    sets = dict(kv.split("=", 1) for kv in args.set_long)
-    sets = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, v in sets.items()}
+    sets, sets30 = parse_sets(args.set_long), parse_sets(args.set)
+    seeds = [int(x) for x in args.noise_seeds.split(",")]
+    jobs = [(seed, i) for seed in seeds for i in range(0, len(captions), args.batch)]
+    all_captions = [c for seed in seeds for c in captions]  # the checker's captions, in the videos' order
 
     def videos(lm, executor_for, steps: int, policy: str | None = None, over=None, policy_plan=None):
-        out, cf, used = [], [], set()
-        for i in range(0, len(captions), args.batch):
+        out, cf, used = [], [], collections.Counter()
+        for seed, i in jobs:
             caps = captions[i:i + args.batch]
-            s = GenerationSettings.defaults(lm, seed=i, steps=steps)  # caption k: noise seed k
+            s = GenerationSettings.defaults(lm, seed=seed + i, steps=steps)  # caption k: noise seed seed + k
             g = Geometry.for_model(lm.config, s.frames, s.height, s.width)
             ex = executor_for(lm.model, g)
             pol = get_policy(policy, over, policy_plan, seed=0) if policy else None
             v, res = generate(lm, caps, s, executor=ex, policy=pol, progress=False)
             out += list(v)
             cf.append(res.compute_fraction(ex.unit_names))
-            used |= {d.get("variant") for st in res.steps for d in st.decisions.values()
-                     if d.get("action") == "compute"}
-        # the variants a policy's decisions ran (empty without a policy: every unit runs the runner's default)
-        return out, sum(cf) / len(cf), sorted(v for v in used if v)
+            if pol is not None:  # a unit a step did not decide on was computed at the default
+                used.update((st.decisions.get(u) or {}).get("variant") or "default" for st in res.steps
+                            for u in block_units(ex.unit_names)
+                            if (st.decisions.get(u) or {}).get("action", "compute") == "compute")
+        # how often each variant ran on the computed block units (empty without a policy: the runner's default)
+        return out, sum(cf) / len(cf), dict(sorted(used.items()))
 
     def fast(p):
         return lambda m, g: StepExecutor(FastRunner(m, g, p), g)
@@ -654,19 +659,21 @@ def run_fidelity(args) -> None:
     table = [("plain_bf16", "plain", args.steps, None, None), ("ours_fp8", fast(plan), args.steps, None, None),
              ("ours_fp8_sage", sage(plan), args.steps, None, None),
              ("ours_cached", fast(None), args.steps, "quantcache", None),
-             ("ours_both", fast(plan), args.steps, "quantcache", None),
+             ("ours_both", fast(plan), args.steps, "quantcache", sets30 or None),
              ("torchao_fp8", "torchao", args.steps, None, None),
              ("plain_bf16_100", "plain", args.long_steps, None, None),
              ("ours_both_100", fast(plan), args.long_steps, "quantcache", sets)]
     if user_plan is not None:  # policy none ignores a plan's schedule; `schedule` runs it without caching
         table.insert(2, ("ours_fp8_schedule", fast(plan), args.steps, "schedule", None))
+    for vname, *kvs in args.variant:  # ours_both with other overrides, against the same reference videos
+        table.append((f"ours_both~{vname}", fast(plan), args.steps, "quantcache", {**sets30, **parse_sets(kvs)}))
     for name, how, steps, policy, over in table:
-        if args.configs and name not in args.configs:
+        if args.configs and name not in args.configs and "~" not in name:
             continue
         if steps not in refs:
             t0 = time.perf_counter()
             refs[steps], _, _ = videos(loaded, torch_executor, steps)
-            ref_checker[steps] = score_videos(refs[steps], captions)["all"]
+            ref_checker[steps] = score_videos(refs[steps], all_captions)["all"]
             print(f"reference {steps} steps: {time.perf_counter() - t0:.0f} s, checker {ref_checker[steps]:.3f}",
                   flush=True)
         lm = low
@@ -694,18 +701,35 @@ def run_fidelity(args) -> None:
             vids, cf, used = videos(lm, how, steps, policy, over,
                                     user_plan if name.startswith(("ours_fp8", "ours_both")) else None)
         per = [compare_videos(a.float(), b) for a, b in zip(vids, refs[steps])]
-        checker = score_videos(vids, captions)["all"]
+        checker = score_videos(vids, all_captions)["all"]
         configs[name] = {"steps": steps, "psnr_db": sum(p["psnr_db"] for p in per) / len(per),
                          "psnr_db_min": min(p["psnr_db"] for p in per),
                          "ssim": sum(p["ssim"] for p in per) / len(per), "checker": checker,
                          "checker_reference": ref_checker[steps],
                          "checker_drop_points": 100.0 * (ref_checker[steps] - checker), "compute_fraction": cf,
                          "videos": len(vids), "policy": policy or "none", "overrides": over or {},
-                         "variants": used}
+                         "variants": sorted(used), "variant_counts": used}
         print(name, json.dumps(configs[name]), f"{time.perf_counter() - t0:.0f} s", flush=True)
         write_fidelity(args, captions, configs, complete=False, plan=plan_info)  # an interrupted run keeps it
     write_fidelity(args, captions, configs, complete=True, plan=plan_info)
     print(f"wrote {args.out_fidelity}")
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``KEY=VALUE`` overrides -> a dict; JSON values (numbers, lists, null, true/false) are parsed, anything else is
+    kept as a string (the policy's parameter check names a wrong type). An item without ``=`` is a UserError."""
+    from qc_compile.errors import UserError
+
+    out = {}
+    for kv in items:
+        key, eq, v = kv.partition("=")
+        if not eq or not key:
+            raise UserError(f"override {kv!r}: expected KEY=VALUE (e.g. aigq.post_skip=null).")
+        try:
+            out[key] = json.loads(v)
+        except json.JSONDecodeError:
+            out[key] = v
+    return out
 
 
 def load_user_plan(path: Path | None, model=None):
@@ -741,7 +765,8 @@ def write_fidelity(args, captions: list[str], configs: dict, complete: bool, pla
     """The --fidelity JSON, atomically; rewritten after every configuration."""
     from qc_compile.artifacts import write_bytes_atomic
 
-    doc = {"model": "qc-ref", "captions": captions, "caption_seed": EVAL_CAPTION_SEED, "batch": args.batch,
+    doc = {"model": "qc-ref", "captions": captions, "caption_seed": args.caption_seed,
+           "noise_seeds": [int(x) for x in args.noise_seeds.split(",")], "batch": args.batch,
            "dtype": args.dtype, "device": args.device, "complete": complete, "plan": plan,
            "reference": "the fp32 model, policy none, same caption, noise seed and step count (torch executor)",
            "note": "compile does not change the math: plain_bf16 stands for the eager and compiled rows; policies "
@@ -853,7 +878,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grid-prompts", type=int, default=2, help="--make-grids: tuning captions in the batch")
     ap.add_argument("--set-long", nargs="*", default=[], metavar="KEY=VALUE",
                     help="quantcache overrides for the 100-step grid/fidelity (e.g. hlc.tau_max=10)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="quantcache overrides for the 30-step FP8 grid (both_30) and its fidelity (ours_both), e.g. "
+                         "aigq.post_skip=null")
+    ap.add_argument("--variant", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="--fidelity: one more ours_both configuration, `ours_both~NAME`, with these quantcache "
+                         "overrides on top of --set (repeatable; all share the reference videos)")
     ap.add_argument("--captions", type=int, default=32, help="--fidelity: held-out captions")
+    ap.add_argument("--caption-seed", type=int, default=EVAL_CAPTION_SEED,
+                    help=f"--fidelity: caption set (default {EVAL_CAPTION_SEED}, the held-out one; "
+                         f"{GRID_PROMPT_SEED}: the tuning captions, for choosing settings)")
+    ap.add_argument("--noise-seeds", default="0", metavar="S[,S...]",
+                    help="--fidelity: noise seeds; caption k starts from seed + k (issue 12's sweep: 0,1000)")
     ap.add_argument("--batch", type=int, default=1, help="--fidelity: captions per generate call")
     ap.add_argument("--plan", type=Path, default=None,
                     help="--fidelity: a calibrated qc-ref plan.json (what `calibrate` wrote) instead of the "
@@ -863,6 +899,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.plan is not None and not (args.fidelity or args.mode_grids):
         ap.error("--plan is for --fidelity and --make-grids (the XL timing rows replay grids; their FP8 weights are "
                  "the FP8 block plan's, the grids carry a calibrated plan's decisions and per-step variants)")
+    try:
+        if not [int(x) for x in args.noise_seeds.split(",")]:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--noise-seeds {args.noise_seeds!r}: expected integers separated by commas, e.g. 0,1000")
     if args.quick:
         args.steps, args.long_steps = min(args.steps, 3), min(args.long_steps, 5)
         args.profile_steps = min(args.profile_steps, 1)
