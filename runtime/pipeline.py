@@ -87,7 +87,10 @@ class Pipeline:
                 self.loaded = loaded
             else:
                 from qc_compile.models import load_model
+                from qc_compile.models.config import diffusers_cli_refusal, is_diffusers_spec
 
+                if is_diffusers_spec(model or "qc-ref"):  # the Pipeline's executors run STDiT3 units
+                    raise diffusers_cli_refusal(model)
                 self.loaded = load_model(model or "qc-ref", checkpoint, device=self.device,
                                          random_weights=random_weights)
         self._fp_cache: dict[tuple, tuple[torch.Tensor, float]] = {}

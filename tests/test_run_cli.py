@@ -121,3 +121,19 @@ def test_sweep_table_and_plot(tmp_path: Path, capsys) -> None:
     assert (out / "runs" / "fora" / "decisions.png").is_file()
     assert _run(["sweep", "--policies", "fora", "--grid", "hlc.delta1=0.1", "-o", str(out), "--random-weights"]) == 2
     assert "no policy in --policies" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "--model", "qc-ref-wan", "--prompt", PROMPT, "--steps", "2"],
+    ["sweep", "--model", "wan2.1:/models/wan", "--policies", "none", "--prompts", "1"],
+    ["generate", "--model", "cogvideox:/models/cog", "--prompt", PROMPT],
+    ["export", "qc-ref-wan"],
+])
+def test_diffusers_models_on_the_stdit3_cli_are_a_clear_refusal(tmp_path: Path, capsys, args) -> None:
+    """A diffusers model on the STDiT3 command-line path: exit 2, one paragraph pointing at enable() and
+    tools/peers_wan.py, no traceback (`run --model qc-ref-wan` was an internal AttributeError), nothing written."""
+    out = tmp_path / ("a.mp4" if args[0] == "generate" else "out")
+    assert _run([*args, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "diffusers video transformer" in err and "qc_compile.enable" in err and "Traceback" not in err
+    assert not out.exists()

@@ -17,7 +17,7 @@ import torch
 from qc_compile.errors import UserError
 from qc_compile.models.checkpoint import (QC_REF_CHECKPOINT, TEXT_PREFIX, check_state_dict, config_from_metadata,
                                           load_stdit3_weights, read_safetensors)
-from qc_compile.models.config import CONFIGS, STDiT3Config, get_config
+from qc_compile.models.config import CONFIGS, STDiT3Config, get_config, is_diffusers_spec
 from qc_compile.models.stdit3 import STDiT3, Geometry
 
 __all__ = ["STDiT3", "STDiT3Config", "Geometry", "LoadedModel", "load_model", "CONFIGS", "get_config"]
@@ -68,7 +68,7 @@ def build_text_encoder(config: STDiT3Config) -> torch.nn.Module | None:
 def load_model(name: str = "qc-ref", checkpoint: str | os.PathLike | None = None, *, device: str = "cpu",
                dtype: torch.dtype = torch.float32, random_weights: bool = False, seed: int = 0) -> LoadedModel:
     """Build model ``name`` and load its weights (the shipped file for qc-ref unless ``checkpoint`` is given)."""
-    if name == "qc-ref-wan" or (":" in name and name.split(":", 1)[0].lower() in ("wan2.1", "wan2.2", "cogvideox")):
+    if is_diffusers_spec(name):
         return _load_diffusers(name, checkpoint, device=device, dtype=dtype)
     config = get_config(name)
     if checkpoint is None and name == "qc-ref" and not random_weights:

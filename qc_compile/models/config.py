@@ -103,7 +103,26 @@ QC_REF = STDiT3Config(
 CONFIGS: dict[str, STDiT3Config] = {c.name: c for c in (OPENSORA_V12, QC_REF)}
 
 
+DIFFUSERS_FAMILIES = ("wan2.1", "wan2.2", "cogvideox")
+
+
+def is_diffusers_spec(name: str) -> bool:
+    """``qc-ref-wan`` or ``FAMILY:PATH`` (a local diffusers folder of a supported family)."""
+    return name == "qc-ref-wan" or (":" in name and name.split(":", 1)[0].lower() in DIFFUSERS_FAMILIES)
+
+
+def diffusers_cli_refusal(name: str) -> UserError:
+    """Why the STDiT3 command-line path refuses a diffusers model, and where that model runs instead."""
+    return UserError(f"model {name!r} is a diffusers video transformer. The command-line path (export, calibrate, "
+                     "build, and generate/run/sweep without a work dir) handles STDiT3 models so far "
+                     f"({', '.join(sorted(CONFIGS))}); run {name} from Python through "
+                     "`qc_compile.enable(transformer, policy=...)` (README, 'Diffusers pipelines'), or sweep policies "
+                     "and the peers' caches on it with tools/peers_wan.py.")
+
+
 def get_config(name: str) -> STDiT3Config:
+    if name not in CONFIGS and is_diffusers_spec(name):
+        raise diffusers_cli_refusal(name)
     if name not in CONFIGS:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(CONFIGS))}.")
     return CONFIGS[name]
