@@ -408,6 +408,10 @@ def test_fidelity_noise_seeds_and_set(tmp_path):
     assert doc["noise_seeds"] == [0, 1000] and doc["caption_seed"] == 7
     c = doc["configs"]["ours_both"]
     assert c["videos"] == 2 and c["overrides"] == {"aigq.post_skip": None}
+    for cfg in doc["configs"].values():  # each video whose checker verdict differs from fp32's is listed
+        n_changed = round(abs(cfg["checker"] - cfg["checker_reference"]) * cfg["videos"])
+        assert len(cfg["checker_changed"]) >= n_changed
+        assert all({"caption", "noise_seed", "reference_ok", "ok"} <= set(c) for c in cfg["checker_changed"])
     v = doc["configs"]["ours_both~ps2"]
     assert v["overrides"] == {"aigq.post_skip": 2}
     assert sum(v["variant_counts"].values()) > 0 and set(v["variant_counts"]) == set(v["variants"])

@@ -652,6 +652,9 @@ def run_fidelity(args) -> None:
 
     refs: dict[int, list] = {}
     ref_checker: dict[int, float] = {}
+    ref_ok: dict[int, list[bool]] = {}
+    # the noise seed of each video, in the videos' order (caption k of a batch starting at i: seed + i + j)
+    jobs_seed = [seed + k for seed in seeds for k in range(len(captions))]
     configs: dict[str, dict] = {}
     def sage(p):
         return lambda m, g: StepExecutor(FastRunner(m, g, p, attention="sage"), g)
@@ -673,7 +676,9 @@ def run_fidelity(args) -> None:
         if steps not in refs:
             t0 = time.perf_counter()
             refs[steps], _, _ = videos(loaded, torch_executor, steps)
-            ref_checker[steps] = score_videos(refs[steps], all_captions)["all"]
+            ref_scores = score_videos(refs[steps], all_captions)
+            ref_checker[steps] = ref_scores["all"]
+            ref_ok[steps] = [r.all_ok for r in ref_scores["results"]]
             print(f"reference {steps} steps: {time.perf_counter() - t0:.0f} s, checker {ref_checker[steps]:.3f}",
                   flush=True)
         lm = low
@@ -701,14 +706,19 @@ def run_fidelity(args) -> None:
             vids, cf, used = videos(lm, how, steps, policy, over,
                                     user_plan if name.startswith(("ours_fp8", "ours_both")) else None)
         per = [compare_videos(a.float(), b) for a, b in zip(vids, refs[steps])]
-        checker = score_videos(vids, all_captions)["all"]
+        scores = score_videos(vids, all_captions)
+        checker = scores["all"]
+        # the videos whose checker verdict differs from the fp32 reference's: which ones a drop is made of
+        changed = [{"caption": all_captions[k], "noise_seed": jobs_seed[k], "psnr_db": per[k]["psnr_db"],
+                    "reference_ok": ref_ok[steps][k], "ok": r.all_ok, "read": r.summary()}
+                   for k, r in enumerate(scores["results"]) if r.all_ok != ref_ok[steps][k]]
         configs[name] = {"steps": steps, "psnr_db": sum(p["psnr_db"] for p in per) / len(per),
                          "psnr_db_min": min(p["psnr_db"] for p in per),
                          "ssim": sum(p["ssim"] for p in per) / len(per), "checker": checker,
                          "checker_reference": ref_checker[steps],
                          "checker_drop_points": 100.0 * (ref_checker[steps] - checker), "compute_fraction": cf,
                          "videos": len(vids), "policy": policy or "none", "overrides": over or {},
-                         "variants": sorted(used), "variant_counts": used}
+                         "variants": sorted(used), "variant_counts": used, "checker_changed": changed}
         print(name, json.dumps(configs[name]), f"{time.perf_counter() - t0:.0f} s", flush=True)
         write_fidelity(args, captions, configs, complete=False, plan=plan_info)  # an interrupted run keeps it
     write_fidelity(args, captions, configs, complete=True, plan=plan_info)
