@@ -19,9 +19,11 @@ from qc_compile.errors import UserError
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out.mp4"), show_default=True,
               help="Output .mp4 (qc-ref: a PNG strip of the frames is written beside it). With several prompts, "
                    "a suffix _<k> is added.")
-@click.option("--model", default="qc-ref", show_default=True, help="Model configuration name.")
+@click.option("--model", default="qc-ref", show_default=True,
+              help="Model: qc-ref | opensora-v1.2 | qc-ref-wan (diffusers layout, its own WanPipeline-style sampler).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="Weights (.safetensors). Default for qc-ref: the checkpoint shipped with qc-compile.")
+              help="Weights (.safetensors; qc-ref-wan: another qc-ref-wan folder). Default for qc-ref and qc-ref-wan: "
+                   "the weights shipped with qc-compile.")
 @click.option("--steps", type=V.STEPS, default=None, help="Sampling steps (model default: 30).")
 @click.option("--cfg", type=V.CFG, default=None, help="Classifier-free guidance scale (model default).")
 @click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed (prompt k uses seed + k).")
@@ -53,6 +55,17 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
         check_output_file(path, "--output", overwrite)
         if vae is None:  # with a VAE the full-size frames get no PNG strip
             check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
+    from qc_compile.commands import run_diffusers
+
+    if run_diffusers.takes_model(model):  # qc-ref-wan: its own sampler, one process
+        run_diffusers.check_flags(model, checkpoint, {
+            f"--gpus {gpus}": gpus > 1, f"--parallel {parallel_mode}": parallel_mode != "auto",
+            "--text-encoder": text_encoder is not None, "--vae": vae is not None,
+            "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
+            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
+        run_diffusers.generate_command(model=model, checkpoint=checkpoint, prompts=prompts, outputs=outputs,
+                                       device=device, dtype=dtype, seed=seed, steps=steps, cfg=cfg, quiet=quiet)
+        return
     check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)
     on_gpus(_generate, dict(prompts=prompts, outputs=outputs, model=model, checkpoint=checkpoint, steps=steps,
                             cfg=cfg, seed=seed, frames=frames, height=height, width=width, device=device,

@@ -55,8 +55,10 @@ def _policy_help() -> str:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a policy parameter, e.g. --set hlc.delta1=0.03 (repeatable).")
 @click.option("--reference", is_flag=True, help="Also run the FP model (same seed) for PSNR/SSIM and the checker drop.")
-@click.option("--model", default=None, help="Without WORK: the model to run on the torch executor (qc-ref).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Without WORK: weights file.")
+@click.option("--model", default=None, help="Without WORK: the model to run on the torch executor: qc-ref (default) | "
+              "opensora-v1.2 | qc-ref-wan (diffusers layout, through qc_compile.enable and its own sampler).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Without WORK: weights file "
+              "(qc-ref-wan: another qc-ref-wan folder).")
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N | auto")
 @click.option("--seed", type=V.SEED, default=0, show_default=True, help="Noise seed (prompt k uses seed + k); SRAP's "
@@ -93,6 +95,8 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
     it, or --model opensora-v1.2 --checkpoint DIT) takes --text-encoder and --vae: prompts go through T5 and the
     videos (and the FP reference) are decoded by the VAE before they are written and compared. With --gpus N one video is
     split over N GPUs (CFG and/or sequence parallel); the trace records whether every rank took the same decisions.
+    --model qc-ref-wan (diffusers layout) runs its own sampler with the transformer under qc_compile.enable (torch
+    executor, one process, the model's own size); flags that do not apply to it are refused.
     """
     from qc_compile.outputs import check_output_dir
     from qc_compile.prompts import check_prompts, read_prompt_file
@@ -105,6 +109,25 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         check_output_dir(output, "--output", overwrite)
     if work is not None and checkpoint is not None:
         raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
+    from qc_compile.commands import run_diffusers
+
+    if run_diffusers.takes_model(model, work):  # qc-ref-wan: its own sampler under qc_compile.enable
+        run_diffusers.check_flags(model, checkpoint, {
+            f"--executor {executor}": executor != "torch", "--fast": fast, f"--gpus {gpus}": gpus > 1,
+            f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
+            "--text-encoder": text_encoder is not None, "--vae": vae is not None,
+            "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
+            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
+        overrides = parse_sets(sets)
+        if policy is not None:  # the policy and its parameters checked before loading the model
+            from qc_compile.runtime.policies import get_policy
+
+            get_policy(policy, overrides, None, seed=seed)
+        res = run_diffusers.run_command(model=model, checkpoint=checkpoint, prompts=all_prompts, policy=policy,
+                                        overrides=overrides, reference=reference, device=device, seed=seed,
+                                        steps=steps, cfg=cfg, quiet=quiet)
+        _save_and_report(res, output or new_run_dir(Path("runs"), res.policy, seed))
+        return
     from qc_compile.models.opensora_parts import check_part_paths
 
     check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)  # before any load
@@ -123,7 +146,6 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
 def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, random_weights, device, seed, steps, cfg,
          frames, height, width, executor, fast, output, parts, quiet) -> None:
     """The run on this process (every rank of a --gpus run; rank 0 writes the run directory)."""
-    from qc_compile.outputs import fresh_dir
     from qc_compile.runtime.parallel import is_rank0
     from qc_compile.runtime.pipeline import Pipeline
 
@@ -135,9 +157,25 @@ def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, ran
     if not is_rank0():
         return
     root = (work / "runs") if work is not None else Path("runs")
-    run_dir = output or new_run_dir(root, res.policy, seed)
+    _save_and_report(res, output or new_run_dir(root, res.policy, seed))
+
+
+def _save_and_report(res: "RunResult", run_dir: Path) -> None:  # noqa: F821 (imported lazily)
+    """Write the run directory whole (fresh_dir) and print the summary line."""
+    from qc_compile.outputs import fresh_dir
+
     with fresh_dir(run_dir) as tmp:  # a run dir holds one run's results, complete, or nothing new
         paths = {k: run_dir / p.relative_to(tmp) for k, p in res.save(tmp).items()}
+    click.echo(summary_line(res))
+    par = res.extra.get("parallel")
+    if par:
+        click.echo(f"{par['world_size']} processes (CFG parallel {par['cfg_parallel']}, sequence {par['sp_size']}, "
+                   f"{par['backend']}): decisions identical across ranks: {par['decisions_identical_across_ranks']}")
+    click.echo(f"wrote {run_dir}/ ({', '.join(sorted(p.name for p in paths.values()))})")
+
+
+def summary_line(res: "RunResult") -> str:  # noqa: F821 (imported lazily)
+    """The one line a run prints: policy, compute and FLOP fractions, time, and fidelity against the FP run."""
     m = res.metrics()
     line = (f"{res.policy}: {100 * m['compute_fraction']:.1f}% of unit evaluations computed "
             f"({100 * m['flop_fraction']:.1f}% of block FLOPs), {m['seconds']:.1f} s")
@@ -146,9 +184,4 @@ def _run(work, all_prompts, policy, overrides, reference, model, checkpoint, ran
         line += f"; vs FP: PSNR {r['psnr_db']:.2f} dB, SSIM {r['ssim']:.4f}"
         if r.get("checker_drop_points") is not None:
             line += f", checker {100 * m['checker']['all']:.0f}% (FP {100 * r['checker_fp']['all']:.0f}%)"
-    click.echo(line)
-    par = res.extra.get("parallel")
-    if par:
-        click.echo(f"{par['world_size']} processes (CFG parallel {par['cfg_parallel']}, sequence {par['sp_size']}, "
-                   f"{par['backend']}): decisions identical across ranks: {par['decisions_identical_across_ranks']}")
-    click.echo(f"wrote {run_dir}/ ({', '.join(sorted(p.name for p in paths.values()))})")
+    return line

@@ -1,0 +1,190 @@
+"""`qc-compile run` / `generate` on `qc-ref-wan`: the diffusers-layout model through `qc_compile.enable`.
+
+Why a module of its own: the STDiT3 :class:`~qc_compile.runtime.pipeline.Pipeline` drives the runtime's sampler over
+the step executor itself, while a diffusers model is driven by its own WanPipeline-style sampler
+(:meth:`QCRefWan.sample`) with the transformer's ``forward`` replaced by :func:`qc_compile.enable`'s session (the
+same StepExecutor over the torch runner). This module maps the CLI's flags onto that path, refuses the ones that do
+not apply, and records the run as a :class:`~qc_compile.runtime.result.RunResult` built from the session's step
+records, so ``RunResult.save`` writes the same video / trace.json / metrics.json / decisions.png as the STDiT3 run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from qc_compile.errors import UserError
+from qc_compile.models.config import diffusers_cli_refusal, is_diffusers_spec
+
+CLI_MODELS = ("qc-ref-wan",)  # diffusers models the command line runs (FAMILY:PATH folders: Python only so far)
+FPS = 8  # qc-ref-wan's frame rate for the written mp4s (as qc-ref's)
+AES_DEFAULT = 6.5  # the --aes default of the Open-Sora options (an explicit other value is refused here)
+
+
+def takes_model(model: str | None, work: Path | None = None) -> bool:
+    """Whether ``model`` runs on this path. A diffusers model it does not run (a ``FAMILY:PATH`` folder, or any
+    diffusers model with a work dir) raises the one-paragraph refusal; STDiT3 models return False."""
+    if model is None or not is_diffusers_spec(model):
+        return False
+    if work is not None or model not in CLI_MODELS:
+        raise diffusers_cli_refusal(model)
+    return True
+
+
+def folder_defaults(checkpoint: Path | None):
+    """The sampling defaults of a qc-ref-wan folder, read from its ``qc_ref_wan.json`` without loading weights
+    (None when the file is missing: the load then says what is wrong)."""
+    from qc_compile.artifacts import read_json
+    from qc_compile.models.qc_ref_wan import ASSET_DIR, META_FILE, SamplingDefaults
+
+    meta_path = Path(checkpoint if checkpoint is not None else ASSET_DIR) / META_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        return SamplingDefaults(**read_json(meta_path, kind="qc-ref-wan metadata").get("sampling", {}))
+    except TypeError as e:
+        raise UserError(f"{meta_path}: its 'sampling' block is not qc-ref-wan's ({e}).") from None
+
+
+def check_flags(model: str, checkpoint: Path | None, flags: Mapping[str, Any]) -> None:
+    """Refuse, before any load, the flags that do not apply to a diffusers model on this path. ``flags`` maps a flag
+    as the user wrote it (``--executor onnxruntime``) to whether it was given with an inapplicable value; the
+    ``size`` entry (``{"frames": v, "height": v, "width": v}``) is checked against the folder's own size."""
+    flags = dict(flags)
+    size = flags.pop("size", {}) or {}
+    bad = [flag for flag, given in flags.items() if given]
+    d = folder_defaults(checkpoint)
+    if d is not None:
+        bad += [f"--{k} {v}" for k, v in size.items() if v is not None and v != getattr(d, k)]
+    if bad:
+        shape = f" at its own size {d.frames}x{d.height}x{d.width}" if d is not None else ""
+        raise UserError(f"{', '.join(bad)}: not applicable to --model {model}, a diffusers-layout model that runs "
+                        f"through qc_compile.enable on the torch executor{shape}, one process, with its own caption "
+                        "encoder; drop " + ("it." if len(bad) == 1 else "them."))
+
+
+def load(model: str, checkpoint: Path | None, device: str, dtype: torch.dtype = torch.float32):
+    from qc_compile.models import load_model
+    from qc_compile.runtime.generation import resolve_device
+
+    return load_model(model, checkpoint, device=resolve_device(device), dtype=dtype)
+
+
+def check_captions(loaded, prompts: Sequence[str]) -> None:
+    """Every prompt through the caption tokenizer before any sampling (unknown words are a UserError)."""
+    from qc_compile.models.caption_encoder import CaptionTokenizer
+    from qc_compile.models.qc_ref_wan import TEXT_ENCODER_CONFIG
+
+    CaptionTokenizer().encode(list(prompts), max_length=TEXT_ENCODER_CONFIG["max_length"])
+
+
+def wan_unit_flops(transformer: torch.nn.Module, frames: int, height: int, width: int,
+                   text_len: int) -> dict[str, dict[str, float]]:
+    """Multiply-add FLOPs (x2) per sub-block of each Wan block unit, one batch element (the analogue of
+    :func:`qc_compile.runtime.trace.unit_flops` for STDiT3, so ``flop_fraction`` counts sub-block caches)."""
+    c = transformer.config
+    pt, ph, pw = c.patch_size
+    n = (frames // pt) * (height // ph) * (width // pw)
+    C = c.num_attention_heads * c.attention_head_dim
+    L = text_len
+    per = {"attn": 2 * n * C * 3 * C + 2 * n * C * C + 4 * n * n * C,
+           "cross": 2 * n * C * C + 4 * L * C * C + 2 * n * C * C + 4 * n * L * C,
+           "mlp": 4 * n * C * c.ffn_dim}
+    return {f"block_{i}": dict(per) for i in range(c.num_layers)}
+
+
+def model_record(loaded) -> dict:
+    """What trace.json says about the weights: the folder, its training provenance and the files' sha256."""
+    prov = loaded.meta.get("provenance") or {}
+    return {"name": loaded.name, "folder": loaded.checkpoint, "family": loaded.family,
+            "train_steps": prov.get("train_steps"), "train_commit": prov.get("train_commit"),
+            "files_sha256": dict(loaded.meta.get("files") or {}), "sampling": loaded.defaults.to_dict()}
+
+
+@torch.no_grad()
+def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = None,
+                        overrides: Mapping[str, Any] | None = None, seed: int = 0, steps: int | None = None,
+                        cfg: float | None = None, reference: bool = False, progress: bool = False):
+    """Videos of ``prompts`` (prompt k: noise seed ``seed + k``) from the model's own sampler with its transformer
+    enabled under ``policy`` (a name, default none), as a RunResult; ``reference`` adds the plain sampler's videos
+    (no policy, nothing enabled) of the same prompts and seeds."""
+    import qc_compile
+    from qc_compile.models.qc_ref_wan import TEXT_ENCODER_CONFIG
+    from qc_compile.runtime.result import RunResult
+
+    prompts = list(prompts)
+    check_captions(loaded, prompts)
+    d = loaded.defaults
+    steps = steps or d.steps
+    cfg = d.cfg if cfg is None else cfg
+    name = policy or "none"
+    session = qc_compile.enable(loaded.transformer, policy=name, overrides=overrides, seed=seed)
+    try:
+        start = time.perf_counter()
+        videos = loaded.sample(prompts, seed=seed, steps=steps, cfg=cfg, progress=progress)
+        seconds = time.perf_counter() - start
+        fraction = session.compute_fraction
+        session_trace = session.trace()
+    finally:
+        qc_compile.disable(loaded.transformer)
+    pol = session.policy
+    desc = dict(pol.describe() if hasattr(pol, "describe") else {"name": name}, spec=name,
+                overrides=dict(overrides or {}))
+    device = str(loaded.device)
+    res = RunResult(
+        prompts=prompts, videos=videos, policy=name, policy_config=desc, seed=seed,
+        settings={"model": loaded.name, "steps": steps, "cfg": cfg, "seed": seed,
+                  "seeds": [seed + k for k in range(len(prompts))], "frames": d.frames, "height": d.height,
+                  "width": d.width, "fps": FPS, "shift": d.shift, "device": device,
+                  "dtype": str(loaded.transformer.patch_embedding.weight.dtype).replace("torch.", ""),
+                  "work_dir": None, "plan": False, "quantized": False,
+                  "driver": session_trace["settings"]["driver"]},
+        unit_names=tuple(session.unit_names), steps=list(session.steps),
+        costs=wan_unit_flops(loaded.transformer, d.frames, d.height, d.width, TEXT_ENCODER_CONFIG["max_length"]),
+        seconds=seconds, executor="torch")
+    res.extra["model"] = model_record(loaded)
+    res.extra["session"] = {"compute_fraction": fraction, "steps_recorded": len(session_trace["steps"]),
+                            "runs": session.runs}
+    if abs(res.compute_fraction - fraction) > 1e-12:  # the trace is the session's records; they must agree
+        raise RuntimeError(f"compute fraction {res.compute_fraction} of the trace != the session's {fraction}")
+    if reference:
+        start = time.perf_counter()
+        res.fp_videos = loaded.sample(prompts, seed=seed, steps=steps, cfg=cfg, progress=progress)
+        res.fp_seconds = time.perf_counter() - start
+    return res
+
+
+def run_command(*, model: str, checkpoint: Path | None, prompts: list[str], policy: str | None,
+                overrides: Mapping[str, Any], reference: bool, device: str, seed: int, steps: int | None,
+                cfg: float | None, quiet: bool):
+    """`qc-compile run --model qc-ref-wan`: load and sample; the caller (commands/run.py) writes the run directory
+    and prints the summary, as for STDiT3 runs."""
+    loaded = load(model, checkpoint, device)
+    return sample_under_policy(loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg,
+                               reference=reference, progress=not quiet)
+
+
+def generate_command(*, model: str, checkpoint: Path | None, prompts: Sequence[str], outputs: Sequence[Path],
+                     device: str, dtype: str, seed: int, steps: int | None, cfg: float | None, quiet: bool) -> None:
+    """`qc-compile generate --model qc-ref-wan`: the plain sampler (nothing enabled), an mp4 + PNG strip each."""
+    import click
+
+    from qc_compile.video_io import write_mp4, write_png_strip
+
+    loaded = load(model, checkpoint, device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    check_captions(loaded, prompts)
+    d = loaded.defaults
+    steps = steps or d.steps
+    cfg = d.cfg if cfg is None else cfg
+    start = time.perf_counter()
+    videos = loaded.sample(list(prompts), seed=seed, steps=steps, cfg=cfg, progress=not quiet)
+    seconds = time.perf_counter() - start
+    for path, video in zip(outputs, videos):
+        write_mp4(path, video, fps=FPS)
+        strip = write_png_strip(path.with_suffix(".png"), video)
+        click.echo(f"wrote {path} and {strip}")
+    click.echo(f"{len(videos)} video(s), {steps} steps, cfg {cfg}, seed {seed}, {d.frames}x{d.height}x{d.width}, "
+               f"{loaded.device}: {seconds:.1f} s")

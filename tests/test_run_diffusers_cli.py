@@ -1,0 +1,129 @@
+"""`qc-compile run` / `generate --model qc-ref-wan`: the diffusers-layout model through qc_compile.enable and its own
+sampler (tiny folders via --checkpoint, 2-4 steps): policy none is the plain sampler bit for bit, a caching policy
+reuses and is measured against the plain run, artifacts are written, inapplicable flags are refused before any load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from qc_compile.cli import main  # noqa: E402
+from qc_compile.models import load_model  # noqa: E402
+from qc_compile.models import qc_ref_wan as qrw  # noqa: E402
+
+PROMPT = "a red circle moving right on a black background"
+TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 3, "freq_dim": 32}
+SMALL = qrw.SamplingDefaults(frames=4, height=16, width=16, steps=3, cfg=3.0, shift=4.0)  # SSIM: >= 11 px
+HLC = ["--set", "hlc.delta1=0.5", "--set", "hlc.delta2=1", "--set", "hlc.tail=0", "--set", "hlc.warmup=1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A qc-ref-wan folder with a tiny random transformer (weights moved off the init, so outputs depend on them)."""
+    torch.manual_seed(0)
+    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY})
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return qrw.save_qc_ref_wan(tmp_path_factory.mktemp("wan") / "qc_ref_wan", tr, qrw.build_text_encoder(),
+                               defaults=SMALL, provenance={"train_steps": 7, "test": True})
+
+
+def _run(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code)
+    return 0
+
+
+def test_policy_none_is_the_plain_sampler_bit_for_bit(folder: Path, tmp_path: Path, capsys) -> None:
+    from qc_compile.commands.run_diffusers import sample_under_policy
+
+    loaded = load_model("qc-ref-wan", checkpoint=folder)
+    prompts = [PROMPT, "a blue square moving up on a gray background"]
+    res = sample_under_policy(loaded, prompts, policy="none", seed=5)
+    assert torch.equal(res.videos, loaded.sample(prompts, seed=5))  # prompt k: seed 5 + k, as the sampler does
+    assert not torch.equal(res.videos[0], res.videos[1])
+    assert res.compute_fraction == 1.0 and len(res.steps) == SMALL.steps and res.settings["seeds"] == [5, 6]
+    assert getattr(loaded.transformer, "_qc_session", None) is None  # disabled again
+    out = tmp_path / "none"
+    assert _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--policy", "none",
+                 "--reference", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["compute_fraction"] == 1.0 and m["reference"]["psnr_db"] == 100.0 and m["reference"]["ssim"] == 1.0
+
+
+def test_run_quantcache_with_reference_writes_the_run(folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    rc = _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--policy",
+               "quantcache", *HLC, "--steps", "4", "--seed", "3", "--reference", "--quiet", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("video.mp4", "video.png", "trace.json", "metrics.json", "decisions.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0 < m["compute_fraction"] < 1 and m["steps"] == 4 and m["policy"] == "quantcache"
+    ref = m["reference"]
+    assert ref["psnr_db"] > 0 and 0 < ref["ssim"] <= 1
+    assert "checker" in m and "checker_fp" in ref and "checker_drop_points" in ref
+    t = json.loads((out / "trace.json").read_text())
+    assert t["policy"]["spec"] == "quantcache" and t["policy"]["overrides"]["hlc.delta1"] == "0.5"
+    assert t["prompts"] == [PROMPT] and t["settings"]["seeds"] == [3] and len(t["steps"]) == 4
+    assert t["units"] == ["embed", "block_0", "block_1", "block_2", "final"]
+    assert t["compute_fraction"] == m["compute_fraction"] == t["session"]["compute_fraction"]
+    assert t["model"]["name"] == "qc-ref-wan" and t["model"]["train_steps"] == 7
+    assert set(t["model"]["files_sha256"]) == {"text_encoder.safetensors",
+                                               "transformer/diffusion_pytorch_model.safetensors"}
+    assert "timings" in t and t["settings"]["driver"] == "qc_compile.enable"
+    assert "quantcache: " in captured.out and "vs FP: PSNR" in captured.out and f"wrote {out}/" in captured.out
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--executor", "onnxruntime"], "--executor onnxruntime"),
+    (["--frames", "8"], "--frames 8"),
+    (["--fast"], "--fast"),
+    (["--gpus", "2"], "--gpus 2"),
+    (["--random-weights"], "--random-weights"),
+    (["--set", "hlc.nope=1", "--policy", "hlc"], "nope"),
+])
+def test_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, monkeypatch,
+                                                        extra, flag) -> None:
+    from qc_compile.commands import run_diffusers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_diffusers, "load", no_load)
+    out = tmp_path / "out"
+    assert _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, *extra,
+                 "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_generate_qc_ref_wan_is_the_plain_sampler(folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "a.mp4"
+    assert _run(["generate", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--steps",
+                 "2", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
+    assert "1 video(s), 2 steps, cfg 3.0, seed 0, 4x16x16" in capsys.readouterr().out
+    bad = tmp_path / "b.mp4"
+    assert _run(["generate", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--height",
+                 "32", "--vae", str(tmp_path), "-o", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--vae" in err and "--height 32" in err and not bad.exists()
