@@ -1,9 +1,10 @@
 """One video over several processes (issue 18) on the CPU with gloo: CFG parallel, STDiT3 dynamic sequence parallel
 and both, under every policy: the same decisions on every rank and as the single-process run, and the video against
-the single-process one. On the CPU the sharded computation is bit-identical to the single-process one (every token's
-arithmetic is the same; only the order of the statistics' sums differs, and no decision sits that close to a
-threshold here), so the tests ask for bit equality and report PSNR on failure; the 40 dB bar of the issue is what
-GPUs (different GEMM tilings per shard size) are held to in tests/test_parallel_gpu.py."""
+the single-process one. On the CPU the sharded computation is bit-identical to the single-process one where the
+CPU's GEMM is batch-invariant (every token's arithmetic is the same; only the order of the statistics' sums differs,
+and no decision sits that close to a threshold here), so the tests ask for bit equality and report PSNR on failure;
+where it is not (:func:`_batch_invariant_linear`), for the same decisions and 80 dB. The 40 dB bar of the issue is what GPUs (different GEMM
+tilings per shard size) are held to in tests/test_parallel_gpu.py."""
 
 from __future__ import annotations
 
@@ -28,6 +29,20 @@ SUB_BLOCK = ("fora", "pab", "fbcache", "dbcache", "teacache")
 QUICK = ("quantcache", "fora", "teacache:teacache.rel_l1_thresh=0.6", "fbcache:fbcache.threshold=0.6")
 
 _SINGLE: dict = {}
+ULP_PSNR_DB = 80.0  # where the CPU's GEMM is not batch-invariant (below): ULP-level rounding, amplified over the steps
+
+
+def _batch_invariant_linear() -> bool:
+    """Whether this CPU's ``F.linear`` gives a CFG half the same bits alone as inside the pair, at the shapes where it
+    can differ: qc-ref's timestep embedder, a 2-D GEMM of 4 rows (2 prompts x CFG) against 2. CFG parallel computes
+    one half per rank, so its video is bit-identical to the single-process one exactly when this holds; on some CPUs
+    (seen: an AMD EPYC with AVX-512, torch 2.13; the 3-D token GEMMs were batch-invariant there) the small-M kernel
+    differs with the row count and the results differ by a few ULPs, so there the decisions must still be identical
+    and the videos within ``ULP_PSNR_DB`` (measured there: 93.6 dB at worst, hlc over 12 steps)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 256, generator=g)
+    w = torch.randn(128, 256, generator=g)
+    return torch.equal(torch.nn.functional.linear(x[:2], w), torch.nn.functional.linear(x, w)[:2])
 
 
 def _single(spec: str, frames: int = SMALL["frames"], steps: int = SMALL["steps"]):
@@ -55,7 +70,10 @@ def _check(out: Path, config: ParallelConfig, policies, frames: int = SMALL["fra
             assert rec["parallel"]["world_size"] == config.world_size
             assert rec["decisions"] == decisions_of(ref), f"{pol}: rank {rank} decided differently from 1 process"
             psnr = min(compare_videos(a, b)["psnr_db"] for a, b in zip(video, ref.videos))
-            assert torch.equal(video, ref.videos), f"{pol} rank {rank}: not bit-identical (PSNR {psnr:.1f} dB)"
+            if _batch_invariant_linear():
+                assert torch.equal(video, ref.videos), f"{pol} rank {rank}: not bit-identical (PSNR {psnr:.1f} dB)"
+            else:  # this CPU's GEMM rounds a CFG half differently from the pair: ULPs (same decisions, above)
+                assert psnr >= ULP_PSNR_DB, f"{pol} rank {rank}: PSNR {psnr:.1f} dB < {ULP_PSNR_DB} dB"
         base = json.loads((out / "0" / f"{pol}.json").read_text())["stats"]
         for rank in range(1, config.world_size):  # the statistics every rank decided from are the same bits
             assert json.loads((out / str(rank) / f"{pol}.json").read_text())["stats"] == base
