@@ -1,4 +1,4 @@
-"""`qc-compile run` / `generate --model qc-ref-wan`: the diffusers-layout model through qc_compile.enable and its own
+"""`qc-compile run` / `generate` / `sweep --model qc-ref-wan`: the diffusers-layout model through qc_compile.enable and its own
 sampler (tiny folders via --checkpoint, 2-4 steps): policy none is the plain sampler bit for bit, a caching policy
 reuses and is measured against the plain run, artifacts are written, inapplicable flags are refused before any load."""
 
@@ -127,3 +127,71 @@ def test_generate_qc_ref_wan_is_the_plain_sampler(folder: Path, tmp_path: Path, 
                  "32", "--vae", str(tmp_path), "-o", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "--vae" in err and "--height 32" in err and not bad.exists()
+
+
+PROMPT2 = "a blue square moving up on a gray background"
+
+
+def test_sweep_qc_ref_wan_writes_the_table_and_plot(folder: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    pf = tmp_path / "prompts.txt"
+    pf.write_text(f"{PROMPT}\n{PROMPT2}\n")
+    rc = _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
+               *HLC, "--prompt-file", str(pf), "--seeds", "3", "--steps", "4", "-o", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("sweep.json", "sweep.md", "pareto.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["model"] == "qc-ref-wan" and res["steps"] == 4 and res["seeds"] == [3] and res["jobs"] == 1
+    assert res["checkpoint"] == str(folder) and res["device"] == "cpu" and res["caption_seed"] is None
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == ["none", "quantcache"] and all(r["videos"] == 2 for r in rows.values())
+    none, qc = rows["none"], rows["quantcache"]
+    assert none["compute_fraction"] == 1.0 and none["flop_fraction"] == 1.0
+    assert none["psnr_db"] == none["psnr_db_min"] == 100.0 and none["ssim"] == 1.0  # the plain sampler bit for bit
+    assert 0 < qc["compute_fraction"] < 1 and 0 < qc["flop_fraction"] < 1 and 0 < qc["psnr_db"] < 100
+    for r in rows.values():
+        assert {"checker", "checker_fp", "checker_drop_points", "seconds_per_video", "ssim"} <= set(r)
+        assert r["checker_fp"] is not None and r["seconds_per_video"] > 0
+    assert [v["seed"] for v in res["videos"] if v["config"] == "none"] == [3, 4]  # prompt k: noise seed 3 + k
+    md = (out / "sweep.md").read_text()
+    assert "| quantcache |" in md and "qc-ref-wan" in md
+    t = json.loads((out / "runs" / "quantcache" / "trace.json").read_text())
+    assert t["settings"]["driver"] == "qc_compile.enable" and len(t["steps"]) == 4 and t["prompts"] == [PROMPT]
+    assert (out / "runs" / "quantcache" / "decisions.png").is_file()
+
+
+def test_sweep_batch_is_one_call_per_seed(folder: Path, tmp_path: Path, capsys) -> None:
+    """--batch keeps its meaning: all prompts of a seed in one sampler call (the policy decides for the batch)."""
+    out = tmp_path / "sweep"
+    rc = _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none", "--prompts", "2",
+               "--caption-seed", "1", "--seeds", "0", "--steps", "2", "--batch", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["batch"] and res["caption_seed"] == 1 and res["rows"][0]["psnr_db"] == 100.0
+    assert json.loads((out / "runs" / "none" / "trace.json").read_text())["settings"]["seeds"] == [0, 1]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--jobs", "2"], "--jobs 2"),
+    (["--width", "32"], "--width 32"),
+    (["--gpus", "2"], "--gpus 2"),
+    (["--vae", "/x"], "--vae"),
+    (["--random-weights"], "--random-weights"),
+    (["--grid", "hlc.nope=1,2"], "nope"),
+])
+def test_sweep_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, monkeypatch,
+                                                              extra, flag) -> None:
+    from qc_compile.commands import run_diffusers
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_diffusers, "load", no_load)
+    out = tmp_path / "out"
+    assert _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
+                 "--prompts", "1", *extra, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert not out.exists()

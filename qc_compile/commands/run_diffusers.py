@@ -1,4 +1,4 @@
-"""`qc-compile run` / `generate` on `qc-ref-wan`: the diffusers-layout model through `qc_compile.enable`.
+"""`qc-compile run` / `generate` / `sweep` on `qc-ref-wan`: the diffusers-layout model through `qc_compile.enable`.
 
 Why a module of its own: the STDiT3 :class:`~qc_compile.runtime.pipeline.Pipeline` drives the runtime's sampler over
 the step executor itself, while a diffusers model is driven by its own WanPipeline-style sampler
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -165,6 +165,55 @@ def run_command(*, model: str, checkpoint: Path | None, prompts: list[str], poli
     loaded = load(model, checkpoint, device)
     return sample_under_policy(loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg,
                                reference=reference, progress=not quiet)
+
+
+class SweepCaller:
+    """The loaded model as the Pipeline call that :func:`qc_compile.runtime.sweep.run_sweep` makes per config
+    (``pipe(prompts, policy=, overrides=, seed=, steps=, reference=True)``), so a qc-ref-wan sweep reuses the sweep's
+    loop, aggregation and outputs as they are. Why not ``sample_under_policy(reference=True)``: the configs of one
+    call share prompts and seed, so the plain sampler's videos are computed once per call (the first config's) and
+    attached to every config's RunResult."""
+
+    def __init__(self, loaded) -> None:
+        self.loaded = loaded
+        self._key: tuple | None = None
+        self._ref: tuple[torch.Tensor, float] | None = None
+
+    def reference(self, prompts: Sequence[str], seed: int, steps: int, cfg: float) -> tuple[torch.Tensor, float]:
+        """The plain sampler's videos (nothing enabled) and their seconds, kept for the last prompts/seed/settings."""
+        key = (tuple(prompts), seed, steps, cfg)
+        if key != self._key:
+            start = time.perf_counter()
+            videos = self.loaded.sample(list(prompts), seed=seed, steps=steps, cfg=cfg)
+            self._key, self._ref = key, (videos, time.perf_counter() - start)
+        return self._ref
+
+    def __call__(self, prompts: Sequence[str], *, policy: str | None = None,
+                 overrides: Mapping[str, Any] | None = None, seed: int = 0, steps: int | None = None,
+                 reference: bool = False, **size: Any):
+        if any(v is not None for v in size.values()):  # the CLI refused these; the folder fixes its size
+            raise UserError(f"{sorted(size)}: qc-ref-wan samples at its folder's own size.")
+        res = sample_under_policy(self.loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps)
+        if reference:
+            res.fp_videos, res.fp_seconds = self.reference(prompts, seed, res.settings["steps"], res.settings["cfg"])
+        return res
+
+
+def sweep_command(*, model: str, checkpoint: Path | None, device: str, configs: Sequence, prompts: Sequence[str],
+                  seeds: Sequence[int], steps: int | None, batch: bool, out_dir: Path | None,
+                  log: Callable[[str], None]) -> dict:
+    """`qc-compile sweep --model qc-ref-wan`: every config over prompts x seeds (per prompt, noise seed + k; or one
+    batch per seed), against the plain sampler, as :func:`~qc_compile.runtime.sweep.run_sweep`'s result dict with
+    the model, folder, device and steps filled in; the caller (commands/sweep.py) writes sweep.json/md/png."""
+    from qc_compile.runtime.sweep import run_sweep
+
+    check_captions(None, prompts)  # before the load: a prompt outside the caption vocabulary is a UserError
+    loaded = load(model, checkpoint, device)
+    result = run_sweep(SweepCaller(loaded), configs, prompts, seeds, steps=steps, batch=batch, out_dir=out_dir,
+                       jobs=1, log=log)
+    result.update(model=loaded.name, checkpoint=loaded.checkpoint, device=str(loaded.device),
+                  steps=steps or loaded.defaults.steps)
+    return result
 
 
 def generate_command(*, model: str, checkpoint: Path | None, prompts: Sequence[str], outputs: Sequence[Path],

@@ -67,8 +67,10 @@ def _ints(text: str, what: str) -> list[int]:
               "policies then decide once for the batch).")
 @click.option("--jobs", type=V.BoundedInt(1, 256), default=1, show_default=True,
               help="Worker processes (one thread each); each runs the FP reference and all configs of its prompts.")
-@click.option("--model", default=None, help="Without WORK: model for the torch executor (default qc-ref).")
-@click.option("--checkpoint", type=click.Path(path_type=Path), default=None)
+@click.option("--model", default=None, help="Without WORK: model for the torch executor: qc-ref (default) | "
+              "opensora-v1.2 | qc-ref-wan (diffusers layout, through qc_compile.enable and its own sampler).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Without WORK: weights file "
+              "(qc-ref-wan: another qc-ref-wan folder).")
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output directory.")
@@ -83,13 +85,15 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
 
     Writes OUTPUT/sweep.{json,md} (compute fraction, block-FLOP fraction, PSNR/SSIM vs FP, caption-checker accuracy
     per config), OUTPUT/pareto.png, and OUTPUT/runs/<config>/{trace.json,metrics.json,decisions.png} for the first
-    prompt and seed of each config.
+    prompt and seed of each config. --model qc-ref-wan (diffusers layout) runs its own sampler with the transformer
+    under qc_compile.enable (torch executor, one process, the model's own size); flags that do not apply to it are
+    refused.
     """
     from qc_compile.commands.run import parse_sets
     from qc_compile.prompts import read_prompt_file
     from qc_compile.runtime.sweep import expand_configs, parse_grid
 
-    from qc_compile.outputs import check_output_dir
+    from qc_compile.outputs import check_output_dir, fresh_dir
 
     specs = [s.strip() for s in policies.split(",") if s.strip()]
     if not specs:
@@ -108,6 +112,24 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         from qc_compile.data.shapes import sample_captions
 
         prompts = [c.text() for c in sample_captions(n_prompts, seed=caption_seed)]
+    from qc_compile.commands import run_diffusers
+
+    if run_diffusers.takes_model(model, work):  # qc-ref-wan: its own sampler under qc_compile.enable, one process
+        run_diffusers.check_flags(model, checkpoint, {
+            f"--jobs {jobs}": jobs > 1, f"--gpus {gpus}": gpus > 1,
+            f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
+            "--text-encoder": text_encoder is not None, "--vae": vae is not None,
+            "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
+            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
+        check_output_dir(output, "--output", overwrite)
+        commit = _git_commit()
+        with fresh_dir(output) as tmp:
+            result = run_diffusers.sweep_command(model=model, checkpoint=checkpoint, device=device, configs=configs,
+                                                 prompts=prompts, seeds=seed_list, steps=steps, batch=batch,
+                                                 out_dir=tmp, log=click.echo)
+            _write_outputs(tmp, result, caption_seed=None if prompt_file else caption_seed, commit=commit)
+        click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")
+        return
     if jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {jobs}.")
     if jobs > 1 and gpus > 1:
@@ -132,11 +154,10 @@ def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, heig
     """The sweep on this process (every rank of a --gpus run; rank 0 writes the outputs)."""
     import contextlib
 
-    from qc_compile.artifacts import atomic_write, write_json_atomic
     from qc_compile.outputs import fresh_dir
     from qc_compile.runtime.parallel import current_mesh, is_rank0
     from qc_compile.runtime.pipeline import Pipeline
-    from qc_compile.runtime.sweep import plot_pareto, run_sweep, to_markdown
+    from qc_compile.runtime.sweep import run_sweep
 
     pipe_kwargs = dict(work_dir=work, model=model, checkpoint=checkpoint, device=device, random_weights=random_weights)
     pipe = Pipeline(**pipe_kwargs)  # also checks the model / work dir before any worker starts
@@ -154,20 +175,29 @@ def _sweep(work, configs, prompts, seed_list, steps, batch, output, frames, heig
         mesh = current_mesh()
         if mesh is not None:
             result["parallel"] = mesh.describe()
-        result["caption_seed"] = caption_seed
         result["model"] = pipe.loaded.config.name
         result["checkpoint"] = pipe.loaded.checkpoint
         result["device"] = pipe.device
-        if pipe.device.startswith("cuda"):
-            import torch
-
-            result["device_name"] = torch.cuda.get_device_name()
         result["steps"] = steps or pipe.loaded.config.default_steps
-        result["date"] = time.strftime("%Y-%m-%d")
-        result["commit"] = commit
-        write_json_atomic(tmp / "sweep.json", result)
-        md = to_markdown(result, title=f"Policy sweep on {result['model']} ({pipe.device})")
-        with atomic_write(tmp / "sweep.md", "w") as f:
-            f.write(md)
-        plot_pareto(result, tmp / "pareto.png", title=f"{result['model']}: quality vs compute")
+        _write_outputs(tmp, result, caption_seed=caption_seed, commit=commit)
     click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")
+
+
+def _write_outputs(tmp: Path, result: dict, *, caption_seed: int | None, commit: str | None) -> None:
+    """sweep.json, sweep.md and pareto.png of a finished sweep (``result`` names its model, checkpoint, device and
+    steps), for the STDiT3 pipeline and qc-ref-wan alike."""
+    from qc_compile.artifacts import atomic_write, write_json_atomic
+    from qc_compile.runtime.sweep import plot_pareto, to_markdown
+
+    result["caption_seed"] = caption_seed
+    if result["device"].startswith("cuda"):
+        import torch
+
+        result["device_name"] = torch.cuda.get_device_name()
+    result["date"] = time.strftime("%Y-%m-%d")
+    result["commit"] = commit
+    write_json_atomic(tmp / "sweep.json", result)
+    md = to_markdown(result, title=f"Policy sweep on {result['model']} ({result['device']})")
+    with atomic_write(tmp / "sweep.md", "w") as f:
+        f.write(md)
+    plot_pareto(result, tmp / "pareto.png", title=f"{result['model']}: quality vs compute")

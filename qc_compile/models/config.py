@@ -113,11 +113,11 @@ def is_diffusers_spec(name: str) -> bool:
 
 def diffusers_cli_refusal(name: str) -> UserError:
     """Why the STDiT3 command-line path refuses a diffusers model, and where that model runs instead."""
-    return UserError(f"model {name!r} is a diffusers video transformer. On the command line, `run` (without a work "
-                     "dir) and `generate` accept qc-ref-wan (--model qc-ref-wan, --checkpoint FOLDER for another "
-                     "qc-ref-wan folder); export, calibrate, build, sweep and `run WORK` handle STDiT3 models only so "
-                     f"far ({', '.join(sorted(CONFIGS))}), and diffusers folders (wan2.1:/wan2.2:/cogvideox:PATH) "
-                     f"none. Run {name} from Python through `qc_compile.enable(transformer, policy=...)` (README, "
+    return UserError(f"model {name!r} is a diffusers video transformer. On the command line, `run` and `sweep` "
+                     "(without a work dir) and `generate` accept qc-ref-wan (--model qc-ref-wan, --checkpoint FOLDER "
+                     "for another qc-ref-wan folder); export, calibrate, build, `run WORK` and `sweep WORK` handle "
+                     f"STDiT3 models only so far ({', '.join(sorted(CONFIGS))}), and diffusers folders "
+                     f"(wan2.1:/wan2.2:/cogvideox:PATH) none. Run {name} from Python through `qc_compile.enable(transformer, policy=...)` (README, "
                      "'Diffusers pipelines'), or sweep policies and the peers' caches on it with tools/peers_wan.py.")
 
 
