@@ -47,10 +47,12 @@ class QCSession:
     """One enabled transformer: its adapter, policy, per-branch caches and the decision record of the last run."""
 
     def __init__(self, transformer: torch.nn.Module, policy: Any, *, scheduler: Any = None,
-                 num_steps: int | None = None) -> None:
+                 num_steps: int | None = None, quantize: str | None = None) -> None:
         from qc_compile.models.diffusers_adapter import adapter_for
 
         self.transformer = transformer
+        self.quantize = quantize
+        self._swaps: list = []  # the block linears replaced by quantized ones (undone at uninstall)
         self.adapter = adapter_for(transformer)
         self.policy = policy
         self.policy_name = getattr(policy, "name", type(policy).__name__)
@@ -67,14 +69,22 @@ class QCSession:
 
     # ------------------------------------------------------------------------------------------------ patching
     def install(self) -> None:
+        if self.quantize is not None:
+            from qc_compile.diffusers_quant import quantize_blocks
+
+            self._swaps = quantize_blocks(self.adapter.blocks, self.quantize)
         self.transformer.forward = self.forward
         self.transformer.cache_context = self.cache_context
         self.transformer._qc_session = self
 
     def uninstall(self) -> None:
+        from qc_compile.diffusers_quant import restore
+
         self.finish()
         for attr in ("forward", "cache_context", "_qc_session"):
             self.transformer.__dict__.pop(attr, None)
+        restore(self._swaps)
+        self._swaps = []
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs):
@@ -217,7 +227,8 @@ class QCSession:
         describe = getattr(self.policy, "describe", None)
         return build_trace(policy=describe() if describe else {"name": self.policy_name}, unit_names=self.unit_names,
                            steps=self.steps, settings={"model": type(self.transformer).__name__,
-                                                       "driver": "qc_compile.enable", "steps": len(self.steps)},
+                                                       "driver": "qc_compile.enable", "steps": len(self.steps),
+                                                       "quantize": self.quantize},
                            prompts=[], costs=None, seconds=sum(s.seconds for s in self.steps))
 
 
@@ -262,16 +273,21 @@ def _plan_of(work: str | Path | None):
 
 
 def enable(pipe: Any, work: str | Path | None = None, policy: Any = "quantcache", *,
-           overrides: Mapping[str, Any] | None = None, seed: int = 0, num_steps: int | None = None):
+           overrides: Mapping[str, Any] | None = None, seed: int = 0, num_steps: int | None = None,
+           quantize: str | None = None):
     """Make ``pipe``'s transformer(s) run through qc-compile's step policies; returns the :class:`QCSession`
     (a list of sessions for pipelines with two transformers, e.g. Wan 2.2 A14B).
 
     ``policy``: a name (``none``, ``quantcache``, ``hlc``, ``fbcache``, ``pab``, ... or ``a+b``) or a policy object;
     ``work``: a qc-compile work dir whose plan supplies the policy's calibrated thresholds; ``overrides``:
-    ``{"hlc.delta1": 0.2}`` as ``--set``; ``num_steps``: only when driving a bare transformer without a scheduler.
+    ``{"hlc.delta1": 0.2}`` as ``--set``; ``num_steps``: only when driving a bare transformer without a scheduler;
+    ``quantize="fp8"``: every block linear W8A8 FP8 on qc-compile's kernels (:mod:`qc_compile.diffusers_quant`;
+    undone by :func:`disable`).
     """
+    from qc_compile.diffusers_quant import check_format
     from qc_compile.runtime.policies import get_policy, plan_policy_name
 
+    check_format(quantize)
     transformers = _transformers(pipe)
     plan = _plan_of(work)
     if policy is None:
@@ -291,7 +307,8 @@ def enable(pipe: Any, work: str | Path | None = None, policy: Any = "quantcache"
                             "gets its own instance.")
         else:
             pol = policy
-        sessions.append(QCSession(tr, pol, scheduler=getattr(pipe, "scheduler", None), num_steps=num_steps))
+        sessions.append(QCSession(tr, pol, scheduler=getattr(pipe, "scheduler", None), num_steps=num_steps,
+                                  quantize=quantize))
     for s in sessions:
         s.install()
     return sessions[0] if len(sessions) == 1 else sessions

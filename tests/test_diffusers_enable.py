@@ -197,3 +197,35 @@ def test_enable_refuses_double_enable_and_diffusers_hooks():
         qc_compile.enable(tiny_wan(seed=12), policy="nope")
     with pytest.raises(UserError, match="no `transformer`"):
         qc_compile.enable(object())
+
+
+def test_quantize_fp8_swaps_block_linears_and_disable_restores_them():
+    """enable(quantize="fp8"): every block nn.Linear runs W8A8 FP8 on qc-compile's kernels (output moves by FP8's
+    error, not more), embed/final stay as they are, and disable() puts the original modules back bit for bit."""
+    from torch import nn
+
+    from qc_compile.runtime.fast_linear import FastLinear
+
+    tr = tiny_wan(3, attention_head_dim=16, ffn_dim=64).eval()
+    kw = dict(hidden_states=randn(1, 4, 3, 8, 8, seed=1), timestep=torch.tensor([700.0]),
+              encoder_hidden_states=randn(1, 6, 16, seed=2), return_dict=False)
+    linears = [m for m in tr.blocks.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        ref = tr(**kw)[0]
+        session = qc_compile.enable(tr, policy="none", quantize="fp8", num_steps=1)
+        assert not any(isinstance(m, nn.Linear) for m in tr.blocks.modules())
+        assert sum(isinstance(m, FastLinear) for m in tr.blocks.modules()) == len(linears)
+        assert isinstance(tr.proj_out, nn.Linear) and isinstance(tr.condition_embedder.time_proj, nn.Linear)
+        q = tr(**kw)[0]
+        assert session.trace()["settings"]["quantize"] == "fp8"
+        qc_compile.disable(tr)
+        back = tr(**kw)[0]
+    err = rel_err(q, ref)
+    assert 1e-4 < err < 0.15, err  # FP8 E4M3 moves the output, a little
+    assert [m for m in tr.blocks.modules() if isinstance(m, nn.Linear)] == linears  # the same objects
+    assert torch.equal(back, ref)
+
+
+def test_quantize_rejects_unknown_formats():
+    with pytest.raises(UserError, match="quantize='int3'"):
+        qc_compile.enable(tiny_wan(0), policy="none", quantize="int3")

@@ -75,8 +75,10 @@ def _linear_counter(transformer: torch.nn.Module):
     def hook(mod, inp, _out):
         total[0] += inp[0].shape[:-1].numel() * mod.in_features * mod.out_features
 
+    from qc_compile.runtime.fast_linear import FastLinear  # qc-compile's own FP8 linears count as the linears they replace
+
     for name, mod in transformer.named_modules():
-        if isinstance(mod, torch.nn.Linear) and re.match(r"^(blocks|transformer_blocks)\.", name):
+        if isinstance(mod, (torch.nn.Linear, FastLinear)) and re.match(r"^(blocks|transformer_blocks)\.", name):
             handles.append(mod.register_forward_hook(hook))
 
     @contextlib.contextmanager
@@ -297,6 +299,7 @@ def _swap(loaded, new):
     return old
 
 
+OURS_FP8_LABEL = "qc-compile FP8 W8A8 (per-token, qc:: kernels)"
 AO_LABEL = "torchao FP8 dyn-act+weight (per row)"
 MO_LABEL = "ModelOpt FP8 PTQ (FP8_DEFAULT_CFG)"
 
@@ -308,11 +311,18 @@ def _unswap(loaded, old) -> None:
 
 
 def quant_methods(loaded, args) -> tuple[list[Method], list[str], list[dict]]:
+    from qc_compile.diffusers_quant import quantize_blocks, restore
+
     notes: list[str] = []
-    out: list[Method] = []
     skipped: list[dict] = []
-    if loaded.device.type != "cuda":
-        return [], ["quantization peers (torchao FP8, ModelOpt FP8) run on CUDA only: skipped"], []
+    # ours first, as torchao's row: every block linear swapped in place (no step executor), the same scope
+    out: list[Method] = [Method(OURS_FP8_LABEL, "quant",
+                                lambda loaded: quantize_blocks(loaded.transformer.blocks, "fp8"),
+                                lambda loaded, swaps: restore(swaps),
+                                {"quantize": "fp8 (qc_compile.enable(..., quantize='fp8') without a policy)",
+                                 "scope": "block linears"})]
+    if loaded.device.type != "cuda":  # ours runs on the CPU too (the qc:: kernels' reference)
+        return out, ["quantization peers (torchao FP8, ModelOpt FP8) run on CUDA only: skipped"], []
     aoq, why = _optional_import("torchao.quantization")
     if aoq is None:
         notes.append(f"torchao FP8: {why}")

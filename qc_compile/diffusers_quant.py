@@ -1,0 +1,53 @@
+"""FP8 W8A8 for a diffusers transformer's blocks through qc-compile's own kernels: ``enable(pipe, quantize="fp8")``.
+
+Why: the peers' quantizers (torchao's FP8 dynamic-activation config, ModelOpt's FP8 PTQ) run on diffusers models, and
+the comparison needs qc-compile's quantized path on the same model. Every ``nn.Linear`` inside the transformer's
+blocks becomes a :class:`~qc_compile.runtime.fast_linear.FastLinear`: FP8 E4M3 weights per output channel, FP8
+activations with dynamic per-token scales, on the ``qc::`` kernels (their CPU reference off the GPU) — the same
+linears the STDiT3 fast path runs. Embedding, condition and output projections stay in the model's dtype, as
+``calibrate --uniform`` plans keep them (they are under 1% of the work and the most sensitive). The swap is undone by
+:func:`restore` (``disable(pipe)``): the original modules go back, bit for bit.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from qc_compile.errors import UserError
+
+QUANTIZE_FORMATS = ("fp8",)
+
+Swap = tuple[nn.Module, str, nn.Linear]  # (parent module, attribute name, the original linear)
+
+
+def check_format(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZE_FORMATS:
+        raise UserError(f"qc_compile.enable: quantize={quantize!r}; expected None (the model's own dtype) or one of "
+                        f"{', '.join(QUANTIZE_FORMATS)} (W8A8 FP8 E4M3 on every block linear, per-token activation "
+                        "scales).")
+
+
+def quantize_blocks(blocks: nn.Module, quantize: str) -> list[Swap]:
+    """Replace every ``nn.Linear`` under ``blocks`` by its FP8 W8A8 ``FastLinear``; returns what :func:`restore`
+    needs to put the originals back."""
+    from qc_compile.plan import LinearPlan
+    from qc_compile.runtime.fast_linear import FastLinear
+
+    check_format(quantize)
+    entry = LinearPlan(unit="block", weight="fp8_e4m3", activation="fp8_e4m3")
+    targets = [(name, mod) for name, mod in blocks.named_modules() if isinstance(mod, nn.Linear)]
+    if not targets:
+        raise UserError("qc_compile.enable(quantize=...): the transformer's blocks hold no nn.Linear to quantize.")
+    swaps: list[Swap] = []
+    for name, lin in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = blocks.get_submodule(parent_name) if parent_name else blocks
+        setattr(parent, attr, FastLinear(lin, entry, name=name))
+        swaps.append((parent, attr, lin))
+    return swaps
+
+
+def restore(swaps: list[Swap]) -> None:
+    """Put the original linears back (in reverse order of the swap)."""
+    for parent, attr, lin in reversed(swaps):
+        setattr(parent, attr, lin)
