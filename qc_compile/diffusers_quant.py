@@ -39,11 +39,15 @@ def quantize_blocks(blocks: nn.Module, quantize: str) -> list[Swap]:
     if not targets:
         raise UserError("qc_compile.enable(quantize=...): the transformer's blocks hold no nn.Linear to quantize.")
     swaps: list[Swap] = []
-    for name, lin in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = blocks.get_submodule(parent_name) if parent_name else blocks
-        setattr(parent, attr, FastLinear(lin, entry, name=name))
-        swaps.append((parent, attr, lin))
+    try:
+        for name, lin in targets:
+            parent_name, _, attr = name.rpartition(".")
+            parent = blocks.get_submodule(parent_name) if parent_name else blocks
+            setattr(parent, attr, FastLinear(lin, entry, name=name))
+            swaps.append((parent, attr, lin))
+    except BaseException:  # all or nothing: a linear the kernels refuse leaves the model as it was
+        restore(swaps)
+        raise
     return swaps
 
 

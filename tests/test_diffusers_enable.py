@@ -229,3 +229,26 @@ def test_quantize_fp8_swaps_block_linears_and_disable_restores_them():
 def test_quantize_rejects_unknown_formats():
     with pytest.raises(UserError, match="quantize='int3'"):
         qc_compile.enable(tiny_wan(0), policy="none", quantize="int3")
+
+
+def test_quantize_is_all_or_nothing(monkeypatch):
+    """A linear the FP8 kernels refuse mid-way leaves every block linear as it was (no half-quantized model)."""
+    from torch import nn
+
+    from qc_compile.runtime import fast_linear
+
+    tr = tiny_wan(4, attention_head_dim=16, ffn_dim=64)
+    before = [m for m in tr.blocks.modules() if isinstance(m, nn.Linear)]
+    made = []
+    real = fast_linear.FastLinear
+
+    def refuse_third(*a, **k):
+        made.append(1)
+        if len(made) == 3:
+            raise UserError("this linear cannot run FP8")
+        return real(*a, **k)
+
+    monkeypatch.setattr(fast_linear, "FastLinear", refuse_third)
+    with pytest.raises(UserError, match="cannot run FP8"):
+        qc_compile.enable(tr, policy="none", quantize="fp8", num_steps=1)
+    assert [m for m in tr.blocks.modules() if isinstance(m, nn.Linear)] == before

@@ -92,6 +92,17 @@ def test_run_quantcache_with_reference_writes_the_run(folder: Path, tmp_path: Pa
     assert "quantcache: " in captured.out and "vs FP: PSNR" in captured.out and f"wrote {out}/" in captured.out
 
 
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fails the test if the model is loaded: refusals must come before any load."""
+    from qc_compile.commands import run_diffusers
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run_diffusers, "load", refuse)
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--executor", "onnxruntime"], "--executor onnxruntime"),
     (["--frames", "8"], "--frames 8"),
@@ -100,14 +111,8 @@ def test_run_quantcache_with_reference_writes_the_run(folder: Path, tmp_path: Pa
     (["--random-weights"], "--random-weights"),
     (["--set", "hlc.nope=1", "--policy", "hlc"], "nope"),
 ])
-def test_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, monkeypatch,
+def test_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, no_load,
                                                         extra, flag) -> None:
-    from qc_compile.commands import run_diffusers
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(run_diffusers, "load", no_load)
     out = tmp_path / "out"
     assert _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, *extra,
                  "-o", str(out)]) == 2
@@ -181,14 +186,8 @@ def test_sweep_batch_is_one_call_per_seed(folder: Path, tmp_path: Path, capsys) 
     (["--random-weights"], "--random-weights"),
     (["--grid", "hlc.nope=1,2"], "nope"),
 ])
-def test_sweep_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, monkeypatch,
+def test_sweep_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, no_load,
                                                               extra, flag) -> None:
-    from qc_compile.commands import run_diffusers
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(run_diffusers, "load", no_load)
     out = tmp_path / "out"
     assert _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
                  "--prompts", "1", *extra, "-o", str(out)]) == 2

@@ -52,6 +52,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_lib as B  # noqa: E402
+
+from qc_compile.commands.run import parse_sets  # noqa: E402  (--set's parser; the policies convert the values)
 from bench_lib import (XL_FRAMES, XL_HEIGHT, XL_WIDTH, ReplayPolicy, _env, full_grid,  # noqa: E402,F401
                        kernel_class, map_grid, xl_inputs, xl_model)
 
@@ -725,23 +727,6 @@ def run_fidelity(args) -> None:
     print(f"wrote {args.out_fidelity}")
 
 
-def parse_sets(items: list[str]) -> dict:
-    """``KEY=VALUE`` overrides -> a dict; JSON values (numbers, lists, null, true/false) are parsed, anything else is
-    kept as a string (the policy's parameter check names a wrong type). An item without ``=`` is a UserError."""
-    from qc_compile.errors import UserError
-
-    out = {}
-    for kv in items:
-        key, eq, v = kv.partition("=")
-        if not eq or not key:
-            raise UserError(f"override {kv!r}: expected KEY=VALUE (e.g. aigq.post_skip=null).")
-        try:
-            out[key] = json.loads(v)
-        except json.JSONDecodeError:
-            out[key] = v
-    return out
-
-
 def load_user_plan(path: Path | None, model=None):
     """(plan, {"path", "sha256", "note"}) of ``--plan``, or (None, the FP8 block plan's description). A file that is
     missing, not a valid plan, or made for another model than qc-ref is a UserError naming it."""
@@ -889,8 +874,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set-long", nargs="*", default=[], metavar="KEY=VALUE",
                     help="quantcache overrides for the 100-step grid/fidelity (e.g. hlc.tau_max=10)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="quantcache overrides for the 30-step FP8 grid (both_30) and its fidelity (ours_both), e.g. "
-                         "aigq.post_skip=null")
+                    help="quantcache overrides for the 30-step FP8 grid (both_30) and its fidelity (ours_both), as "
+                         "`run --set`: e.g. aigq.post_skip=null aigq.schedule=high,high,default,...")
     ap.add_argument("--variant", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
                     help="--fidelity: one more ours_both configuration, `ours_both~NAME`, with these quantcache "
                          "overrides on top of --set (repeatable; all share the reference videos)")

@@ -97,4 +97,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from qc_compile.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as err:  # a bad --checkpoint folder: one paragraph, exit 2, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

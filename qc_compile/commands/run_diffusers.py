@@ -73,7 +73,7 @@ def load(model: str, checkpoint: Path | None, device: str, dtype: torch.dtype = 
     return load_model(model, checkpoint, device=resolve_device(device), dtype=dtype)
 
 
-def check_captions(loaded, prompts: Sequence[str]) -> None:
+def check_captions(prompts: Sequence[str]) -> None:
     """Every prompt through the caption tokenizer before any sampling (unknown words are a UserError)."""
     from qc_compile.models.caption_encoder import CaptionTokenizer
     from qc_compile.models.qc_ref_wan import TEXT_ENCODER_CONFIG
@@ -116,7 +116,7 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
     from qc_compile.runtime.result import RunResult
 
     prompts = list(prompts)
-    check_captions(loaded, prompts)
+    check_captions(prompts)
     d = loaded.defaults
     steps = steps or d.steps
     cfg = d.cfg if cfg is None else cfg
@@ -207,7 +207,7 @@ def sweep_command(*, model: str, checkpoint: Path | None, device: str, configs: 
     the model, folder, device and steps filled in; the caller (commands/sweep.py) writes sweep.json/md/png."""
     from qc_compile.runtime.sweep import run_sweep
 
-    check_captions(None, prompts)  # before the load: a prompt outside the caption vocabulary is a UserError
+    check_captions(prompts)  # before the load: a prompt outside the caption vocabulary is a UserError
     loaded = load(model, checkpoint, device)
     result = run_sweep(SweepCaller(loaded), configs, prompts, seeds, steps=steps, batch=batch, out_dir=out_dir,
                        jobs=1, log=log)
@@ -224,7 +224,7 @@ def generate_command(*, model: str, checkpoint: Path | None, prompts: Sequence[s
     from qc_compile.video_io import write_mp4, write_png_strip
 
     loaded = load(model, checkpoint, device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    check_captions(loaded, prompts)
+    check_captions(prompts)
     d = loaded.defaults
     steps = steps or d.steps
     cfg = d.cfg if cfg is None else cfg

@@ -117,8 +117,9 @@ def diffusers_cli_refusal(name: str) -> UserError:
                      "(without a work dir) and `generate` accept qc-ref-wan (--model qc-ref-wan, --checkpoint FOLDER "
                      "for another qc-ref-wan folder); export, calibrate, build, `run WORK` and `sweep WORK` handle "
                      f"STDiT3 models only so far ({', '.join(sorted(CONFIGS))}), and diffusers folders "
-                     f"(wan2.1:/wan2.2:/cogvideox:PATH) none. Run {name} from Python through `qc_compile.enable(transformer, policy=...)` (README, "
-                     "'Diffusers pipelines'), or sweep policies and the peers' caches on it with tools/peers_wan.py.")
+                     f"(wan2.1:/wan2.2:/cogvideox:PATH) none. Run {name} from Python through "
+                     "`qc_compile.enable(transformer, policy=...)` (README, 'Diffusers pipelines'), or sweep policies "
+                     "and the peers' caches on it with tools/peers_wan.py.")
 
 
 def get_config(name: str) -> STDiT3Config:
