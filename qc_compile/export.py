@@ -111,14 +111,18 @@ def _const(t) -> np.ndarray | None:
     return np.asarray(t.values)
 
 
-def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear]) -> onnx.ModelProto:
-    """Give every linear the canonical MatMul [K, N] + Add(bias) form with named, unshared constants."""
+def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear], prefix: str = "") -> onnx.ModelProto:
+    """Give every linear the canonical MatMul [K, N] + Add(bias) form with named, unshared constants.
+
+    ``linears`` is keyed by the linears' names; a graph scope starting with ``prefix`` has it stripped first (a unit
+    traced through a wrapper that holds the model as ``transformer`` has scopes with and without it)."""
     graph = gs.import_onnx(model)
     found: set[str] = set()
     for node in list(graph.nodes):
         if node.op not in ("MatMul", "Gemm"):
             continue
         path = _scope_path(node.name)
+        path = path[len(prefix):] if prefix and path.startswith(prefix) else path
         if path not in linears:
             continue
         lin = linears[path]

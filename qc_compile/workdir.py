@@ -97,17 +97,40 @@ class ModelInfo:
     def unit_names(self) -> list[str]:
         return [u["name"] for u in self.units]
 
+    @property
+    def family(self) -> str | None:
+        """The diffusers family of the exported model (``"wan"``); None for STDiT3 models."""
+        return self.data["model"].get("family")
+
+    @property
+    def is_diffusers(self) -> bool:
+        return self.family is not None
+
     def config(self):
+        """STDiT3Config, or for a diffusers export its DiffusersConfig (family + the transformer's config)."""
+        if self.is_diffusers:
+            from qc_compile.export_diffusers import DiffusersConfig
+
+            return DiffusersConfig.from_dict(self.data["model"]["config"])
         from qc_compile.models.config import STDiT3Config
 
         return STDiT3Config.from_dict(self.data["model"]["config"])
 
     def geometry(self):
-        from qc_compile.models.stdit3 import Geometry
-
         g = dict(self.data["geometry"]["model"])
         g["patch_size"] = tuple(g["patch_size"])
+        if self.is_diffusers:
+            from qc_compile.models.diffusers_adapter import DiffusersGeometry
+
+            return DiffusersGeometry(g["frames"], g["height"], g["width"], g["patch_size"])
+        from qc_compile.models.stdit3 import Geometry
+
         return Geometry(**g)
+
+    @property
+    def text_length(self) -> int | None:
+        """Diffusers exports: the text length the graphs were exported at (fixed; only the batch is dynamic)."""
+        return self.data["geometry"].get("text_length")
 
     @property
     def video_size(self) -> tuple[int, int, int]:
@@ -151,6 +174,13 @@ def _check_model_json_shape(data: dict, path: Path) -> None:
     if not isinstance(model, dict) or not isinstance(model.get("name"), str) or \
             not isinstance(model.get("config"), dict) or not isinstance(model.get("config_sha256"), str):
         raise bad("model", "an object with name, config and config_sha256")
+    if model.get("family") not in (None, "wan"):
+        raise bad("model.family", "absent (STDiT3) or 'wan'")
+    if model.get("family") is not None:
+        if not isinstance(data.get("weights", {}).get("files"), dict):
+            raise bad("weights.files", "an object mapping weight files to their sha256")
+        if not isinstance(data.get("geometry", {}).get("text_length"), int):
+            raise bad("geometry.text_length", "a positive integer")
     w = data.get("weights")
     if not isinstance(w, dict) or w.get("source") not in ("checkpoint", "shipped", "random") or \
             not isinstance(w.get("state_sha256"), str):
@@ -228,6 +258,8 @@ def load_model_for(info: ModelInfo, *, device: str = "cpu", check_digest: bool =
     from qc_compile.models import load_model
 
     w = info.data["weights"]
+    if info.is_diffusers:
+        return _load_diffusers_for(info, device=device, check_digest=check_digest)
     if w["source"] == "checkpoint":
         path = Path(w["path"])
         if not path.is_file():
@@ -243,4 +275,29 @@ def load_model_for(info: ModelInfo, *, device: str = "cpu", check_digest: bool =
     if check_digest and state_digest(loaded.model) != w["state_sha256"]:
         raise ArtifactError(f"{info.path}: the weights loaded now ({w['source']}) are not the ones exported "
                             "(state digest differs); re-run qc-compile export.")
+    return loaded
+
+
+def _load_diffusers_for(info: ModelInfo, *, device: str, check_digest: bool):
+    """qc-ref-wan (shipped or a --checkpoint folder) or a ``wan2.1:PATH`` folder, its files checked against the
+    sha256 recorded at export before anything is loaded, then the transformer's state digest."""
+    from qc_compile.models import load_model
+
+    w = info.data["weights"]
+    folder = Path(w["path"])
+    if not folder.is_dir():
+        raise UserError(f"{info.path}: the model folder it was exported from, {folder}, is gone; restore it or "
+                        "re-export.")
+    for rel, sha in w["files"].items():
+        f = folder / rel
+        if not f.is_file() or sha256_file(f) != sha:
+            raise ArtifactError(f"{info.path}: weight file {f} is missing or changed since export (sha256 differs); "
+                                "re-export.")
+    if info.name == "qc-ref-wan":
+        loaded = load_model(info.name, None if w["source"] == "shipped" else folder, device=device)
+    else:
+        loaded = load_model(info.name, device=device)
+    if check_digest and state_digest(loaded.transformer) != w["state_sha256"]:
+        raise ArtifactError(f"{info.path}: the weights loaded now ({folder}) are not the ones exported (state "
+                            "digest differs); re-run qc-compile export.")
     return loaded

@@ -53,6 +53,15 @@ def _swap_in(staged: Path, root: Path) -> None:
     shutil.rmtree(staged, ignore_errors=True)
 
 
+def _check_diffusers_options(model_name: str, checkpoint: Path | None, random_weights: bool,
+                             text_length: int | None) -> None:
+    """Diffusers models read their weights from a folder: refuse what does not apply before any load."""
+    if random_weights:
+        raise UserError(f"--random-weights: {model_name} loads its weights from its folder; drop it.")
+    if checkpoint is not None and model_name != "qc-ref-wan":
+        raise UserError(f"--checkpoint: {model_name} reads its weights from the folder after the colon; drop it.")
+
+
 @click.command("export")
 @click.argument("model_name", metavar="MODEL")
 @click.option("-o", "--output", "work_dir", type=click.Path(path_type=Path), required=True,
@@ -66,11 +75,16 @@ def _swap_in(staged: Path, root: Path) -> None:
 @click.option("--width", type=V.SIZE, default=None, help="Video width in pixels (model default).")
 @click.option("--opset", type=V.BoundedInt(17, 21), default=19, show_default=True,
               help="ONNX opset of the FP graphs (17-21).")
+@click.option("--text-length", type=V.BoundedInt(1, 4096), default=None,
+              help="wan2.1:/wan2.2:PATH: text tokens the graphs take (default 512, WanPipeline's max_sequence_length; "
+                   "qc-ref-wan: its caption encoder's 12).")
 @click.option("--force", is_flag=True, help="Replace an existing export in the work dir.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weights: bool, seed: int,
-           frames: int | None, height: int | None, width: int | None, opset: int, force: bool, quiet: bool) -> None:
-    """Export MODEL (qc-ref | opensora-v1.2) to one ONNX graph per unit in WORK."""
+           frames: int | None, height: int | None, width: int | None, opset: int, text_length: int | None,
+           force: bool, quiet: bool) -> None:
+    """Export MODEL (qc-ref | opensora-v1.2 | qc-ref-wan | wan2.1:PATH | wan2.2:PATH) to one ONNX graph per unit in
+    WORK."""
     import time
 
     import torch
@@ -78,30 +92,52 @@ def export(model_name: str, work_dir: Path, checkpoint: Path | None, random_weig
     from qc_compile.export import export_model, weights_record
     from qc_compile.locks import workdir_lock
     from qc_compile.models import get_config, load_model
+    from qc_compile.models.config import is_diffusers_spec
     from qc_compile.models.stdit3 import Geometry
     from qc_compile.workdir import WorkDir
 
-    cfg = get_config(model_name)
+    diffusers = is_diffusers_spec(model_name)
+    if diffusers:
+        _check_diffusers_options(model_name, checkpoint, random_weights, text_length)
+    else:
+        cfg = get_config(model_name)
+        if text_length is not None:
+            raise UserError(f"--text-length is for diffusers models (wan2.1:PATH); {model_name} fixes its caption "
+                            "length in its config.")
     if checkpoint is not None and random_weights:
         raise UserError("--checkpoint and --random-weights exclude each other.")
-    if checkpoint is None and model_name != "qc-ref":
+    if not diffusers and checkpoint is None and model_name != "qc-ref":
         random_weights = True  # no shipped weights for the full-size models
     work = WorkDir(work_dir)
     _check_workdir(work, force)
-    frames, height, width = frames or cfg.default_frames, height or cfg.default_height, width or cfg.default_width
-    Geometry.for_model(cfg, frames, height, width)  # sizes checked before any work
+    if not diffusers:
+        frames, height, width = frames or cfg.default_frames, height or cfg.default_height, width or cfg.default_width
+        Geometry.for_model(cfg, frames, height, width)  # sizes checked before any work
     start = time.perf_counter()
     loaded = load_model(model_name, checkpoint, device="cpu", dtype=torch.float32, random_weights=random_weights,
                         seed=seed)
-    weights = weights_record(loaded, checkpoint, random_weights, seed)
+    if diffusers:
+        from qc_compile.export_diffusers import geometry_for, weights_record as diffusers_weights
+
+        (frames, height, width), _ = geometry_for(loaded, frames, height, width)  # sizes checked before any work
+        weights = diffusers_weights(loaded, checkpoint)
+    else:
+        weights = weights_record(loaded, checkpoint, random_weights, seed)
     # The export is written into a fresh directory beside WORK and swapped in only when complete: a failure (or
     # Ctrl-C) leaves WORK exactly as it was.
     work.root.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{work.root.name}.export-", dir=work.root.parent))
     os.chmod(staged, 0o755)  # mkdtemp makes 0700; a new work dir gets the usual permissions
     try:
-        result = export_model(loaded, WorkDir(staged), frames=frames, height=height, width=width, opset=opset,
-                              weights=weights, progress=not quiet)
+        if diffusers:
+            from qc_compile.export_diffusers import export_diffusers_model
+
+            result = export_diffusers_model(loaded, WorkDir(staged), frames=frames, height=height, width=width,
+                                            text_length=text_length, opset=opset, weights=weights,
+                                            progress=not quiet)
+        else:
+            result = export_model(loaded, WorkDir(staged), frames=frames, height=height, width=width, opset=opset,
+                                  weights=weights, progress=not quiet)
         if work.root.is_dir():
             with workdir_lock(work.root, "export --force"):
                 _check_workdir(work, force)  # still true now that we hold the lock
