@@ -51,6 +51,60 @@ def quantize_blocks(blocks: nn.Module, quantize: str) -> list[Swap]:
     return swaps
 
 
+def plan_is_quantized(plan) -> bool:
+    """Whether the plan's default variant runs any linear in a format other than bf16 x bf16."""
+    return any(e.weight != "bf16" or e.activation != "bf16" or e.smoothing is not None or e.rotation
+               for e in plan.resolve("default").values())
+
+
+def apply_plan(transformer: nn.Module, plan, variant: str = "default") -> list[Swap]:
+    """Replace every linear of ``transformer`` that ``plan`` (a :class:`qc_compile.plan.Plan` of this transformer,
+    linears named by their diffusers module path) quantizes in ``variant`` by its
+    :class:`~qc_compile.runtime.fast_linear.FastLinear` under the plan's entry (smoothing and rotation of the
+    plan's own entry included); linears the plan keeps at bf16 x bf16 stay the original modules (so an unquantized
+    plan changes nothing, bit for bit). All or nothing: a plan naming a module that is not an ``nn.Linear`` of this
+    transformer, or a format the torch executor's kernels refuse, leaves the model as it was (UserError)."""
+    import torch
+
+    from qc_compile.runtime.fast_linear import FastLinear
+
+    entries = plan.resolve(variant)
+    modules = dict(transformer.named_modules())
+    missing = [n for n in entries if not isinstance(modules.get(n), nn.Linear)]
+    if missing:
+        raise UserError(f"plan: linear(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are not "
+                        f"nn.Linear modules of this {type(transformer).__name__}; the plan was calibrated for another "
+                        "model. Re-run qc-compile calibrate on this model's work dir.")
+    swaps: list[Swap] = []
+    name, e = "", None
+    try:
+        for name, e in entries.items():
+            base = plan.linears[name]
+            if e.weight == "bf16" and e.activation == "bf16" and base.smoothing is None and not base.rotation:
+                continue
+            lin = modules[name]
+            if (lin.in_features, lin.out_features) != (lin.weight.shape[1], lin.weight.shape[0]):
+                raise UserError(f"plan: linear {name} has an inconsistent weight shape.")
+            sv = plan.smoothing_vector(name)
+            smoothing = None if sv is None else torch.from_numpy(sv).to(lin.weight.device)
+            parent_name, _, attr = name.rpartition(".")
+            parent = transformer.get_submodule(parent_name) if parent_name else transformer
+            setattr(parent, attr, FastLinear(lin, e, base=base, smoothing=smoothing, name=name))
+            swaps.append((parent, attr, lin))
+    except UserError:  # all or nothing: a linear the kernels refuse leaves the model as it was
+        restore(swaps)
+        raise UserError(f"plan: linear {name} runs {e.weight} weights with {e.activation} activations, which a "
+                        "diffusers model's torch executor does not run: its linears run through qc-compile's "
+                        "FastLinear kernels, which take FP8 E4M3 weights with FP8 E4M3 activations, or bf16 "
+                        "activations with any weight format (weight-only, dequantized). Calibrate with "
+                        "--uniform fp8, int4_b128, int4_b64 or bf16 instead.") \
+            from None
+    except BaseException:
+        restore(swaps)
+        raise
+    return swaps
+
+
 def restore(swaps: list[Swap]) -> None:
     """Put the original linears back (in reverse order of the swap)."""
     for parent, attr, lin in reversed(swaps):
