@@ -108,6 +108,17 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
 
     WorkDir(work_dir).require()
     click.get_current_context().with_resource(workdir_lock(work_dir, "calibrate"))  # one writer of WORK at a time
+    from qc_compile.workdir import read_model_info
+
+    info = read_model_info(WorkDir(work_dir))
+    if info.is_diffusers:
+        return _calibrate_diffusers(info, work_dir, fmt=fmt, method=method, act_high_fraction=act_high_fraction,
+                                    high_variant=high_variant, srap=srap_thresholds, hlc=hlc_thresholds,
+                                    num_prompts=num_prompts, prompts_file=prompts_file, percentile=percentile,
+                                    steps=steps, cfg=cfg, seed=seed, act_scales=act_scales, exclude=exclude,
+                                    quantize_embed_final=quantize_embed_final, target=target,
+                                    text_encoder=text_encoder, caption_cache=caption_cache, device=device,
+                                    quiet=quiet)
     if method == "aigq":
         from qc_compile.commands.calibrate_aigq import run_aigq
 
@@ -155,3 +166,42 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     for line in (srap_summary(rt.get("srap")), hlc_summary(rt.get("hlc"))):
         if line:
             click.echo(line)
+
+
+def _calibrate_diffusers(info, work_dir: Path, *, fmt, method, act_high_fraction, high_variant, srap, hlc,
+                         num_prompts, prompts_file, percentile, steps, cfg, seed, act_scales, exclude,
+                         quantize_embed_final, target, text_encoder, caption_cache, device, quiet) -> None:
+    """`calibrate --uniform` on a diffusers (qc-ref-wan) work dir: ``calib/diffusers_uniform.py``."""
+    import torch
+
+    from qc_compile.calib import diffusers_uniform as DU
+    from qc_compile.calib import runtime_params
+    from qc_compile.calib.uniform import UniformOptions
+
+    if method == "aigq":
+        raise DU.refuse_aigq(info)
+    DU.check_calibratable(info)
+    given = [f for f, v in (("--text-encoder", text_encoder), ("--caption-cache", caption_cache)) if v is not None]
+    if given:
+        raise UserError(f"{', '.join(given)}: opensora-v1.2 options; {info.name} encodes its captions with its own "
+                        "caption encoder. Drop " + ("it." if len(given) == 1 else "them."))
+    opts = UniformOptions(fmt=fmt, percentile=percentile, exclude=tuple(exclude), target=target,
+                          act_scales=act_scales, quantize_embed_final=quantize_embed_final).checked()
+    runtime = runtime_params.RuntimeOptions(act_high_fraction=act_high_fraction, high=high_variant, srap=srap,
+                                            hlc=hlc)
+    start = time.perf_counter()
+    work, info, loaded, prompts, settings = DU.load_for_calibration(work_dir, prompts_file, num_prompts or 4,
+                                                                   steps=steps, cfg=cfg, seed=seed, device=device)
+    torch.set_grad_enabled(False)
+    res = DU.calibrate_uniform(work, info, loaded, prompts, settings, dataclasses.replace(opts, runtime=runtime),
+                               progress=not quiet)
+    n_lin, kept = len(res.plan.linears), res.kept
+    sim = " (simulated format: not runnable on TensorRT targets)" if res.simulated else ""
+    click.echo(f"calibrated {len(res.ranges)} linears over {len(prompts)} prompt(s) x {settings['steps']} steps of "
+               f"{info.name}'s own sampler ({'percentile' if percentile is not None else 'max'}); wrote "
+               f"{work.plan_json} with {n_lin - len(kept)} linear(s) in {opts.fmt}{sim}, {len(kept)} kept at bf16; "
+               f"report {res.report}; {time.perf_counter() - start:.1f} s")
+    if kept:
+        click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
+    for line in DU.summary_lines(res.plan):
+        click.echo(line)
