@@ -32,6 +32,7 @@ class RunResult:
     fp_seconds: float | None = None
     extra: dict = field(default_factory=dict)
     frame_upscale: int = 8  # nearest upscale of the written mp4s (small pixel-space videos); 1 for decoded frames
+    strip_upscale: int = 4  # nearest upscale of the PNG frame strips (1 for full-size frames of a diffusers pipeline)
 
     @property
     def compute_fraction(self) -> float:
@@ -120,7 +121,7 @@ class RunResult:
         for k, v in enumerate(self.videos):
             stem = "video" if len(self.videos) == 1 else f"video_{k}"
             paths[f"{stem}.mp4"] = write_mp4(run_dir / f"{stem}.mp4", v, fps=fps, upscale=self.frame_upscale)
-            paths[f"{stem}.png"] = write_png_strip(run_dir / f"{stem}.png", v)
+            paths[f"{stem}.png"] = write_png_strip(run_dir / f"{stem}.png", v, upscale=self.strip_upscale)
         trace = self.trace()
         write_json_atomic(run_dir / "trace.json", trace)
         paths["trace.json"] = run_dir / "trace.json"

@@ -20,7 +20,10 @@ from qc_compile.errors import UserError
               help="Output .mp4 (qc-ref: a PNG strip of the frames is written beside it). With several prompts, "
                    "a suffix _<k> is added.")
 @click.option("--model", default="qc-ref", show_default=True,
-              help="Model: qc-ref | opensora-v1.2 | qc-ref-wan (diffusers layout, its own WanPipeline-style sampler).")
+              help="Model: qc-ref | opensora-v1.2 | qc-ref-wan (diffusers layout, its own WanPipeline-style sampler) | "
+                   "wan2.1:PATH / wan2.2:PATH (a local diffusers WanPipeline folder).")
+@click.option("--negative-prompt", default=None, help="--model wan2.1:PATH / wan2.2:PATH only: the negative prompt "
+              "of classifier-free guidance (default: the empty string).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Weights (.safetensors; qc-ref-wan: another qc-ref-wan folder). Default for qc-ref and qc-ref-wan: "
                    "the weights shipped with qc-compile.")
@@ -37,7 +40,8 @@ from qc_compile.errors import UserError
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gpu_options
-def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Path | None, steps: int | None,
+def generate(prompts: tuple[str, ...], output: Path, model: str, negative_prompt: str | None,
+             checkpoint: Path | None, steps: int | None,
              cfg: float | None, seed: int, frames: int | None, height: int | None, width: int | None, device: str,
              text_encoder: Path | None, vae: Path | None, caption_cache: Path | None, aes: float,
              flow: float | None, dtype: str, overwrite: bool, quiet: bool, gpus: int, parallel_mode: str) -> None:
@@ -57,15 +61,20 @@ def generate(prompts: tuple[str, ...], output: Path, model: str, checkpoint: Pat
             check_output_file(path.with_suffix(".png"), "--output (its PNG strip)", overwrite)
     from qc_compile.commands import run_diffusers
 
-    if run_diffusers.takes_model(model):  # qc-ref-wan: its own sampler, one process
+    if run_diffusers.takes_model(model):  # qc-ref-wan / wan2.1:PATH: its own sampler, one process
         run_diffusers.check_flags(model, checkpoint, {
+            "--negative-prompt": negative_prompt is not None and not run_diffusers.is_pipeline(model),
             f"--gpus {gpus}": gpus > 1, f"--parallel {parallel_mode}": parallel_mode != "auto",
             "--text-encoder": text_encoder is not None, "--vae": vae is not None,
             "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
             f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
         run_diffusers.generate_command(model=model, checkpoint=checkpoint, prompts=prompts, outputs=outputs,
-                                       device=device, dtype=dtype, seed=seed, steps=steps, cfg=cfg, quiet=quiet)
+                                       device=device, dtype=dtype, seed=seed, steps=steps, cfg=cfg, quiet=quiet,
+                                       size=dict(frames=frames, height=height, width=width),
+                                       negative_prompt=negative_prompt or "")
         return
+    if negative_prompt is not None:
+        raise UserError("--negative-prompt applies to --model wan2.1:PATH / wan2.2:PATH (a WanPipeline folder) only.")
     check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)
     on_gpus(_generate, dict(prompts=prompts, outputs=outputs, model=model, checkpoint=checkpoint, steps=steps,
                             cfg=cfg, seed=seed, frames=frames, height=height, width=width, device=device,

@@ -56,7 +56,11 @@ def _policy_help() -> str:
               help="Override a policy parameter, e.g. --set hlc.delta1=0.03 (repeatable).")
 @click.option("--reference", is_flag=True, help="Also run the FP model (same seed) for PSNR/SSIM and the checker drop.")
 @click.option("--model", default=None, help="Without WORK: the model to run on the torch executor: qc-ref (default) | "
-              "opensora-v1.2 | qc-ref-wan (diffusers layout, through qc_compile.enable and its own sampler).")
+              "opensora-v1.2 | qc-ref-wan (diffusers layout, through qc_compile.enable and its own sampler) | "
+              "wan2.1:PATH / wan2.2:PATH (a local diffusers WanPipeline folder, its own pipeline under "
+              "qc_compile.enable).")
+@click.option("--negative-prompt", default=None, help="--model wan2.1:PATH / wan2.2:PATH only: the negative prompt "
+              "of classifier-free guidance (default: the empty string).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None, help="Without WORK: weights file "
               "(qc-ref-wan: another qc-ref-wan folder).")
 @click.option("--random-weights", is_flag=True, help="Without WORK: random weights (tests, speed work).")
@@ -79,7 +83,8 @@ def _policy_help() -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @gpu_options
 def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, policy: str | None,
-        sets: tuple[str, ...], reference: bool, model: str | None, checkpoint: Path | None, random_weights: bool,
+        sets: tuple[str, ...], reference: bool, model: str | None, negative_prompt: str | None,
+        checkpoint: Path | None, random_weights: bool,
         device: str, seed: int,
         steps: int | None, cfg: float | None, frames: int | None, height: int | None, width: int | None,
         executor: str, fast: bool, output: Path | None, overwrite: bool, text_encoder: Path | None, vae: Path | None,
@@ -96,7 +101,9 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
     videos (and the FP reference) are decoded by the VAE before they are written and compared. With --gpus N one video is
     split over N GPUs (CFG and/or sequence parallel); the trace records whether every rank took the same decisions.
     --model qc-ref-wan (diffusers layout) runs its own sampler with the transformer under qc_compile.enable (torch
-    executor, one process, the model's own size); flags that do not apply to it are refused.
+    executor, one process, the model's own size); --model wan2.1:PATH runs a local WanPipeline folder the same way
+    (its text encoder, scheduler and VAE; sizes and steps from the flags, else the pipeline's defaults); flags that
+    do not apply to them are refused.
     """
     from qc_compile.outputs import check_output_dir
     from qc_compile.prompts import check_prompts, read_prompt_file
@@ -111,8 +118,9 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
     from qc_compile.commands import run_diffusers
 
-    if run_diffusers.takes_model(model, work):  # qc-ref-wan: its own sampler under qc_compile.enable
+    if run_diffusers.takes_model(model, work):  # qc-ref-wan / wan2.1:PATH: its own sampler under qc_compile.enable
         run_diffusers.check_flags(model, checkpoint, {
+            "--negative-prompt": negative_prompt is not None and not run_diffusers.is_pipeline(model),
             f"--executor {executor}": executor != "torch", "--fast": fast, f"--gpus {gpus}": gpus > 1,
             f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
             "--text-encoder": text_encoder is not None, "--vae": vae is not None,
@@ -125,9 +133,13 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
             get_policy(policy, overrides, None, seed=seed)
         res = run_diffusers.run_command(model=model, checkpoint=checkpoint, prompts=all_prompts, policy=policy,
                                         overrides=overrides, reference=reference, device=device, seed=seed,
-                                        steps=steps, cfg=cfg, quiet=quiet)
+                                        steps=steps, cfg=cfg, quiet=quiet,
+                                        size=dict(frames=frames, height=height, width=width),
+                                        negative_prompt=negative_prompt or "")
         _save_and_report(res, output or new_run_dir(Path("runs"), res.policy, seed))
         return
+    if negative_prompt is not None:
+        raise UserError("--negative-prompt applies to --model wan2.1:PATH / wan2.2:PATH (a WanPipeline folder) only.")
     from qc_compile.models.opensora_parts import check_part_paths
 
     check_part_paths(text_encoder=text_encoder, vae=vae, caption_cache=caption_cache)  # before any load

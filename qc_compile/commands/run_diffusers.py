@@ -1,4 +1,5 @@
-"""`qc-compile run` / `generate` / `sweep` on `qc-ref-wan`: the diffusers-layout model through `qc_compile.enable`.
+"""`qc-compile run` / `generate` / `sweep` on `qc-ref-wan` and on local WanPipeline folders (`--model wan2.1:PATH` /
+`wan2.2:PATH`, :mod:`qc_compile.models.diffusers_pipeline`): the diffusers model through `qc_compile.enable`.
 
 Why a module of its own: the STDiT3 :class:`~qc_compile.runtime.pipeline.Pipeline` drives the runtime's sampler over
 the step executor itself, while a diffusers model is driven by its own WanPipeline-style sampler
@@ -19,18 +20,29 @@ import torch
 from qc_compile.errors import UserError
 from qc_compile.models.config import diffusers_cli_refusal, is_diffusers_spec
 
-CLI_MODELS = ("qc-ref-wan",)  # diffusers models the command line runs (FAMILY:PATH folders: Python only so far)
-FPS = 8  # qc-ref-wan's frame rate for the written mp4s (as qc-ref's)
+CLI_MODELS = ("qc-ref-wan",)  # diffusers models the command line runs by name
+PIPELINE_FAMILIES = ("wan2.1", "wan2.2")  # FAMILY:PATH folders it runs (a WanPipeline folder; cogvideox: Python only)
+FPS = 8  # qc-ref-wan's frame rate for the written mp4s (as qc-ref's); a pipeline model has its own (.fps)
 AES_DEFAULT = 6.5  # the --aes default of the Open-Sora options (an explicit other value is refused here)
 
 
+def is_pipeline(model: str) -> bool:
+    """Whether ``model`` is a ``wan2.1:PATH`` / ``wan2.2:PATH`` WanPipeline folder (not qc-ref-wan)."""
+    return model not in CLI_MODELS and model.split(":", 1)[0].lower() in PIPELINE_FAMILIES
+
+
 def takes_model(model: str | None, work: Path | None = None) -> bool:
-    """Whether ``model`` runs on this path. A diffusers model it does not run (a ``FAMILY:PATH`` folder, or any
-    diffusers model with a work dir) raises the one-paragraph refusal; STDiT3 models return False."""
+    """Whether ``model`` runs on this path: qc-ref-wan, or a ``wan2.1:PATH`` / ``wan2.2:PATH`` pipeline folder, without
+    a work dir. A diffusers model it does not run (``cogvideox:PATH``, or any diffusers model with a work dir) raises
+    the one-paragraph refusal; STDiT3 models return False."""
     if model is None or not is_diffusers_spec(model):
         return False
-    if work is not None or model not in CLI_MODELS:
+    if work is not None or not (model in CLI_MODELS or is_pipeline(model)):
         raise diffusers_cli_refusal(model)
+    if is_pipeline(model):
+        from qc_compile.models.diffusers_adapter import parse_model_spec
+
+        parse_model_spec(model)  # an empty PATH is refused here, before any other check
     return True
 
 
@@ -52,10 +64,20 @@ def folder_defaults(checkpoint: Path | None):
 def check_flags(model: str, checkpoint: Path | None, flags: Mapping[str, Any]) -> None:
     """Refuse, before any load, the flags that do not apply to a diffusers model on this path. ``flags`` maps a flag
     as the user wrote it (``--executor onnxruntime``) to whether it was given with an inapplicable value; the
-    ``size`` entry (``{"frames": v, "height": v, "width": v}``) is checked against the folder's own size."""
+    ``size`` entry (``{"frames": v, "height": v, "width": v}``) is checked against qc-ref-wan's folder's own size; a
+    WanPipeline folder (``wan2.1:PATH``) takes any size its VAE divides (checked at its load) and no --checkpoint."""
     flags = dict(flags)
     size = flags.pop("size", {}) or {}
     bad = [flag for flag, given in flags.items() if given]
+    if is_pipeline(model):
+        if checkpoint is not None:
+            bad.insert(0, "--checkpoint")
+        if bad:
+            raise UserError(f"{', '.join(bad)}: not applicable to --model {model}, a diffusers WanPipeline folder "
+                            "(the folder names the weights; its own text encoder, VAE and scheduler) that runs "
+                            "through qc_compile.enable on the torch executor, one process; drop "
+                            + ("it." if len(bad) == 1 else "them."))
+        return
     d = folder_defaults(checkpoint)
     if d is not None:
         bad += [f"--{k} {v}" for k, v in size.items() if v is not None and v != getattr(d, k)]
@@ -66,15 +88,27 @@ def check_flags(model: str, checkpoint: Path | None, flags: Mapping[str, Any]) -
                         "encoder; drop " + ("it." if len(bad) == 1 else "them."))
 
 
-def load(model: str, checkpoint: Path | None, device: str, dtype: torch.dtype = torch.float32):
-    from qc_compile.models import load_model
+def load(model: str, checkpoint: Path | None, device: str, dtype: torch.dtype | None = None,
+         size: Mapping[str, int | None] | None = None, negative_prompt: str = ""):
+    """The model: qc-ref-wan (``dtype`` None: fp32; its folder's own size) or a WanPipeline folder (``dtype`` None:
+    bf16 on CUDA, fp32 on the CPU; ``size`` overrides the pipeline's default frames / height / width)."""
     from qc_compile.runtime.generation import resolve_device
 
-    return load_model(model, checkpoint, device=resolve_device(device), dtype=dtype)
+    if is_pipeline(model):
+        from qc_compile.models.diffusers_pipeline import load_wan_pipeline
+
+        return load_wan_pipeline(model, device=resolve_device(device), dtype=dtype, negative_prompt=negative_prompt,
+                                 **dict(size or {}))
+    from qc_compile.models import load_model
+
+    return load_model(model, checkpoint, device=resolve_device(device), dtype=dtype or torch.float32)
 
 
-def check_captions(prompts: Sequence[str]) -> None:
-    """Every prompt through the caption tokenizer before any sampling (unknown words are a UserError)."""
+def check_captions(prompts: Sequence[str], model: str = "qc-ref-wan") -> None:
+    """Every prompt through qc-ref-wan's caption tokenizer before any sampling (unknown words are a UserError); a
+    WanPipeline folder's tokenizer takes any text (nothing to check)."""
+    if model not in CLI_MODELS:
+        return
     from qc_compile.models.caption_encoder import CaptionTokenizer
     from qc_compile.models.qc_ref_wan import TEXT_ENCODER_CONFIG
 
@@ -96,6 +130,21 @@ def wan_unit_flops(transformer: torch.nn.Module, frames: int, height: int, width
     return {f"block_{i}": dict(per) for i in range(c.num_layers)}
 
 
+def text_length(loaded) -> int:
+    """Text tokens the transformer's cross-attention reads: the pipeline's padded T5 length, or qc-ref-wan's."""
+    from qc_compile.models.qc_ref_wan import TEXT_ENCODER_CONFIG
+
+    return int(getattr(loaded, "text_len", TEXT_ENCODER_CONFIG["max_length"]))
+
+
+def transformer_size(loaded) -> tuple[int, int, int]:
+    """(frames, height, width) of the transformer's input: latent for a pipeline, pixels for qc-ref-wan."""
+    if hasattr(loaded, "latent_size"):
+        return loaded.latent_size()
+    d = loaded.defaults
+    return d.frames, d.height, d.width
+
+
 def model_record(loaded) -> dict:
     """What trace.json says about the weights: the folder, its training provenance and the files' sha256."""
     prov = loaded.meta.get("provenance") or {}
@@ -112,11 +161,10 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
     enabled under ``policy`` (a name, default none), as a RunResult; ``reference`` adds the plain sampler's videos
     (no policy, nothing enabled) of the same prompts and seeds."""
     import qc_compile
-    from qc_compile.models.qc_ref_wan import TEXT_ENCODER_CONFIG
     from qc_compile.runtime.result import RunResult
 
     prompts = list(prompts)
-    check_captions(prompts)
+    check_captions(prompts, loaded.name)
     d = loaded.defaults
     steps = steps or d.steps
     cfg = d.cfg if cfg is None else cfg
@@ -138,13 +186,16 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
         prompts=prompts, videos=videos, policy=name, policy_config=desc, seed=seed,
         settings={"model": loaded.name, "steps": steps, "cfg": cfg, "seed": seed,
                   "seeds": [seed + k for k in range(len(prompts))], "frames": d.frames, "height": d.height,
-                  "width": d.width, "fps": FPS, "shift": d.shift, "device": device,
+                  "width": d.width, "fps": getattr(loaded, "fps", FPS), "shift": d.shift, "device": device,
                   "dtype": str(loaded.transformer.patch_embedding.weight.dtype).replace("torch.", ""),
                   "work_dir": None, "plan": False, "quantized": False,
                   "driver": session_trace["settings"]["driver"]},
         unit_names=tuple(session.unit_names), steps=list(session.steps),
-        costs=wan_unit_flops(loaded.transformer, d.frames, d.height, d.width, TEXT_ENCODER_CONFIG["max_length"]),
-        seconds=seconds, executor="torch")
+        costs=wan_unit_flops(loaded.transformer, *transformer_size(loaded), text_length(loaded)),
+        seconds=seconds, executor="torch", frame_upscale=getattr(loaded, "frame_upscale", 8),
+        strip_upscale=getattr(loaded, "strip_upscale", 4))
+    if getattr(loaded, "negative_prompt", None) is not None:
+        res.settings["negative_prompt"] = loaded.negative_prompt
     res.extra["model"] = model_record(loaded)
     res.extra["session"] = {"compute_fraction": fraction, "steps_recorded": len(session_trace["steps"]),
                             "runs": session.runs}
@@ -159,10 +210,11 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
 
 def run_command(*, model: str, checkpoint: Path | None, prompts: list[str], policy: str | None,
                 overrides: Mapping[str, Any], reference: bool, device: str, seed: int, steps: int | None,
-                cfg: float | None, quiet: bool):
-    """`qc-compile run --model qc-ref-wan`: load and sample; the caller (commands/run.py) writes the run directory
-    and prints the summary, as for STDiT3 runs."""
-    loaded = load(model, checkpoint, device)
+                cfg: float | None, quiet: bool, size: Mapping[str, int | None] | None = None,
+                negative_prompt: str = ""):
+    """`qc-compile run --model qc-ref-wan | wan2.1:PATH`: load and sample; the caller (commands/run.py) writes the
+    run directory and prints the summary, as for STDiT3 runs."""
+    loaded = load(model, checkpoint, device, size=size, negative_prompt=negative_prompt)
     return sample_under_policy(loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg,
                                reference=reference, progress=not quiet)
 
@@ -201,14 +253,15 @@ class SweepCaller:
 
 def sweep_command(*, model: str, checkpoint: Path | None, device: str, configs: Sequence, prompts: Sequence[str],
                   seeds: Sequence[int], steps: int | None, batch: bool, out_dir: Path | None,
-                  log: Callable[[str], None]) -> dict:
+                  log: Callable[[str], None], size: Mapping[str, int | None] | None = None,
+                  negative_prompt: str = "") -> dict:
     """`qc-compile sweep --model qc-ref-wan`: every config over prompts x seeds (per prompt, noise seed + k; or one
     batch per seed), against the plain sampler, as :func:`~qc_compile.runtime.sweep.run_sweep`'s result dict with
     the model, folder, device and steps filled in; the caller (commands/sweep.py) writes sweep.json/md/png."""
     from qc_compile.runtime.sweep import run_sweep
 
-    check_captions(prompts)  # before the load: a prompt outside the caption vocabulary is a UserError
-    loaded = load(model, checkpoint, device)
+    check_captions(prompts, model)  # before the load: a prompt outside the caption vocabulary is a UserError
+    loaded = load(model, checkpoint, device, size=size, negative_prompt=negative_prompt)
     result = run_sweep(SweepCaller(loaded), configs, prompts, seeds, steps=steps, batch=batch, out_dir=out_dir,
                        jobs=1, log=log)
     result.update(model=loaded.name, checkpoint=loaded.checkpoint, device=str(loaded.device),
@@ -217,14 +270,17 @@ def sweep_command(*, model: str, checkpoint: Path | None, device: str, configs: 
 
 
 def generate_command(*, model: str, checkpoint: Path | None, prompts: Sequence[str], outputs: Sequence[Path],
-                     device: str, dtype: str, seed: int, steps: int | None, cfg: float | None, quiet: bool) -> None:
-    """`qc-compile generate --model qc-ref-wan`: the plain sampler (nothing enabled), an mp4 + PNG strip each."""
+                     device: str, dtype: str, seed: int, steps: int | None, cfg: float | None, quiet: bool,
+                     size: Mapping[str, int | None] | None = None, negative_prompt: str = "") -> None:
+    """`qc-compile generate --model qc-ref-wan | wan2.1:PATH`: the plain sampler (nothing enabled), an mp4 + PNG
+    strip each (dtype auto: fp32 for qc-ref-wan; bf16 on CUDA, fp32 on the CPU for a pipeline folder)."""
     import click
 
     from qc_compile.video_io import write_mp4, write_png_strip
 
-    loaded = load(model, checkpoint, device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    check_captions(prompts)
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(dtype)
+    loaded = load(model, checkpoint, device, torch_dtype, size=size, negative_prompt=negative_prompt)
+    check_captions(prompts, model)
     d = loaded.defaults
     steps = steps or d.steps
     cfg = d.cfg if cfg is None else cfg
@@ -232,8 +288,8 @@ def generate_command(*, model: str, checkpoint: Path | None, prompts: Sequence[s
     videos = loaded.sample(list(prompts), seed=seed, steps=steps, cfg=cfg, progress=not quiet)
     seconds = time.perf_counter() - start
     for path, video in zip(outputs, videos):
-        write_mp4(path, video, fps=FPS)
-        strip = write_png_strip(path.with_suffix(".png"), video)
+        write_mp4(path, video, fps=getattr(loaded, "fps", FPS), upscale=getattr(loaded, "frame_upscale", 8))
+        strip = write_png_strip(path.with_suffix(".png"), video, upscale=getattr(loaded, "strip_upscale", 4))
         click.echo(f"wrote {path} and {strip}")
     click.echo(f"{len(videos)} video(s), {steps} steps, cfg {cfg}, seed {seed}, {d.frames}x{d.height}x{d.width}, "
                f"{loaded.device}: {seconds:.1f} s")

@@ -126,7 +126,8 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         with fresh_dir(output) as tmp:
             result = run_diffusers.sweep_command(model=model, checkpoint=checkpoint, device=device, configs=configs,
                                                  prompts=prompts, seeds=seed_list, steps=steps, batch=batch,
-                                                 out_dir=tmp, log=click.echo)
+                                                 out_dir=tmp, log=click.echo,
+                                                 size=dict(frames=frames, height=height, width=width))
             _write_outputs(tmp, result, caption_seed=None if prompt_file else caption_seed, commit=commit)
         click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")
         return

@@ -115,11 +115,12 @@ def diffusers_cli_refusal(name: str) -> UserError:
     """Why the STDiT3 command-line path refuses a diffusers model, and where that model runs instead."""
     return UserError(f"model {name!r} is a diffusers video transformer. On the command line, `run` and `sweep` "
                      "(without a work dir) and `generate` accept qc-ref-wan (--model qc-ref-wan, --checkpoint FOLDER "
-                     "for another qc-ref-wan folder); export, calibrate, build, `run WORK` and `sweep WORK` handle "
-                     f"STDiT3 models only so far ({', '.join(sorted(CONFIGS))}), and diffusers folders "
-                     f"(wan2.1:/wan2.2:/cogvideox:PATH) none. Run {name} from Python through "
-                     "`qc_compile.enable(transformer, policy=...)` (README, 'Diffusers pipelines'), or sweep policies "
-                     "and the peers' caches on it with tools/peers_wan.py.")
+                     "for another qc-ref-wan folder) and local diffusers WanPipeline folders (--model wan2.1:PATH or "
+                     "wan2.2:PATH, the whole pipeline: transformer, text encoder, tokenizer, VAE, scheduler); export, "
+                     "calibrate, build, `run WORK` and `sweep WORK` handle STDiT3 models only so far "
+                     f"({', '.join(sorted(CONFIGS))}), and cogvideox:PATH folders run from Python only. Run {name} "
+                     "from Python through `qc_compile.enable(transformer, policy=...)` (README, 'Diffusers "
+                     "pipelines'), or sweep policies and the peers' caches on it with tools/peers_wan.py.")
 
 
 def get_config(name: str) -> STDiT3Config:
