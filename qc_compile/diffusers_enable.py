@@ -62,6 +62,7 @@ class QCSession:
         self.graphs: _WorkDirGraphs | None = graphs  # executor onnxruntime / tensorrt: the work dir's units
         self.quantize = quantize
         self.plan = plan  # a work dir's plan: its quantized linears run on FastLinear (diffusers_quant.apply_plan)
+        self._variants = None  # the plan's per-unit precision variant of the step (diffusers_quant.VariantSelector)
         self._swaps: list = []  # the block linears replaced by quantized ones (undone at uninstall)
         self.adapter = adapter_for(transformer)
         self.policy = policy
@@ -84,9 +85,10 @@ class QCSession:
 
             self._swaps = quantize_blocks(self.adapter.blocks, self.quantize)
         elif self.plan is not None:
-            from qc_compile.diffusers_quant import apply_plan
+            from qc_compile.diffusers_quant import VariantSelector, apply_plan
 
-            self._swaps = apply_plan(self.transformer, self.plan)
+            self._variants = VariantSelector()
+            self._swaps = apply_plan(self.transformer, self.plan, self._variants)
         self.transformer.forward = self.forward
         self.transformer.cache_context = self.cache_context
         self.transformer._qc_session = self
@@ -218,6 +220,8 @@ class QCSession:
         ex = self._executor(branch, g)
         ex.runner.extra = {k: v for k, v in inputs.items() if k not in ("x", "timestep", "y")}
         ex.step_index = cur["info"].index  # the pipeline's step, not this branch's call count (CFG may skip calls)
+        if self._variants is not None:
+            self._variants.set(cur["decisions"])  # the plan's linears run the variant each unit was given
         start = time.perf_counter()
         v, stats = ex.step(inputs["x"], inputs["timestep"], Conditioning(y=inputs["y"], mask=None, fps=None),
                            cur["decisions"])

@@ -57,20 +57,52 @@ def plan_is_quantized(plan) -> bool:
                for e in plan.resolve("default").values())
 
 
-def apply_plan(transformer: nn.Module, plan, variant: str = "default") -> list[Swap]:
+class VariantSelector:
+    """The precision variant each unit runs this step (the step policy's decisions, e.g. the plan's ``schedule``
+    under ``aigq`` / ``quantcache``), read by the :class:`PlanLinear` modules of that unit."""
+
+    def __init__(self) -> None:
+        self.by_unit: dict[str, str] = {}
+
+    def set(self, decisions) -> None:
+        self.by_unit = {u: d.variant for u, d in decisions.items()}
+
+
+class PlanLinear(nn.Module):
+    """A linear of a plan with precision variants: one module per variant (the original linear where the variant
+    runs it unquantized, else its FastLinear), chosen per call by the unit's current variant."""
+
+    def __init__(self, modules: dict[str, nn.Module], unit: str, selector: VariantSelector, name: str) -> None:
+        super().__init__()
+        self.__dict__["_impl"] = dict(modules)  # not registered: the transformer's state_dict keeps its keys
+        self.unit, self.selector, self.name = unit, selector, name
+
+    def forward(self, x):
+        v = self.selector.by_unit.get(self.unit, "default")
+        m = self._impl.get(v)
+        if m is None:
+            raise UserError(f"the step policy asked unit {self.unit} for precision variant {v!r}; the plan has "
+                            f"{', '.join(sorted(self._impl))}.")
+        return m(x)
+
+
+def apply_plan(transformer: nn.Module, plan, selector: VariantSelector | None = None) -> list[Swap]:
     """Replace every linear of ``transformer`` that ``plan`` (a :class:`qc_compile.plan.Plan` of this transformer,
-    linears named by their diffusers module path) quantizes in ``variant`` by its
-    :class:`~qc_compile.runtime.fast_linear.FastLinear` under the plan's entry (smoothing and rotation of the
-    plan's own entry included); linears the plan keeps at bf16 x bf16 stay the original modules (so an unquantized
-    plan changes nothing, bit for bit). All or nothing: a plan naming a module that is not an ``nn.Linear`` of this
-    transformer, or a format the torch executor's kernels refuse, leaves the model as it was (UserError)."""
+    linears named by their diffusers module path) quantizes by its :class:`~qc_compile.runtime.fast_linear.FastLinear`
+    under the plan's entry (smoothing and rotation of the plan's own entry included); linears the plan keeps at
+    bf16 x bf16 stay the original modules (so an unquantized plan changes nothing, bit for bit). With ``selector``
+    and a plan with precision variants (``high``: the schedule's steps), a linear that differs across variants
+    becomes a :class:`PlanLinear` over all of them; without one, the default variant runs. All or nothing: a plan
+    naming a module that is not an ``nn.Linear`` of this transformer, or a format the torch executor's kernels
+    refuse, leaves the model as it was (UserError)."""
     import torch
 
     from qc_compile.runtime.fast_linear import FastLinear
 
-    entries = plan.resolve(variant)
+    variants = plan.variant_names if selector is not None else ["default"]
+    resolved = {v: plan.resolve(v) for v in variants}
     modules = dict(transformer.named_modules())
-    missing = [n for n in entries if not isinstance(modules.get(n), nn.Linear)]
+    missing = [n for n in plan.linears if not isinstance(modules.get(n), nn.Linear)]
     if missing:
         raise UserError(f"plan: linear(s) {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} are not "
                         f"nn.Linear modules of this {type(transformer).__name__}; the plan was calibrated for another "
@@ -78,18 +110,21 @@ def apply_plan(transformer: nn.Module, plan, variant: str = "default") -> list[S
     swaps: list[Swap] = []
     name, e = "", None
     try:
-        for name, e in entries.items():
-            base = plan.linears[name]
-            if e.weight == "bf16" and e.activation == "bf16" and base.smoothing is None and not base.rotation:
-                continue
+        for name, base in plan.linears.items():
             lin = modules[name]
-            if (lin.in_features, lin.out_features) != (lin.weight.shape[1], lin.weight.shape[0]):
-                raise UserError(f"plan: linear {name} has an inconsistent weight shape.")
             sv = plan.smoothing_vector(name)
             smoothing = None if sv is None else torch.from_numpy(sv).to(lin.weight.device)
+            per: dict[str, nn.Module] = {}
+            for v in variants:
+                e = resolved[v][name]
+                plain = e.weight == "bf16" and e.activation == "bf16" and base.smoothing is None and not base.rotation
+                per[v] = lin if plain else FastLinear(lin, e, base=base, smoothing=smoothing, name=name)
+            if all(m is lin for m in per.values()):
+                continue
+            new = per["default"] if len(per) == 1 else PlanLinear(per, base.unit, selector, name)
             parent_name, _, attr = name.rpartition(".")
             parent = transformer.get_submodule(parent_name) if parent_name else transformer
-            setattr(parent, attr, FastLinear(lin, e, base=base, smoothing=smoothing, name=name))
+            setattr(parent, attr, new)
             swaps.append((parent, attr, lin))
     except UserError:  # all or nothing: a linear the kernels refuse leaves the model as it was
         restore(swaps)
@@ -97,8 +132,7 @@ def apply_plan(transformer: nn.Module, plan, variant: str = "default") -> list[S
                         "diffusers model's torch executor does not run: its linears run through qc-compile's "
                         "FastLinear kernels, which take FP8 E4M3 weights with FP8 E4M3 activations, or bf16 "
                         "activations with any weight format (weight-only, dequantized). Calibrate with "
-                        "--uniform fp8, int4_b128, int4_b64 or bf16 instead.") \
-            from None
+                        "--uniform fp8, int4_b128, int4_b64 or bf16 instead.") from None
     except BaseException:
         restore(swaps)
         raise
