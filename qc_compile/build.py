@@ -64,7 +64,7 @@ def unit_graph(work: WorkDir, info: ModelInfo, plan: Plan, unit: str, variant: s
     entries = plan.resolve(variant)
     smoothing = {n: plan.smoothing_vector(n) for n, e in plan.linears.items() if e.smoothing is not None}
     caption = None
-    if unit == "embed":
+    if unit == "embed" and not info.is_diffusers:  # STDiT3's shared caption projection (Wan: online Mul per block)
         kv = [s for n, s in smoothing.items() if n.endswith("cross_attn.kv_linear")]
         caption = kv[0] if kv else None
     report["fold"], report["rotate"], report["qdq"] = {}, {}, {}
@@ -76,7 +76,9 @@ def unit_graph(work: WorkDir, info: ModelInfo, plan: Plan, unit: str, variant: s
         from qc_compile.passes.plugin_nodes import pass_plugin_nodes
 
         report["plugins"] = {}
-        graph = pass_plugin_nodes(graph, entries, report=report["plugins"])
+        from qc_compile.models.units import is_block
+
+        graph = pass_plugin_nodes(graph, entries, cache_stats=is_block(unit), report=report["plugins"])
     out = gs.export_onnx(graph)
     meta = get_metadata(proto)
     set_metadata(out, **{k: v for k, v in meta.items() if k != "format"})
@@ -114,17 +116,22 @@ def _logger(trt):
     return Collect()
 
 
-def profile_shapes(unit_io: list[dict], max_batch: int, *, plugins: bool = False
+def profile_shapes(unit_io: list[dict], max_batch: int, *, plugins: bool = False, block: bool | None = None
                    ) -> dict[str, tuple[list[int], list[int], list[int]]]:
     """Optimisation-profile shapes of every dynamic network input: the unit's inputs from model.json, and with
-    ``plugins`` the ``cached_residual`` input the plugin pass adds to block units (shaped like ``x``)."""
+    ``plugins`` the ``cached_residual`` input the plugin pass adds to block units (shaped like ``x``). Inputs whose
+    shape model.json records as all-integer (Wan's RoPE tables ``[1, N, 1, D]``: the same for every batch element)
+    are static and get no profile entry: min = opt = max = their recorded shape. ``block``: whether this is a block
+    unit (:func:`qc_compile.models.units.is_block` of its name); None tells it from STDiT3's ``t_mlp`` input."""
     out = {}
     for io in unit_io:
         dims = io["shape"]
         if any(isinstance(d, str) for d in dims):
             mk = lambda b: [b if isinstance(d, str) else int(d) for d in dims]  # noqa: E731
             out[io["onnx_name"]] = (mk(1), mk(min(2, max_batch)), mk(max_batch))
-    if plugins and "x" in out and any(io["onnx_name"] == "t_mlp" for io in unit_io):  # block units only
+    if block is None:
+        block = any(io["onnx_name"] == "t_mlp" for io in unit_io)
+    if plugins and "x" in out and block:  # block units only
         out["cached_residual"] = out["x"]
     return out
 
@@ -291,8 +298,11 @@ def _build_locked(work: WorkDir, target: Target, *, max_batch: int, plugins: boo
                 vrec.update({"engine": None, "passes": report})
                 if trt is not None:
                     layers: dict = {}
-                    blob = engine_builder(trt, target, qpath, profile_shapes(info.unit(unit)["inputs"], max_batch,
-                                                                             plugins=plugins), layers=layers)
+                    from qc_compile.models.units import is_block
+
+                    shapes = profile_shapes(info.unit(unit)["inputs"], max_batch, plugins=plugins,
+                                            block=is_block(unit))
+                    blob = engine_builder(trt, target, qpath, shapes, layers=layers)
                     epath = work.engine(target.dir_name, unit, variant)
                     sha = write_bytes_atomic(epath, blob)
                     vrec["engine"] = {"path": work.rel(epath), "sha256": sha, "bytes": len(blob)}

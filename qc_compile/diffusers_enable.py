@@ -387,7 +387,7 @@ class _WorkDirGraphs:
         no inputs the graphs do not take."""
         where = f"qc_compile.enable(executor={self.executor!r})"
         if g != self.geometry:
-            raise UserError(f"{where}: this call's latent has geometry {_geom(g)}, but the graphs of "
+            raise UserError(f"{where}: this call's latent is {_geom(g)} (frames x height x width), but the graphs of "
                             f"{self.work.root} were exported at {_geom(self.geometry)} (every axis but the batch is "
                             "fixed in them). Call the pipeline at the export's size, or export another work dir at "
                             "this size (`qc-compile export ... --frames F --height H --width W`).")
@@ -418,7 +418,7 @@ class _WorkDirGraphs:
 
 
 def _geom(g: Any) -> str:
-    return f"{g.frames}x{g.height}x{g.width} (frames x height x width of the latent)"
+    return f"{g.frames}x{g.height}x{g.width}"
 
 
 class _WorkDirRunner:

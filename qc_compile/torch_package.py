@@ -142,9 +142,18 @@ def load_package(work, *, device: str = "cpu", variant: str = "default"):
     return apply_plan(load_model_for(info, device=device), plan, tensors, variant=variant, device=device)
 
 
+def linear_modules(model) -> dict[str, torch.nn.Module]:
+    """The model's modules by the names plans use: STDiT3's own module paths; for a diffusers adapter
+    (:mod:`qc_compile.models.diffusers_adapter`) the paths in its transformer (``blocks.3.attn1.to_q``), which the
+    diffusers export names its linears by."""
+    from qc_compile.models.diffusers_adapter.base import DiffusersAdapter
+
+    return dict((model.transformer if isinstance(model, DiffusersAdapter) else model).named_modules())
+
+
 def package_tensors(model, plan: Plan) -> dict[str, torch.Tensor]:
     """What ``weights.safetensors`` holds, computed in memory (quantized weights + smoothing vectors)."""
-    modules = dict(model.named_modules())
+    modules = linear_modules(model)
     tensors: dict[str, torch.Tensor] = {}
     for name, e in plan.linears.items():
         s = plan.smoothing_vector(name)
@@ -163,7 +172,7 @@ def apply_plan(loaded, plan: Plan, tensors: dict[str, torch.Tensor] | None = Non
     """Turn ``loaded``'s linears into the plan's quantized computation (in place); returns ``loaded``."""
     tensors = package_tensors(loaded.model, plan) if tensors is None else tensors
     entries = plan.resolve(variant)
-    modules = dict(loaded.model.named_modules())
+    modules = linear_modules(loaded.model)
     for name, e in entries.items():
         mod = modules[name]
         base = plan.linears[name]

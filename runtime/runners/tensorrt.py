@@ -115,7 +115,8 @@ class TrtRunner:
         if check_runnable:
             why = trt_compat.runnable_reason(t)
             if why:
-                raise UserError(f"--executor tensorrt: the {src.target} engines in {work} cannot run here: {why}.")
+                raise UserError(f"--executor tensorrt: the {src.target} engines in {getattr(work, 'root', work)} cannot "
+                                f"run here: {why}.")
         trt = trt if trt is not None else trt_compat.load_trt(t)
         creators = register_plugin_creators(trt) if src.plugins else []
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
