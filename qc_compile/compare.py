@@ -141,6 +141,69 @@ def capture_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int,
     return captured, video, settings
 
 
+def make_adapter_runner(adapter, unit: str, g, io: dict, name: str):
+    """polygraphy runner for one unit of a diffusers adapter (:mod:`qc_compile.models.diffusers_adapter`): feeds the
+    unit's inputs by their model.json names, returns its outputs by ONNX name."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class AdapterUnitRunner(BaseRunner):
+        def __init__(self):
+            super().__init__(name=name, prefix="torch-runner")
+
+        def activate_impl(self):
+            pass
+
+        def deactivate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for r in io["inputs"]:
+                meta.add(r["onnx_name"], np.dtype(r["dtype"]), [-1 if isinstance(d, str) else d for d in r["shape"]])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            inputs = {r["name"]: torch.from_numpy(np.asarray(feed_dict[r["onnx_name"]])) for r in io["inputs"]}
+            with torch.no_grad():
+                out = adapter.run_unit(unit, inputs, g)
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((r["onnx_name"], np.ascontiguousarray(out[r["name"]].float().numpy()))
+                               for r in io["outputs"])
+
+    return AdapterUnitRunner()
+
+
+def capture_diffusers_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int, pick: list[int]):
+    """Unit inputs (ONNX names -> numpy) of the ``pick``-th model calls (CFG branches count separately) of the
+    sampler's FP run through the torch executor of ``qc_compile.enable``; also returns that run's video."""
+    import qc_compile
+
+    captured: dict[str, list[dict]] = {u: [] for u in info.unit_names}
+    io = {u["name"]: u for u in info.units}
+    state = {"call": -1}
+    session = qc_compile.enable(loaded.transformer, policy="none")
+    orig = session.adapter.run_unit
+
+    def run_unit(name, inputs, geom):
+        if name == "embed":
+            state["call"] += 1
+        if state["call"] in pick:
+            names = {r["name"]: r for r in io[name]["inputs"]}
+            captured[name].append({names[k]["onnx_name"]: v.detach().cpu().float().numpy()
+                                   for k, v in inputs.items() if k in names and v is not None})
+        return orig(name, inputs, geom)
+
+    session.adapter.run_unit = run_unit
+    try:
+        video = loaded.sample(prompts, seed=seed, steps=steps)
+    finally:
+        qc_compile.disable(loaded.transformer)
+        session.adapter.__dict__.pop("run_unit", None)
+    return captured, video
+
+
 def _simple_compare(atol: float, rtol: float):
     """polygraphy's elementwise compare function (SimpleCompareFunc from 0.49.x, CompareFunc.simple before)."""
     try:
@@ -198,13 +261,23 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
 
     trt_reason = "no engines in this build (--onnx-only)" if not trec.engines else runnable_reason(target)
     loaded = load_model_for(info)
-    if loaded.text_encoder is None:
+    if info.is_diffusers and not hasattr(loaded, "sample"):
+        raise UserError(f"compare feeds the FP model real prompts through its sampler; the {info.name} work dir "
+                        f"{work.root} comes from a transformer-only folder, with no text encoder or sampler here. "
+                        "Compare a qc-ref-wan work dir, or check the unit graphs of this one with "
+                        "qc_compile.enable(transformer, work=WORK, executor='onnxruntime') against the torch run.")
+    if getattr(loaded, "text_encoder", None) is None:
         raise UserError(f"compare feeds the FP model real prompts; model {info.name} has no text encoder here.")
     prompts = opts.prompts or _default_prompts(info.name)
-    steps = opts.steps or loaded.config.default_steps
-    pick = sorted({0, steps // 2, steps - 1})
+    steps = opts.steps or (loaded.defaults.steps if info.is_diffusers else loaded.config.default_steps)
     torch.set_grad_enabled(False)
-    captured, fp_video, settings = capture_unit_inputs(loaded, info, prompts, steps, opts.seed, pick)
+    if info.is_diffusers:  # units are called per CFG branch: pick calls of the first, middle and last step
+        per_step = 1 if loaded.defaults.cfg == 1.0 else 2
+        pick = sorted({0, per_step * (steps // 2), per_step * (steps - 1)})
+        captured, fp_video = capture_diffusers_unit_inputs(loaded, info, prompts, steps, opts.seed, pick)
+    else:
+        pick = sorted({0, steps // 2, steps - 1})
+        captured, fp_video, settings = capture_unit_inputs(loaded, info, prompts, steps, opts.seed, pick)
     g = info.geometry()
     report: dict = {"schema_version": 1, "model": info.name, "target": tname, "steps": steps, "prompts": prompts,
                     "seed": opts.seed, "tolerances": {"atol": opts.atol, "rtol": opts.rtol,
@@ -223,7 +296,9 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
         fp_bytes = load_onnx(work.fp_onnx(unit)).SerializeToString()
         qproto = load_onnx(src.ort_onnx)
         basic = ort_opt_level()
-        runners = [make_torch_runner(loaded.model.unit_module(unit, g), io, "torch-fp"),
+        torch_runner = (make_adapter_runner(loaded.model, unit, g, io, "torch-fp") if info.is_diffusers else
+                        make_torch_runner(loaded.model.unit_module(unit, g), io, "torch-fp"))
+        runners = [torch_runner,
                    OnnxrtRunner(SessionFromOnnx(fp_bytes, graph_optimization_level=basic), name="onnxrt-fp"),
                    OnnxrtRunner(SessionFromOnnx(qproto.SerializeToString(), graph_optimization_level=basic),
                                 name="onnxrt-q")]
@@ -254,7 +329,20 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
                                  "trt": ({"snr_db": trt_snr} if trt_snr is not None else
                                          {"not_run": trt_reason or "no engine"}),
                                  "samples": len(captured[unit])}
-    if opts.e2e:
+    if opts.e2e and info.is_diffusers:
+        import qc_compile
+
+        for label, kw in (("onnx_fp", {"graphs": "fp"}), ("onnx_q", {"target": tname})):
+            qc_compile.enable(loaded.transformer, work=work, executor="onnxruntime", policy="none", **kw)
+            try:
+                video = loaded.sample(prompts, seed=opts.seed, steps=steps)
+            finally:
+                qc_compile.disable(loaded.transformer)
+            res = compare_videos(video, fp_video)
+            ok = res["psnr_db"] >= opts.min_psnr if label == "onnx_q" else res["psnr_db"] >= 60.0
+            passed &= ok
+            report["e2e"][label] = {"psnr_db": res["psnr_db"], "ssim": res["ssim"], "passed": ok}
+    elif opts.e2e:
         frames, height, width = info.video_size
         from qc_compile.runtime.generation import GenerationSettings, generate
 
@@ -275,6 +363,10 @@ def compare_workdir(work, opts: CompareOptions, log=print) -> dict:
 def _default_prompts(model: str) -> list[str]:
     from qc_compile.calib.ranges import default_prompts
 
+    if model == "qc-ref-wan":  # the qc-ref caption vocabulary (its caption encoder's)
+        from qc_compile.data.shapes import sample_captions
+
+        return [c.text() for c in sample_captions(2, 4321)]
     return default_prompts(model, n=2, seed=4321)
 
 

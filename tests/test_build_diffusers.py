@@ -245,3 +245,21 @@ def test_other_weights_refused(loaded, fp_work: Path) -> None:
     finally:
         with torch.no_grad():
             p.copy_(saved)
+
+
+def test_compare_diffusers_work_dir(q_work: Path, tmp_path: Path) -> None:
+    """`qc-compile compare` on the Wan work dir: torch units == FP graphs, Q/DQ graphs at FP8 error per block and
+    end to end; embed/final (not quantized) exact. 2 steps with CFG: the first and the last step's first call."""
+    work = tmp_path / "work"
+    shutil.copytree(q_work, work)
+    assert _run(["compare", str(work), "--target", "trt", "--steps", "2"]) == 0
+    rep = json.loads((work / "report" / "compare.json").read_text())
+    assert rep["passed"] and rep["model"] == "qc-ref-wan"
+    for u, r in rep["units"].items():
+        assert r["samples"] == 2 and r["fp_torch_vs_onnx"]["max_rel_err"] < 1e-5
+        if u.startswith("block_"):
+            assert 20.0 < r["fp_vs_q"]["snr_db"] < 80.0, (u, r)
+        else:
+            assert r["fp_vs_q"]["rel_l2"] == 0.0
+        assert r["trt"] == {"not_run": "no engines in this build (--onnx-only)"}
+    assert rep["e2e"]["onnx_fp"]["psnr_db"] > 60.0 and 20.0 < rep["e2e"]["onnx_q"]["psnr_db"] < 100.0
