@@ -129,12 +129,12 @@ def test_sweep_table_and_plot(tmp_path: Path, capsys) -> None:
     ["sweep", "--model", "cogvideox:/models/cog", "--policies", "none", "--prompts", "1"],
     ["sweep", "WORK", "--model", "qc-ref-wan", "--policies", "none", "--prompts", "1"],
     ["generate", "--model", "cogvideox:/models/cog", "--prompt", PROMPT],
-    ["export", "qc-ref-wan"],
 ])
 def test_diffusers_models_on_the_stdit3_cli_are_a_clear_refusal(tmp_path: Path, capsys, args) -> None:
-    """A diffusers model where the command line does not take it (export, `run WORK`, `sweep WORK`, and cogvideox:PATH
+    """A diffusers model where the command line does not take it (`run WORK`, `sweep WORK`, and cogvideox:PATH
     folders on run/generate/sweep; `run`/`generate`/`sweep --model qc-ref-wan` are tests/test_run_diffusers_cli.py,
-    wan2.1:PATH pipeline folders tests/test_run_diffusers_pipeline.py): exit 2, one paragraph
+    wan2.1:PATH pipeline folders tests/test_run_diffusers_pipeline.py, export tests/test_export_diffusers.py): exit 2,
+    one paragraph
     pointing at enable() and tools/peers_wan.py, no traceback, nothing written."""
     out = tmp_path / ("a.mp4" if args[0] == "generate" else "out")
     args = [str(tmp_path / "work") if a == "WORK" else a for a in args]
