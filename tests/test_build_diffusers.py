@@ -263,3 +263,18 @@ def test_compare_diffusers_work_dir(q_work: Path, tmp_path: Path) -> None:
             assert r["fp_vs_q"]["rel_l2"] == 0.0
         assert r["trt"] == {"not_run": "no engines in this build (--onnx-only)"}
     assert rep["e2e"]["onnx_fp"]["psnr_db"] > 60.0 and 20.0 < rep["e2e"]["onnx_q"]["psnr_db"] < 100.0
+
+
+def test_plugin_graphs_take_block_units_by_kind(q_work: Path, tmp_path: Path) -> None:
+    """`--plugins`: Wan block units (no STDiT3 t_mlp input) get the cache-stats node and the cached_residual input;
+    embed/final do not; every FP8 block linear becomes RotateQuantFP8 + FP8Linear."""
+    work = tmp_path / "work"
+    shutil.copytree(q_work, work)
+    assert _run(["build", str(work), "--target", "trt", "--onnx-only", "--plugins"]) == 0
+    for u in read_model_info(WorkDir(work)).units:
+        m = onnx.load(str(work / "onnx" / "q" / f"{u['name']}.plugins.onnx"))
+        ops = [n.op_type for n in m.graph.node if n.domain == "qc"]
+        block = u["name"].startswith("block_")
+        assert ops.count("CacheStatsApply") == int(block)
+        assert ("cached_residual" in [i.name for i in m.graph.input]) == block
+        assert ops.count("FP8Linear") == (len(u["linears"]) if block else 0)
