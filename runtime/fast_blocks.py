@@ -281,7 +281,7 @@ def build_fast_model(model: STDiT3, plan=None, variant: str = "default", *, fn: 
 
 
 def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *, rotation: int | None = None,
-                   include_embed_final: bool = False, high_variant: bool = False):
+                   include_embed_final: bool = False, high_variant: bool = False, keep_bf16: tuple[str, ...] = ()):
     """A W8A8 FP8 plan over every block linear of ``model`` (other linears bf16), for the fast path and the benches.
 
     ``high_variant`` adds the ``high`` precision variant (every linear bf16) that ``calibrate --uniform`` plans carry,
@@ -291,14 +291,18 @@ def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *
     ``ranges`` (name -> {"amax": ...}, from :class:`qc_compile.calib.ranges.RangeCollector`) give the static
     ``act_scale`` the Q/DQ graphs and ``torch_package`` use; without them ``act_scale`` stays None (the fast path
     quantizes per token at run time and never reads it; such a plan is not saved: the schema requires the scale).
+    ``keep_bf16``: fnmatch patterns of block roles (``cross_attn.kv_linear``) that stay bf16.
     """
+    import fnmatch
+
     from qc_compile.linears import config_sha256, model_linears
     from qc_compile.plan import LinearPlan, Plan, act_scale_for
 
     linears = {}
     for li in model_linears(model):
         e = LinearPlan(unit=li.unit)
-        if unit_kind(li.unit) == "block" or include_embed_final:
+        if (unit_kind(li.unit) == "block" or include_embed_final) and \
+                not any(fnmatch.fnmatchcase(li.role, p) for p in keep_bf16):
             amax = None if ranges is None else float(ranges[li.name]["amax"])
             e = LinearPlan(unit=li.unit, weight="fp8_e4m3", activation="fp8_e4m3", act_amax=amax,
                            act_scale=None if amax is None else act_scale_for("fp8_e4m3", amax), rotation=rotation)
@@ -306,7 +310,7 @@ def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *
     variants = {"high": {"*": {"weight": "bf16", "activation": "bf16"}}} if high_variant else {}
     return Plan(model={"name": model.config.name, "config_sha256": config_sha256(model.config)}, linears=linears,
                 variants=variants,
-                provenance={"made_by": "qc_compile.runtime.fast_blocks.fp8_block_plan",
+                provenance={"made_by": "qc_compile.runtime.fast_blocks.fp8_block_plan", "keep_bf16": list(keep_bf16),
                             "act_scale": "calibrated ranges" if ranges is not None else
                             "none: dynamic per-token scales only"})
 

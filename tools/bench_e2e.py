@@ -224,7 +224,7 @@ def skipped_overhead(key: str, why: str, what: str) -> dict:
     return {"key": key, "skipped": why, "what": what}
 
 
-def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict]):
+def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict], keep_bf16: tuple[str, ...] = ()):
     """The FP8 plan as a user gets it: ranges from one calibration step, saved, then loaded and verified."""
     from qc_compile.calib.ranges import RangeCollector
     from qc_compile.plan import load_plan, save_plan
@@ -233,7 +233,7 @@ def load_fp8_plan(setup: Setup, meter: B.Meter, overheads: list[dict]):
     with RangeCollector(setup.model) as rc:
         cal_s, _ = meter.timed(lambda: sample(setup, B.PlainExecutor(setup.model, setup.g),
                                               full_grid(1, setup.model.unit_names()), 1))
-    plan = fp8_block_plan(setup.model, rc.reduce(), high_variant=True)
+    plan = fp8_block_plan(setup.model, rc.reduce(), high_variant=True, keep_bf16=keep_bf16)
     plan.model = {**plan.model, "weights_sha256": None}  # random weights: no exported digest to bind to
     plan.provenance = {**plan.provenance, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                        "command": "tools/bench_e2e.py (ranges of one sampling step)",
@@ -330,7 +330,7 @@ def run_rows(setup: Setup, specs: list[RowSpec], grids: dict[str, dict], args, m
         nonlocal plan
         if (fp8, fused, attention) not in runners:
             if fp8 and plan is None:
-                plan = load_fp8_plan(setup, meter, overheads)
+                plan = load_fp8_plan(setup, meter, overheads, tuple(args.fp8_keep))
             first = not any(k[0] == fp8 for k in runners)  # the overheads are those of the first such runner
             runners[(fp8, fused, attention)] = build_fast_runner(setup, plan if fp8 else None, args, meter,
                                                                  overheads if first else None, fused, attention)
@@ -543,7 +543,7 @@ def bench_doc(setup: Setup, args, grids: dict, fidelity: dict | None, fid_path: 
            "options": {"cuda_graphs": args.cuda_graphs, "compile": not args.no_compile, "stats": args.stats or "per row: ours_fp8 follows its "
                        "policy (none), the cached rows full",
                        "compile_backend": args.compile_backend, "warmup_steps": args.warmup_steps, "quick": args.quick,
-                       "fp8_plan_variants": ["high"]},
+                       "fp8_plan_variants": ["high"], "fp8_keep_bf16": list(args.fp8_keep)},
            "grids": {"file": str(args.grids), "mapping": "XL block j <- qc-ref block floor(j * 4 / depth) of the "
                      "same kind", **{k: {kk: vv for kk, vv in v.items() if kk != "grid"} for k, v in grids.items()}},
            "fidelity_source": None if fidelity is None else {"file": str(fid_path), "env": fidelity.get("env"),
@@ -570,8 +570,11 @@ def run_grids(args) -> None:
     loaded = load_model("qc-ref", device=args.device)
     model = loaded.model
     user_plan, plan_info = load_user_plan(args.plan, model)  # before any sampling: a bad file costs nothing
+    if user_plan is None:
+        plan_info = {**plan_info, "keep_bf16": list(args.fp8_keep)}
     prompts = default_prompts("qc-ref", args.grid_prompts, seed=GRID_PROMPT_SEED)
-    plan = user_plan if user_plan is not None else fp8_block_plan(model, high_variant=True)
+    plan = user_plan if user_plan is not None else fp8_block_plan(model, high_variant=True,
+                                                                  keep_bf16=tuple(args.fp8_keep))
     sets, sets30 = parse_sets(args.set_long), parse_sets(args.set)
     out = {}
     for name, fp8, steps, over in (("cached_30", False, args.steps, {}), ("both_30", True, args.steps, sets30),
@@ -623,9 +626,12 @@ def run_fidelity(args) -> None:
     captions = [c.text() for c in sample_captions(args.captions, seed=args.caption_seed)]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     user_plan, plan_info = load_user_plan(args.plan, loaded.model)  # before any sampling: a bad file costs nothing
+    if user_plan is None:
+        plan_info = {**plan_info, "keep_bf16": list(args.fp8_keep)}
     low = copy.deepcopy(loaded)
     low.model = low.model.to(dtype)
-    plan = user_plan if user_plan is not None else fp8_block_plan(low.model, high_variant=True)
+    plan = user_plan if user_plan is not None else fp8_block_plan(low.model, high_variant=True,
+                                                                  keep_bf16=tuple(args.fp8_keep))
     sets, sets30 = parse_sets(args.set_long), parse_sets(args.set)
     seeds = [int(x) for x in args.noise_seeds.split(",")]
     jobs = [(seed, i) for seed in seeds for i in range(0, len(captions), args.batch)]
@@ -879,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--variant", action="append", nargs="+", default=[], metavar=("NAME", "KEY=VALUE"),
                     help="--fidelity: one more ours_both configuration, `ours_both~NAME`, with these quantcache "
                          "overrides on top of --set (repeatable; all share the reference videos)")
+    ap.add_argument("--fp8-keep", nargs="*", default=[], metavar="ROLE",
+                    help="block linear roles (fnmatch) the FP8 block plan keeps bf16, in every row and the fidelity "
+                         "runs, e.g. cross_attn.kv_linear (the caption-token linear)")
     ap.add_argument("--captions", type=int, default=32, help="--fidelity: held-out captions")
     ap.add_argument("--caption-seed", type=int, default=EVAL_CAPTION_SEED,
                     help=f"--fidelity: caption set (default {EVAL_CAPTION_SEED}, the held-out one; "
