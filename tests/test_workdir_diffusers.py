@@ -131,3 +131,122 @@ def test_calibrate_wan_transformer_folder_is_refused(tmp_path: Path, capsys) -> 
     err = capsys.readouterr().err
     assert "a diffusers transformer folder exported on its own" in err and "Traceback" not in err
     assert not (work / "plan.json").exists()
+    assert _run(["run", str(work), "-p", "a red circle", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "a diffusers transformer folder exported on its own" in err and "Traceback" not in err
+
+
+PROMPTS = ["a red circle moving right on a black background", "a blue square moving up on a gray background"]
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    from qc_compile.metrics.fidelity import psnr
+
+    return min(float(psnr(x, y, data_range=2.0)) for x, y in zip(a, b))
+
+
+def _loaded(work: Path):
+    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+
+    return load_model_for(read_model_info(WorkDir(work)))
+
+
+def test_run_without_plan_or_with_bf16_plan_is_the_plain_sampler(exported: Path, tmp_path: Path, capsys) -> None:
+    from qc_compile.commands.run_diffusers import sample_under_policy
+
+    work = _copy(exported, tmp_path / "w")
+    loaded = _loaded(work)
+    plain = loaded.sample(PROMPTS, seed=3)
+    assert torch.equal(sample_under_policy(loaded, PROMPTS, policy="none", seed=3, work=work).videos, plain)
+    assert _run(["calibrate", str(work), "--uniform", "bf16", "--num-prompts", "2", "--quiet"]) == 0
+    res = sample_under_policy(loaded, PROMPTS, policy="none", seed=3, work=work)
+    assert torch.equal(res.videos, plain)
+    assert res.settings["plan"] and not res.settings["quantized"] and res.extra["plan"]["variants"] == ["default"]
+
+
+def test_run_fp8_plan_runs_fastlinear_within_fp8_error(fp8_work: Path, tmp_path: Path, capsys) -> None:
+    """The fp8 plan quantizes exactly the block linears W8A8 with per-token activation scales, so under policy none
+    it is enable(quantize='fp8') bit for bit (the same FastLinear modules on the same linears), differs from the
+    plain sampler, and stays within FP8 error of it: 50.3 and 52.2 dB measured for the two prompts on this tiny
+    model (3 steps; the schedule policy, step 0 unquantized: 51.3 / 52.9 dB). The 35 dB bound leaves ~15 dB for
+    other CPUs' GEMM rounding; the bit-identity with enable(quantize='fp8') is what pins the formats down."""
+    import qc_compile
+    from qc_compile.commands.run_diffusers import sample_under_policy
+
+    loaded = _loaded(fp8_work)
+    plain = loaded.sample(PROMPTS, seed=3)
+    res = sample_under_policy(loaded, PROMPTS, policy="none", seed=3, work=fp8_work)
+    assert all(type(m) is torch.nn.Linear for m in loaded.transformer.modules() if "Linear" in type(m).__name__)
+    assert torch.equal(loaded.sample(PROMPTS, seed=3), plain)  # restored after the run
+    assert not torch.equal(res.videos, plain)
+    assert _psnr(res.videos, plain) > 35.0
+    qc_compile.enable(loaded.transformer, policy="none", quantize="fp8")
+    try:
+        ref = loaded.sample(PROMPTS, seed=3)
+    finally:
+        qc_compile.disable(loaded.transformer)
+    assert torch.equal(res.videos, ref)
+    assert res.settings["quantized"] and res.extra["plan"]["formats"] == {"bf16/bf16": 6, "fp8_e4m3/fp8_e4m3": 20}
+    # the schedule's high step (step 0) runs the unquantized linears under a policy that routes the plan's variants
+    sched = sample_under_policy(loaded, PROMPTS, policy="schedule", seed=3, work=fp8_work)
+    assert [sorted({d["variant"] for d in s.decisions.values()} - {"default"}) for s in sched.steps] == \
+        [["high"], [], []]
+    assert not torch.equal(sched.videos, res.videos) and _psnr(sched.videos, plain) > 35.0
+
+
+def test_run_cli_records_the_plan(fp8_work: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert _run(["run", str(fp8_work), "-p", PROMPTS[0], "--policy", "none", "--reference", "--quiet", "-o",
+                 str(out)]) == 0
+    line = capsys.readouterr().out
+    assert "vs FP: PSNR" in line
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["settings"]["work_dir"] == str(fp8_work) and trace["settings"]["quantized"] is True
+    from qc_compile.artifacts import sha256_file
+
+    assert trace["plan"]["sha256"] == sha256_file(fp8_work / "plan.json")
+    assert trace["plan"]["formats"]["fp8_e4m3/fp8_e4m3"] == 20 and trace["plan"]["schedule"][0] == "high"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 35.0 < metrics["reference"]["psnr_db"] < 100.0
+    assert (out / "video.mp4").is_file()
+
+
+def test_sweep_work_writes_rows(fp8_work: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep"
+    assert _run(["sweep", str(fp8_work), "--policies", "none,hlc", "--prompts", "1", "--seeds", "0", "-o",
+                 str(out)]) == 0
+    d = json.loads((out / "sweep.json").read_text())
+    assert len(d["rows"]) == 2 and d["work_dir"] == str(fp8_work) and d["plan"]["quantized"]
+    none = next(r for r in d["rows"] if r["policy"] == "none")
+    assert 35.0 < none["psnr_db"] < 100.0
+
+
+def test_tampered_weights_plan_and_flags_are_refused(fp8_work: Path, tmp_path: Path, capsys) -> None:
+    def refused(work: Path, *extra: str) -> str:
+        capsys.readouterr()
+        assert _run(["run", str(work), "-p", PROMPTS[0], "--quiet", "-o", str(tmp_path / "r"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.count("\n") == 1
+        assert not (tmp_path / "r").exists()
+        return err
+
+    assert "not applicable to work dir" in refused(fp8_work, "--frames", "8")
+    assert "not applicable to work dir" in refused(fp8_work, "--fast")
+    assert "drop --model" in refused(fp8_work, "--model", "qc-ref")
+    work = _copy(fp8_work, tmp_path / "plan")
+    plan = json.loads((work / "plan.json").read_text())
+    plan["model"]["weights_sha256"] = "0" * 64
+    (work / "plan.json").write_text(json.dumps(plan))
+    assert "calibrated on other weights" in refused(work)
+    model = json.loads((fp8_work / "model.json").read_text())
+    folder = Path(model["weights"]["path"])
+    shadow = tmp_path / "folder"
+    shutil.copytree(folder, shadow)
+    model["weights"]["path"] = str(shadow)
+    work = _copy(fp8_work, tmp_path / "weights")
+    (work / "model.json").write_text(json.dumps(model))
+    st = shadow / "transformer" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-1] ^= 1
+    st.write_bytes(bytes(data))
+    assert "changed since export" in refused(work)

@@ -118,6 +118,24 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
         raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
     from qc_compile.commands import run_diffusers
 
+    info = run_diffusers.work_info(work)
+    if info is not None:  # a diffusers work dir: its model's own sampler under qc_compile.enable, with its plan
+        run_diffusers.check_work_flags(work, info, model, {
+            "--negative-prompt": negative_prompt is not None, "--fast": fast, f"--gpus {gpus}": gpus > 1,
+            f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
+            "--text-encoder": text_encoder is not None, "--vae": vae is not None,
+            "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
+            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
+        overrides = parse_sets(sets)
+        if policy is not None:  # the policy and its parameters checked before loading the model
+            from qc_compile.runtime.policies import get_policy
+
+            get_policy(policy, overrides, None, seed=seed)
+        res = run_diffusers.run_work_command(work=work, info=info, prompts=all_prompts, policy=policy,
+                                             overrides=overrides, reference=reference, device=device, seed=seed,
+                                             steps=steps, cfg=cfg, quiet=quiet, executor=executor)
+        _save_and_report(res, output or new_run_dir(work / "runs", res.policy, seed))
+        return
     if run_diffusers.takes_model(model, work):  # qc-ref-wan / wan2.1:PATH: its own sampler under qc_compile.enable
         run_diffusers.check_flags(model, checkpoint, {
             "--negative-prompt": negative_prompt is not None and not run_diffusers.is_pipeline(model),

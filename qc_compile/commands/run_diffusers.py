@@ -156,10 +156,13 @@ def model_record(loaded) -> dict:
 @torch.no_grad()
 def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = None,
                         overrides: Mapping[str, Any] | None = None, seed: int = 0, steps: int | None = None,
-                        cfg: float | None = None, reference: bool = False, progress: bool = False):
+                        cfg: float | None = None, reference: bool = False, progress: bool = False,
+                        work: Path | None = None, executor: str = "torch"):
     """Videos of ``prompts`` (prompt k: noise seed ``seed + k``) from the model's own sampler with its transformer
     enabled under ``policy`` (a name, default none), as a RunResult; ``reference`` adds the plain sampler's videos
-    (no policy, nothing enabled) of the same prompts and seeds."""
+    (no policy, nothing enabled) of the same prompts and seeds. ``work``: the work dir ``loaded`` came from
+    (:func:`load_work`): its plan's policy settings, and on the torch executor its quantized linears
+    (:func:`qc_compile.diffusers_quant.apply_plan`); ``executor`` onnxruntime / tensorrt: the work dir's graphs."""
     import qc_compile
     from qc_compile.runtime.result import RunResult
 
@@ -168,8 +171,11 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
     d = loaded.defaults
     steps = steps or d.steps
     cfg = d.cfg if cfg is None else cfg
-    name = policy or "none"
-    session = qc_compile.enable(loaded.transformer, policy=name, overrides=overrides, seed=seed)
+    plan_record = plan_summary(work, executor) if work is not None else None
+    name = policy or (plan_record or {}).get("policy") or "none"
+    has_plan = plan_record is not None and plan_record["file"] is not None
+    session = qc_compile.enable(loaded.transformer, work=work if has_plan or executor != "torch" else None,
+                                policy=name, overrides=overrides, seed=seed, executor=executor)
     try:
         start = time.perf_counter()
         videos = loaded.sample(prompts, seed=seed, steps=steps, cfg=cfg, progress=progress)
@@ -188,15 +194,18 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
                   "seeds": [seed + k for k in range(len(prompts))], "frames": d.frames, "height": d.height,
                   "width": d.width, "fps": getattr(loaded, "fps", FPS), "shift": d.shift, "device": device,
                   "dtype": str(loaded.transformer.patch_embedding.weight.dtype).replace("torch.", ""),
-                  "work_dir": None, "plan": False, "quantized": False,
+                  "work_dir": None if work is None else str(work), "plan": has_plan,
+                  "quantized": bool(has_plan and plan_record["quantized"]),
                   "driver": session_trace["settings"]["driver"]},
         unit_names=tuple(session.unit_names), steps=list(session.steps),
         costs=wan_unit_flops(loaded.transformer, *transformer_size(loaded), text_length(loaded)),
-        seconds=seconds, executor="torch", frame_upscale=getattr(loaded, "frame_upscale", 8),
+        seconds=seconds, executor=executor, frame_upscale=getattr(loaded, "frame_upscale", 8),
         strip_upscale=getattr(loaded, "strip_upscale", 4))
     if getattr(loaded, "negative_prompt", None) is not None:
         res.settings["negative_prompt"] = loaded.negative_prompt
     res.extra["model"] = model_record(loaded)
+    if plan_record is not None:
+        res.extra["plan"] = plan_record
     res.extra["session"] = {"compute_fraction": fraction, "steps_recorded": len(session_trace["steps"]),
                             "runs": session.runs}
     if abs(res.compute_fraction - fraction) > 1e-12:  # the trace is the session's records; they must agree
@@ -206,6 +215,91 @@ def sample_under_policy(loaded, prompts: Sequence[str], *, policy: str | None = 
         res.fp_videos = loaded.sample(prompts, seed=seed, steps=steps, cfg=cfg, progress=progress)
         res.fp_seconds = time.perf_counter() - start
     return res
+
+
+def work_info(work: Path | None):
+    """The ModelInfo of a diffusers work dir (model.json with a ``family``); None without a work dir or for an
+    STDiT3 one (whose own path reports what is wrong with it)."""
+    if work is None:
+        return None
+    from qc_compile.workdir import WorkDir, read_model_info
+
+    wd = WorkDir(work)
+    if not wd.model_json.is_file():
+        return None
+    info = read_model_info(wd)
+    return info if info.is_diffusers else None
+
+
+def check_work_flags(work: Path, info, model: str | None, flags: Mapping[str, Any]) -> None:
+    """Refuse, before any load, what does not apply to a diffusers work dir: another --model, a ``wan2.1:PATH``
+    transformer folder (nothing to sample with), and flags that do not apply (``flags`` as in :func:`check_flags`)."""
+    if model is not None and model != info.name:
+        raise UserError(f"--model {model}: {work} is a work dir of {info.name} (its model.json names the model and "
+                        "its weights); drop --model, or give another work dir.")
+    if info.name not in CLI_MODELS:
+        raise UserError(f"{work} holds {info.name}, a diffusers transformer folder exported on its own: `run` and "
+                        "`sweep` sample with the model's own text encoder, tokenizer, VAE and scheduler, which a "
+                        "transformer folder does not have. Run the whole WanPipeline folder without a work dir "
+                        "(`qc-compile run --model wan2.1:PIPELINE_FOLDER`), or drive this transformer from Python with "
+                        f"`qc_compile.enable(pipe, work='{work}', executor='onnxruntime')`.")
+    flags = dict(flags)
+    size = flags.pop("size", {}) or {}
+    bad = [flag for flag, given in flags.items() if given]
+    frames, height, width = info.video_size
+    bad += [f"--{k} {v}" for k, v in size.items() if v is not None and v != dict(frames=frames, height=height,
+                                                                                  width=width)[k]]
+    if bad:
+        raise UserError(f"{', '.join(bad)}: not applicable to work dir {work} ({info.name}, a diffusers-layout model "
+                        f"that runs its own sampler through qc_compile.enable at its exported size {frames}x{height}x"
+                        f"{width}, one process, with its own caption encoder); drop "
+                        + ("it." if len(bad) == 1 else "them."))
+
+
+def load_work(work: Path, info, device: str):
+    """The work dir's model (files' sha256 and state digest checked against model.json) and its plan, validated
+    against model.json (None when the work dir has no plan yet)."""
+    from qc_compile.plan import load_plan
+    from qc_compile.runtime.generation import resolve_device
+    from qc_compile.workdir import WorkDir, load_model_for
+
+    wd = WorkDir(work)
+    plan = load_plan(wd.plan_json, model_info=info) if wd.plan_json.exists() else None  # before the weights load
+    return load_model_for(info, device=resolve_device(device)), plan
+
+
+def plan_summary(work: Path, executor: str = "torch") -> dict:
+    """What trace.json records of the work dir's plan: its sha256, formats, variants and schedule, and how it ran."""
+    from collections import Counter
+
+    from qc_compile.artifacts import sha256_file
+    from qc_compile.diffusers_quant import plan_is_quantized
+    from qc_compile.plan import load_plan
+    from qc_compile.runtime.policies import plan_policy_name
+    from qc_compile.workdir import WorkDir
+
+    wd = WorkDir(work)
+    if not wd.plan_json.is_file():
+        return {"file": None, "quantized": False, "policy": None}
+    plan = load_plan(wd.plan_json)
+    formats = Counter(f"{e.weight}/{e.activation}" for e in plan.linears.values())
+    quantized = plan_is_quantized(plan)
+    how = ("torch executor: the quantized linears on qc-compile's FastLinear kernels (FP8: per-token dynamic "
+           "activation scales), the others the model's own modules" if executor == "torch"
+           else f"{executor} executor: the work dir's graphs")
+    return {"file": "plan.json", "sha256": sha256_file(wd.plan_json), "quantized": quantized,
+            "formats": dict(sorted(formats.items())), "variants": plan.variant_names, "schedule": list(plan.schedule),
+            "policy": plan_policy_name(plan), "command": (plan.provenance or {}).get("command"), "ran_as": how}
+
+
+def run_work_command(*, work: Path, info, prompts: list[str], policy: str | None, overrides: Mapping[str, Any],
+                     reference: bool, device: str, seed: int, steps: int | None, cfg: float | None, quiet: bool,
+                     executor: str = "torch"):
+    """`qc-compile run WORK` on a diffusers work dir: its model (checked against model.json) under its plan."""
+    check_captions(prompts, info.name)
+    loaded, _ = load_work(work, info, device)
+    return sample_under_policy(loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg,
+                               reference=reference, progress=not quiet, work=work, executor=executor)
 
 
 def run_command(*, model: str, checkpoint: Path | None, prompts: list[str], policy: str | None,
@@ -226,8 +320,9 @@ class SweepCaller:
     call share prompts and seed, so the plain sampler's videos are computed once per call (the first config's) and
     attached to every config's RunResult."""
 
-    def __init__(self, loaded) -> None:
+    def __init__(self, loaded, work: Path | None = None) -> None:
         self.loaded = loaded
+        self.work = work  # a diffusers work dir: every config runs under its plan
         self._key: tuple | None = None
         self._ref: tuple[torch.Tensor, float] | None = None
 
@@ -245,27 +340,34 @@ class SweepCaller:
                  reference: bool = False, **size: Any):
         if any(v is not None for v in size.values()):  # the CLI refused these; the folder fixes its size
             raise UserError(f"{sorted(size)}: qc-ref-wan samples at its folder's own size.")
-        res = sample_under_policy(self.loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps)
+        res = sample_under_policy(self.loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps,
+                                  work=self.work)
         if reference:
             res.fp_videos, res.fp_seconds = self.reference(prompts, seed, res.settings["steps"], res.settings["cfg"])
         return res
 
 
-def sweep_command(*, model: str, checkpoint: Path | None, device: str, configs: Sequence, prompts: Sequence[str],
-                  seeds: Sequence[int], steps: int | None, batch: bool, out_dir: Path | None,
+def sweep_command(*, model: str | None, checkpoint: Path | None, device: str, configs: Sequence,
+                  prompts: Sequence[str], seeds: Sequence[int], steps: int | None, batch: bool, out_dir: Path | None,
                   log: Callable[[str], None], size: Mapping[str, int | None] | None = None,
-                  negative_prompt: str = "") -> dict:
+                  negative_prompt: str = "", work: Path | None = None, info=None) -> dict:
     """`qc-compile sweep --model qc-ref-wan`: every config over prompts x seeds (per prompt, noise seed + k; or one
     batch per seed), against the plain sampler, as :func:`~qc_compile.runtime.sweep.run_sweep`'s result dict with
-    the model, folder, device and steps filled in; the caller (commands/sweep.py) writes sweep.json/md/png."""
+    the model, folder, device and steps filled in; the caller (commands/sweep.py) writes sweep.json/md/png.
+    ``work`` (with its ``info``): a diffusers work dir's model, every config under its plan (``sweep WORK``)."""
     from qc_compile.runtime.sweep import run_sweep
 
-    check_captions(prompts, model)  # before the load: a prompt outside the caption vocabulary is a UserError
-    loaded = load(model, checkpoint, device, size=size, negative_prompt=negative_prompt)
-    result = run_sweep(SweepCaller(loaded), configs, prompts, seeds, steps=steps, batch=batch, out_dir=out_dir,
+    check_captions(prompts, model if work is None else info.name)  # before the load: unknown words are a UserError
+    if work is not None:
+        loaded, _ = load_work(work, info, device)
+    else:
+        loaded = load(model, checkpoint, device, size=size, negative_prompt=negative_prompt)
+    result = run_sweep(SweepCaller(loaded, work), configs, prompts, seeds, steps=steps, batch=batch, out_dir=out_dir,
                        jobs=1, log=log)
     result.update(model=loaded.name, checkpoint=loaded.checkpoint, device=str(loaded.device),
                   steps=steps or loaded.defaults.steps)
+    if work is not None:
+        result.update(work_dir=str(work), plan=plan_summary(work))
     return result
 
 

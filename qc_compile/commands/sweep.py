@@ -114,6 +114,25 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
         prompts = [c.text() for c in sample_captions(n_prompts, seed=caption_seed)]
     from qc_compile.commands import run_diffusers
 
+    info = run_diffusers.work_info(work)
+    if info is not None:  # a diffusers work dir: every config under its plan, its model's own sampler
+        if checkpoint is not None:
+            raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
+        run_diffusers.check_work_flags(work, info, model, {
+            f"--jobs {jobs}": jobs > 1, f"--gpus {gpus}": gpus > 1,
+            f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
+            "--text-encoder": text_encoder is not None, "--vae": vae is not None,
+            "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
+            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
+        check_output_dir(output, "--output", overwrite)
+        commit = _git_commit()
+        with fresh_dir(output) as tmp:
+            result = run_diffusers.sweep_command(model=None, checkpoint=None, device=device, configs=configs,
+                                                 prompts=prompts, seeds=seed_list, steps=steps, batch=batch,
+                                                 out_dir=tmp, log=click.echo, work=work, info=info)
+            _write_outputs(tmp, result, caption_seed=None if prompt_file else caption_seed, commit=commit)
+        click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")
+        return
     if run_diffusers.takes_model(model, work):  # qc-ref-wan: its own sampler under qc_compile.enable, one process
         run_diffusers.check_flags(model, checkpoint, {
             f"--jobs {jobs}": jobs > 1, f"--gpus {gpus}": gpus > 1,

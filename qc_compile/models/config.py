@@ -116,9 +116,11 @@ def diffusers_cli_refusal(name: str) -> UserError:
     return UserError(f"model {name!r} is a diffusers video transformer. On the command line, `run` and `sweep` "
                      "(without a work dir) and `generate` accept qc-ref-wan (--model qc-ref-wan, --checkpoint FOLDER "
                      "for another qc-ref-wan folder) and local diffusers WanPipeline folders (--model wan2.1:PATH or "
-                     "wan2.2:PATH, the whole pipeline: transformer, text encoder, tokenizer, VAE, scheduler); export, "
-                     "calibrate, build, `run WORK` and `sweep WORK` handle STDiT3 models only so far "
-                     f"({', '.join(sorted(CONFIGS))}), and cogvideox:PATH folders run from Python only. Run {name} "
+                     "wan2.2:PATH, the whole pipeline: transformer, text encoder, tokenizer, VAE, scheduler); a qc-ref-wan "
+                     "work dir (`qc-compile export qc-ref-wan -o WORK`, `calibrate WORK --uniform FORMAT`) runs with "
+                     "`run WORK` / `sweep WORK` given alone (the work dir names its model: no --model), a work dir "
+                     f"of an STDiT3 model ({', '.join(sorted(CONFIGS))}) takes no diffusers --model, and "
+                     f"cogvideox:PATH folders run from Python only. Run {name} "
                      "from Python through `qc_compile.enable(transformer, policy=...)` (README, 'Diffusers "
                      "pipelines'), or sweep policies and the peers' caches on it with tools/peers_wan.py.")
 
