@@ -1,6 +1,7 @@
-"""`qc-compile calibrate WORK --uniform FORMAT` on a diffusers work dir (`export qc-ref-wan`): the same plan, ranges
-and report as STDiT3's :mod:`qc_compile.calib.uniform`, measured while the model's **own** sampler
-(:meth:`QCRefWan.sample`, WanPipeline-style: CFG as a cond and an uncond call per step) runs the calibration prompts.
+"""`qc-compile calibrate WORK --uniform FORMAT` on a diffusers work dir (`export qc-ref-wan`, or `export
+wan2.1:PIPELINE_FOLDER` of a whole WanPipeline folder): the same plan, ranges and report as STDiT3's
+:mod:`qc_compile.calib.uniform`, measured while the model's **own** sampler (:meth:`QCRefWan.sample`, or the
+WanPipeline's: CFG as a cond and an uncond call per step) runs the calibration prompts.
 
 * Ranges: :class:`~qc_compile.calib.ranges.RangeCollector`'s pre-hooks on every ``nn.Linear`` of the transformer,
   keyed by their diffusers module path (the names model.json records); the calls of one step (cond, uncond) are
@@ -43,37 +44,43 @@ def refuse_aigq(info) -> UserError:
 
 
 def check_calibratable(info) -> None:
-    """qc-ref-wan work dirs calibrate (the model ships its caption encoder); a ``wan2.1:PATH`` transformer folder has
-    no text encoder or scheduler to sample with: refused in one paragraph."""
-    if info.name == "qc-ref-wan":
+    """qc-ref-wan work dirs (the model ships its caption encoder) and work dirs exported from a whole WanPipeline
+    folder calibrate; a ``wan2.1:PATH`` transformer folder has no text encoder or scheduler to sample with: refused in
+    one paragraph."""
+    from qc_compile.commands.run_diffusers import is_pipeline_work
+
+    if info.name == "qc-ref-wan" or is_pipeline_work(info):
         return
     raise UserError(f"calibrate: {info.path.parent} holds {info.name}, a diffusers transformer folder exported on its "
                     "own. Calibration runs the model's own sampler over text prompts, which needs the text encoder, "
-                    "tokenizer, VAE and scheduler of a full WanPipeline folder (model_index.json beside "
-                    "transformer/); a transformer folder holds none of them, and the CLI's calibrate does not read "
-                    "pipeline folders yet. Calibrate qc-ref-wan (`qc-compile export qc-ref-wan -o WORK`), or write a "
-                    "plan elsewhere with linears named by their diffusers module path (as model.json lists them).")
+                    "tokenizer, VAE and scheduler of a whole WanPipeline folder (model_index.json beside "
+                    "transformer/); a transformer folder holds none of them. Export the pipeline folder instead "
+                    "(`qc-compile export wan2.1:PIPELINE_FOLDER -o WORK`), calibrate qc-ref-wan (`qc-compile export "
+                    "qc-ref-wan -o WORK`), or write a plan elsewhere with linears named by their diffusers module "
+                    "path (as model.json lists them).")
 
 
 def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts: int, *, steps, cfg, seed,
                          device: str = "cpu"):
-    """(work, info, loaded, prompts, settings dict) for a diffusers work dir: the model checked against model.json,
-    the prompts through qc-ref-wan's caption tokenizer (default: qc-ref's shapes captions, in its vocabulary)."""
+    """(work, info, loaded, prompts, settings dict) for a diffusers work dir: the model checked against model.json;
+    qc-ref-wan's prompts through its caption tokenizer (default: qc-ref's shapes captions, in its vocabulary), a
+    WanPipeline's through its own tokenizer (default: the general video prompts calibrate uses for Open-Sora)."""
     from qc_compile.calib.ranges import default_prompts
-    from qc_compile.commands.run_diffusers import check_captions
+    from qc_compile.commands.run_diffusers import check_captions, load_work
     from qc_compile.prompts import read_prompt_file
-    from qc_compile.runtime.generation import resolve_device
-    from qc_compile.workdir import WorkDir, load_model_for, read_model_info
+    from qc_compile.workdir import WorkDir, read_model_info
 
     work = WorkDir(work_dir)
     info = read_model_info(work)
     check_calibratable(info)
-    prompts = read_prompt_file(prompts_file) if prompts_file else default_prompts("qc-ref", num_prompts)
+    pipeline = info.name != "qc-ref-wan"
+    prompts = read_prompt_file(prompts_file) if prompts_file else \
+        default_prompts("opensora-v1.2" if pipeline else "qc-ref", num_prompts)
     try:
-        check_captions(prompts)
+        check_captions(prompts, info.name)
     except UserError as e:
         raise UserError(f"--prompts {prompts_file or '(default)'}: {e}") from None
-    loaded = load_model_for(info, device=resolve_device(device))
+    loaded, _ = load_work(work.root, info, device)
     d = loaded.defaults
     if tuple(info.video_size) != (d.frames, d.height, d.width):
         raise ArtifactError(f"{info.path}: video size {info.video_size} differs from the model folder's own "
@@ -86,10 +93,13 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
 class ResidualChange:
     """Forward hooks on the transformer's blocks: per step, the relative L1 change of each block's residual
     (output - input) since the previous step, per prompt, on the first call of the step (the cond branch under
-    the WanPipeline-style sampler). ``take_step()`` after each step (the sampler's ``on_step``)."""
+    WanPipeline and qc-ref-wan's sampler). A step ends when the transformer is called with another timestep (a
+    pre-hook on the transformer) or at exit."""
 
-    def __init__(self, blocks) -> None:
-        self.blocks = list(blocks)
+    def __init__(self, transformer) -> None:
+        self.transformer = transformer
+        self.blocks = list(transformer.blocks)
+        self._t: float | None = None
         self._prev: dict[int, torch.Tensor] = {}
         self._calls: dict[int, int] = {}
         self._cur: dict[int, torch.Tensor] = {}
@@ -112,7 +122,15 @@ class ResidualChange:
             self._prev[j] = r
         return hook
 
+    def _step_hook(self, mod, args, kwargs) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        key = float(torch.as_tensor(t).flatten()[0])
+        if self._t is not None and key != self._t:
+            self.take_step()
+        self._t = key
+
     def __enter__(self) -> "ResidualChange":
+        self._handles.append(self.transformer.register_forward_pre_hook(self._step_hook, with_kwargs=True))
         for j, b in enumerate(self.blocks):
             self._handles.append(b.register_forward_hook(self._hook(j), with_kwargs=True))
         return self
@@ -121,6 +139,8 @@ class ResidualChange:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if exc[0] is None and self._cur:
+            self.take_step()
 
     def take_step(self) -> None:
         missing = [j for j in range(len(self.blocks)) if j not in self._cur]
@@ -161,10 +181,11 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings: dict, op
     torch.set_grad_enabled(False)
     steps, cfg, seed = settings["steps"], settings["cfg"], settings["seed"]
     rc = RangeCollector(loaded.transformer, percentile=opts.percentile)
-    resid = ResidualChange(loaded.transformer.blocks)
+    resid = ResidualChange(loaded.transformer)
     with rc, resid:
-        loaded.sample(list(prompts), seed=seed, steps=steps, cfg=cfg, progress=progress,
-                      on_step=lambda i, t: resid.take_step())
+        loaded.sample(list(prompts), seed=seed, steps=steps, cfg=cfg, progress=progress)
+    if len(resid.steps) != steps:
+        raise RuntimeError(f"calibration: the sampler ran {len(resid.steps)} distinct timesteps, expected {steps}")
     exported = {li["name"] for li in info.linears()}
     unused = sorted(n for n, st in rc.stats.items() if not st.amax)
     if set(rc.stats) != exported:
@@ -186,8 +207,8 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings: dict, op
     ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
     calib = {"prompts": list(prompts), "steps": steps, "cfg": cfg, "seed": seed, "video": list(info.video_size),
              "method": "percentile" if opts.percentile is not None else "max", "percentile": opts.percentile,
-             "ranges_sha256": ranges_sha, "sampler": f"{info.name} own sampler (WanPipeline-style, CFG as cond + "
-                                                       "uncond calls; per-step range = max over both)"}
+             "ranges_sha256": ranges_sha, "sampler": f"{info.name}: the model's own sampler (CFG as cond + uncond "
+                                                       "calls; per-step range = max over both)"}
     write_json_atomic(work.calib_dir / "ranges.json", {"schema_version": 1, "calibration": calib, "ranges": ranges})
     provenance = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "command": f"qc-compile calibrate --uniform {opts.fmt}", "tool_versions": tool_versions(),

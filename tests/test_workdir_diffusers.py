@@ -209,6 +209,11 @@ def test_run_cli_records_the_plan(fp8_work: Path, tmp_path: Path, capsys) -> Non
     metrics = json.loads((out / "metrics.json").read_text())
     assert 35.0 < metrics["reference"]["psnr_db"] < 100.0
     assert (out / "video.mp4").is_file()
+    # a policy that reads the plan's schedule is checked with the plan (not refused for lacking one)
+    assert _run(["run", str(fp8_work), "-p", PROMPTS[0], "--policy", "schedule", "--quiet", "-o",
+                 str(tmp_path / "sched")]) == 0
+    steps = json.loads((tmp_path / "sched" / "trace.json").read_text())["steps"]
+    assert {d["variant"] for d in steps[0]["decisions"].values()} == {"high"}
 
 
 def test_sweep_work_writes_rows(fp8_work: Path, tmp_path: Path, capsys) -> None:
@@ -250,3 +255,45 @@ def test_tampered_weights_plan_and_flags_are_refused(fp8_work: Path, tmp_path: P
     data[-1] ^= 1
     st.write_bytes(bytes(data))
     assert "changed since export" in refused(work)
+
+
+def test_wan_pipeline_work_dir_calibrates_and_runs(tmp_path: Path, capsys) -> None:
+    """A work dir exported from a whole WanPipeline folder (tiny random one: UMT5 + word-level tokenizer + Wan VAE):
+    calibrate runs the pipeline's own sampler; run WORK with no plan is the plain pipeline bit for bit, with the fp8
+    plan it is enable(quantize='fp8') on the same pipeline bit for bit."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import qc_compile
+    from test_run_diffusers_pipeline import tiny_pipeline
+
+    from qc_compile.commands.run_diffusers import load_work, sample_under_policy
+    from qc_compile.workdir import WorkDir, read_model_info
+
+    src = tmp_path / "Wan-tiny-Diffusers"
+    tiny_pipeline().save_pretrained(str(src), safe_serialization=True)
+    work = tmp_path / "w"
+    assert _run(["export", f"wan2.1:{src}", "-o", str(work), "--frames", "5", "--height", "32", "--width", "32",
+                 "--text-length", "16", "--quiet"]) == 0
+    info = read_model_info(WorkDir(work))
+    loaded, plan = load_work(work, info, "cpu")
+    assert plan is None and loaded.max_sequence_length == 16
+    prompts = PROMPTS[:1]
+    plain = loaded.sample(prompts, seed=1, steps=3)
+    assert torch.equal(sample_under_policy(loaded, prompts, policy="none", seed=1, steps=3, work=work).videos, plain)
+    assert _run(["calibrate", str(work), "--uniform", "fp8", "--steps", "3", "--num-prompts", "2", "--quiet"]) == 0
+    data = json.loads((work / "plan.json").read_text())
+    units = {li["name"]: u["name"] for u in json.loads((work / "model.json").read_text())["units"]
+             for li in u["linears"]}
+    assert {n for n, e in data["linears"].items() if e["weight"] == "fp8_e4m3"} == \
+        {n for n, u in units.items() if u.startswith("block_")}
+    assert len(data["schedule"]) == 3
+    ranges = json.loads((work / "calib" / "ranges.json").read_text())["ranges"]
+    assert all(math.isfinite(r["amax"]) and r["amax"] > 0 and r["calls"] == 3 for r in ranges.values())
+    res = sample_under_policy(loaded, prompts, policy="none", seed=1, steps=3, work=work)
+    assert not torch.equal(res.videos, plain) and res.settings["quantized"]
+    qc_compile.enable(loaded.transformer, policy="none", quantize="fp8")
+    try:
+        assert torch.equal(res.videos, loaded.sample(prompts, seed=1, steps=3))
+    finally:
+        qc_compile.disable(loaded.transformer)
+    assert torch.equal(loaded.sample(prompts, seed=1, steps=3), plain)

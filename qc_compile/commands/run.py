@@ -127,13 +127,12 @@ def run(work: Path | None, prompts: tuple[str, ...], prompt_file: Path | None, p
             "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
             f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
         overrides = parse_sets(sets)
-        if policy is not None:  # the policy and its parameters checked before loading the model
-            from qc_compile.runtime.policies import get_policy
-
-            get_policy(policy, overrides, None, seed=seed)
+        if policy is not None:  # the policy and its parameters (with the plan's) checked before loading the model
+            run_diffusers.check_work_policy(work, info, policy, overrides, seed)
         res = run_diffusers.run_work_command(work=work, info=info, prompts=all_prompts, policy=policy,
                                              overrides=overrides, reference=reference, device=device, seed=seed,
-                                             steps=steps, cfg=cfg, quiet=quiet, executor=executor)
+                                             steps=steps, cfg=cfg, quiet=quiet, executor=executor,
+                                             negative_prompt=negative_prompt or "")
         _save_and_report(res, output or new_run_dir(work / "runs", res.policy, seed))
         return
     if run_diffusers.takes_model(model, work):  # qc-ref-wan / wan2.1:PATH: its own sampler under qc_compile.enable

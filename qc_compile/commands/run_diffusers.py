@@ -231,19 +231,30 @@ def work_info(work: Path | None):
     return info if info.is_diffusers else None
 
 
+def is_pipeline_work(info) -> bool:
+    """Whether a diffusers work dir was exported from a whole WanPipeline folder (``wan2.1:PATH`` with
+    model_index.json), whose own sampler (text encoder, tokenizer, VAE, scheduler) can run it."""
+    return info.name not in CLI_MODELS and is_pipeline(info.name) and \
+        (Path(info.data["weights"]["path"]) / "model_index.json").is_file()
+
+
 def check_work_flags(work: Path, info, model: str | None, flags: Mapping[str, Any]) -> None:
     """Refuse, before any load, what does not apply to a diffusers work dir: another --model, a ``wan2.1:PATH``
-    transformer folder (nothing to sample with), and flags that do not apply (``flags`` as in :func:`check_flags`)."""
+    transformer folder (nothing to sample with), and flags that do not apply (``flags`` as in :func:`check_flags`;
+    ``--negative-prompt`` applies to WanPipeline work dirs)."""
     if model is not None and model != info.name:
         raise UserError(f"--model {model}: {work} is a work dir of {info.name} (its model.json names the model and "
                         "its weights); drop --model, or give another work dir.")
-    if info.name not in CLI_MODELS:
+    flags = dict(flags)
+    if is_pipeline_work(info):
+        flags.pop("--negative-prompt", None)
+    elif info.name not in CLI_MODELS:
         raise UserError(f"{work} holds {info.name}, a diffusers transformer folder exported on its own: `run` and "
                         "`sweep` sample with the model's own text encoder, tokenizer, VAE and scheduler, which a "
-                        "transformer folder does not have. Run the whole WanPipeline folder without a work dir "
-                        "(`qc-compile run --model wan2.1:PIPELINE_FOLDER`), or drive this transformer from Python with "
-                        f"`qc_compile.enable(pipe, work='{work}', executor='onnxruntime')`.")
-    flags = dict(flags)
+                        "transformer folder does not have. Export the whole WanPipeline folder instead (`qc-compile "
+                        "export wan2.1:PIPELINE_FOLDER -o WORK`, model_index.json beside transformer/), run that folder "
+                        "without a work dir (`qc-compile run --model wan2.1:PIPELINE_FOLDER`), or drive this transformer "
+                        f"from Python with `qc_compile.enable(pipe, work='{work}', executor='onnxruntime')`.")
     size = flags.pop("size", {}) or {}
     bad = [flag for flag, given in flags.items() if given]
     frames, height, width = info.video_size
@@ -256,16 +267,56 @@ def check_work_flags(work: Path, info, model: str | None, flags: Mapping[str, An
                         + ("it." if len(bad) == 1 else "them."))
 
 
-def load_work(work: Path, info, device: str):
+def check_work_policy(work: Path, info, policy: str, overrides: Mapping[str, Any], seed: int) -> None:
+    """``policy`` and its parameters with the work dir's plan (its schedule, thresholds) before any load."""
+    from qc_compile.plan import load_plan
+    from qc_compile.runtime.policies import get_policy
+    from qc_compile.workdir import WorkDir
+
+    wd = WorkDir(work)
+    get_policy(policy, overrides, load_plan(wd.plan_json, model_info=info) if wd.plan_json.exists() else None,
+               seed=seed)
+
+
+def load_work(work: Path, info, device: str, negative_prompt: str = ""):
     """The work dir's model (files' sha256 and state digest checked against model.json) and its plan, validated
-    against model.json (None when the work dir has no plan yet)."""
+    against model.json (None when the work dir has no plan yet). qc-ref-wan through ``load_model_for``; a WanPipeline
+    work dir through :func:`load_pipeline_work`."""
     from qc_compile.plan import load_plan
     from qc_compile.runtime.generation import resolve_device
     from qc_compile.workdir import WorkDir, load_model_for
 
     wd = WorkDir(work)
     plan = load_plan(wd.plan_json, model_info=info) if wd.plan_json.exists() else None  # before the weights load
+    if is_pipeline_work(info):
+        return load_pipeline_work(info, resolve_device(device), negative_prompt), plan
     return load_model_for(info, device=resolve_device(device)), plan
+
+
+def load_pipeline_work(info, device: str, negative_prompt: str = ""):
+    """The WanPipeline folder a ``wan2.1:PATH`` work dir was exported from, at the export's video size, float32 (the
+    export's weights) and T5 features padded to the export's text length (the graphs' fixed length), its transformer
+    files' sha256 and state digest checked against model.json before it is trusted."""
+    from qc_compile.artifacts import sha256_file
+    from qc_compile.errors import ArtifactError
+    from qc_compile.models.diffusers_pipeline import load_wan_pipeline
+    from qc_compile.workdir import state_digest
+
+    w = info.data["weights"]
+    folder = Path(w["path"])
+    for rel, sha in w["files"].items():
+        f = folder / rel
+        if not f.is_file() or sha256_file(f) != sha:
+            raise ArtifactError(f"{info.path}: weight file {f} is missing or changed since export (sha256 differs); "
+                                "re-export.")
+    frames, height, width = info.video_size
+    loaded = load_wan_pipeline(info.name, device=device, dtype=torch.float32, frames=frames, height=height,
+                               width=width, negative_prompt=negative_prompt)
+    if state_digest(loaded.transformer) != w["state_sha256"]:
+        raise ArtifactError(f"{info.path}: the weights loaded now ({folder}) are not the ones exported (state digest "
+                            "differs); re-run qc-compile export.")
+    loaded.max_sequence_length = int(info.text_length)
+    return loaded
 
 
 def plan_summary(work: Path, executor: str = "torch") -> dict:
@@ -294,10 +345,10 @@ def plan_summary(work: Path, executor: str = "torch") -> dict:
 
 def run_work_command(*, work: Path, info, prompts: list[str], policy: str | None, overrides: Mapping[str, Any],
                      reference: bool, device: str, seed: int, steps: int | None, cfg: float | None, quiet: bool,
-                     executor: str = "torch"):
+                     executor: str = "torch", negative_prompt: str = ""):
     """`qc-compile run WORK` on a diffusers work dir: its model (checked against model.json) under its plan."""
     check_captions(prompts, info.name)
-    loaded, _ = load_work(work, info, device)
+    loaded, _ = load_work(work, info, device, negative_prompt)
     return sample_under_policy(loaded, prompts, policy=policy, overrides=overrides, seed=seed, steps=steps, cfg=cfg,
                                reference=reference, progress=not quiet, work=work, executor=executor)
 
