@@ -72,9 +72,22 @@ def _upscale(frames: np.ndarray, factor: int) -> np.ndarray:
 # Writers
 
 
+def _imageio_ffmpeg():
+    """imageio-ffmpeg (a dependency; its 68 MB wheel carries ffmpeg), or a UserError that says how to get it."""
+    try:
+        import imageio_ffmpeg
+    except ModuleNotFoundError:
+        from qc_compile.errors import UserError
+
+        raise UserError("writing or reading mp4 needs the imageio-ffmpeg package (a qc-compile dependency, which "
+                        "brings its own ffmpeg), and it is not installed in this environment: `pip install "
+                        "'imageio-ffmpeg>=0.5,<0.9'`. Nothing was written for this video.") from None
+    return imageio_ffmpeg
+
+
 def write_mp4(path: str | os.PathLike, video: torch.Tensor, fps: int = 8, upscale: int = 8) -> Path:
     """h264 (crf 12, yuv420p) mp4 of the nearest-upscaled frames, written atomically; returns the path."""
-    import imageio_ffmpeg
+    imageio_ffmpeg = _imageio_ffmpeg()
 
     path = Path(path)
     frames = _upscale(to_uint8_frames(video), upscale)
@@ -131,7 +144,7 @@ def read_video(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
 
 
 def _read_mp4(path: Path) -> tuple[np.ndarray, int | None]:
-    import imageio_ffmpeg
+    imageio_ffmpeg = _imageio_ffmpeg()
 
     try:
         gen = imageio_ffmpeg.read_frames(str(path))
@@ -152,7 +165,7 @@ def _read_mp4(path: Path) -> tuple[np.ndarray, int | None]:
 
 def _mp4_upscale_tag(path: Path) -> int | None:
     """Our ``comment`` tag, read from ffmpeg's description of the input (imageio-ffmpeg does not expose it)."""
-    import imageio_ffmpeg
+    imageio_ffmpeg = _imageio_ffmpeg()
 
     proc = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
                           capture_output=True, text=True, errors="replace", timeout=60)

@@ -95,3 +95,23 @@ def test_missing_and_garbled_files(tmp_path: Path) -> None:
     other.write_bytes(b"x")
     with pytest.raises(UserError, match="unsupported"):
         read_video(other)
+
+
+def test_missing_imageio_ffmpeg_is_a_user_error(tmp_path: Path, video: torch.Tensor, monkeypatch) -> None:
+    """An environment without imageio-ffmpeg (the GPU image here) gets one paragraph, and nothing is written."""
+    import builtins
+
+    from qc_compile.errors import UserError
+    from qc_compile.video_io import write_mp4
+
+    real_import = builtins.__import__
+
+    def no_ffmpeg(name, *a, **kw):
+        if name == "imageio_ffmpeg":
+            raise ModuleNotFoundError("No module named 'imageio_ffmpeg'")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_ffmpeg)
+    with pytest.raises(UserError, match="imageio-ffmpeg"):
+        write_mp4(tmp_path / "a.mp4", video)
+    assert not list(tmp_path.iterdir())
