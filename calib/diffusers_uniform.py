@@ -47,7 +47,7 @@ def check_calibratable(info) -> None:
     """qc-ref-wan work dirs (the model ships its caption encoder) and work dirs exported from a whole WanPipeline
     folder calibrate; a ``wan2.1:PATH`` transformer folder has no text encoder or scheduler to sample with: refused in
     one paragraph."""
-    from qc_compile.commands.run_diffusers import is_pipeline_work
+    from qc_compile.diffusers_run import is_pipeline_work
 
     if info.name == "qc-ref-wan" or is_pipeline_work(info):
         return
@@ -66,7 +66,7 @@ def load_for_calibration(work_dir: Path, prompts_file: Path | None, num_prompts:
     qc-ref-wan's prompts through its caption tokenizer (default: qc-ref's shapes captions, in its vocabulary), a
     WanPipeline's through its own tokenizer (default: the general video prompts calibrate uses for Open-Sora)."""
     from qc_compile.calib.ranges import default_prompts
-    from qc_compile.commands.run_diffusers import check_captions, load_work
+    from qc_compile.diffusers_run import check_captions, load_work
     from qc_compile.prompts import read_prompt_file
     from qc_compile.workdir import WorkDir, read_model_info
 

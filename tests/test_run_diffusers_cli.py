@@ -51,7 +51,7 @@ def _run(args: list[str]) -> int:
 
 
 def test_policy_none_is_the_plain_sampler_bit_for_bit(folder: Path, tmp_path: Path, capsys) -> None:
-    from qc_compile.commands.run_diffusers import sample_under_policy
+    from qc_compile.diffusers_run import sample_under_policy
 
     loaded = load_model("qc-ref-wan", checkpoint=folder)
     prompts = [PROMPT, "a blue square moving up on a gray background"]

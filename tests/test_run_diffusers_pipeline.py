@@ -98,7 +98,7 @@ def _run(args: list[str]) -> int:
 
 
 def test_policy_none_is_the_plain_pipeline_bit_for_bit(folder: Path, tmp_path: Path, capsys) -> None:
-    from qc_compile.commands.run_diffusers import load, sample_under_policy
+    from qc_compile.diffusers_run import load, sample_under_policy
     from qc_compile.video_io import read_video, to_uint8_frames
 
     spec = f"wan2.1:{folder}"

@@ -152,7 +152,7 @@ def _loaded(work: Path):
 
 
 def test_run_without_plan_or_with_bf16_plan_is_the_plain_sampler(exported: Path, tmp_path: Path, capsys) -> None:
-    from qc_compile.commands.run_diffusers import sample_under_policy
+    from qc_compile.diffusers_run import sample_under_policy
 
     work = _copy(exported, tmp_path / "w")
     loaded = _loaded(work)
@@ -171,7 +171,7 @@ def test_run_fp8_plan_runs_fastlinear_within_fp8_error(fp8_work: Path, tmp_path:
     model (3 steps; the schedule policy, step 0 unquantized: 51.3 / 52.9 dB). The 35 dB bound leaves ~15 dB for
     other CPUs' GEMM rounding; the bit-identity with enable(quantize='fp8') is what pins the formats down."""
     import qc_compile
-    from qc_compile.commands.run_diffusers import sample_under_policy
+    from qc_compile.diffusers_run import sample_under_policy
 
     loaded = _loaded(fp8_work)
     plain = loaded.sample(PROMPTS, seed=3)
@@ -266,7 +266,7 @@ def test_wan_pipeline_work_dir_calibrates_and_runs(tmp_path: Path, capsys) -> No
     import qc_compile
     from test_run_diffusers_pipeline import tiny_pipeline
 
-    from qc_compile.commands.run_diffusers import load_work, sample_under_policy
+    from qc_compile.diffusers_run import load_work, sample_under_policy
     from qc_compile.workdir import WorkDir, read_model_info
 
     src = tmp_path / "Wan-tiny-Diffusers"
