@@ -16,7 +16,6 @@ WanPipeline's: CFG as a cond and an uncond call per step) runs the calibration p
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 from pathlib import Path
 
@@ -167,14 +166,10 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings: dict, op
     """Ranges and the activation schedule over ``prompts`` (prompt k: noise seed ``seed + k``) x all steps of the
     model's own sampler; writes ``calib/ranges.*``, ``plan.json`` (validated against model.json) and the report.
     Returns :class:`qc_compile.calib.uniform.UniformResult`."""
-    from safetensors.torch import save
-
-    from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
     from qc_compile.calib import act_schedule, runtime_params
     from qc_compile.calib.ranges import RangeCollector
-    from qc_compile.calib.uniform import UniformResult, write_report
-    from qc_compile.manifest import tool_versions
-    from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan, validate
+    from qc_compile.calib.uniform import UniformResult, write_ranges_and_plan, write_report
+    from qc_compile.plan import WEIGHT_FORMATS, save_plan, validate
 
     opts = opts.checked()
     rt_opts = opts.runtime or runtime_params.RuntimeOptions()
@@ -203,24 +198,9 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings: dict, op
         raise UserError(f"calibration: linear(s) {', '.join(bad[:4])} saw no finite non-zero input range over the "
                         "calibration prompts (a zero or non-finite activation); the model's weights are degenerate "
                         "there, so no activation scale can be calibrated.")
-    work.calib_dir.mkdir(parents=True, exist_ok=True)
-    ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
-    calib = {"prompts": list(prompts), "steps": steps, "cfg": cfg, "seed": seed, "video": list(info.video_size),
-             "method": "percentile" if opts.percentile is not None else "max", "percentile": opts.percentile,
-             "ranges_sha256": ranges_sha, "sampler": f"{info.name}: the model's own sampler (CFG as cond + uncond "
-                                                       "calls; per-step range = max over both)"}
-    write_json_atomic(work.calib_dir / "ranges.json", {"schema_version": 1, "calibration": calib, "ranges": ranges})
-    provenance = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "command": f"qc-compile calibrate --uniform {opts.fmt}", "tool_versions": tool_versions(),
-                  "calibration": calib}
-    plan, kept = uniform_plan(info, opts.fmt, ranges, target=opts.target, exclude=list(opts.exclude),
-                              blocks_only=not opts.quantize_embed_final, provenance=provenance)
-    if opts.act_scales == "dynamic":
-        for e in plan.linears.values():
-            if e.activation in ("fp8_e4m3", "int8"):
-                e.act_scale = "dynamic"
-    calib["act_scales"] = opts.act_scales
-    calib["quantize_embed_final"] = opts.quantize_embed_final
+    plan, kept, calib = write_ranges_and_plan(work, info, rc, ranges, opts, {
+        "prompts": list(prompts), "steps": steps, "cfg": cfg, "seed": seed, "video": list(info.video_size),
+        "sampler": f"{info.name}: the model's own sampler (CFG as cond + uncond calls; per-step range = max over both)"})
     report: dict = {}
     high = runtime_params.high_variant(plan, rt_opts.high)
     if high is not None:

@@ -58,23 +58,43 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings, opts: Un
     """Measure ranges (and the runtime signals) over ``prompts`` x all steps, write ``calib/ranges.*``,
     ``plan.json`` and the report; the plan is validated against the exported model before it is written."""
     import torch
-    from safetensors.torch import save
 
-    from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
     from qc_compile.calib import runtime_params
     from qc_compile.calib.ranges import RangeCollector
-    from qc_compile.manifest import tool_versions
-    from qc_compile.plan import WEIGHT_FORMATS, save_plan, uniform_plan, validate
+    from qc_compile.plan import WEIGHT_FORMATS, save_plan, validate
 
     opts = opts.checked()
     torch.set_grad_enabled(False)
     rc = RangeCollector(loaded.model, percentile=opts.percentile)
     _, signals = runtime_params.measure(loaded, prompts, settings, progress=progress, contexts=[rc])
     ranges = rc.reduce()
+    plan, kept, calib = write_ranges_and_plan(work, info, rc, ranges, opts, {
+        "prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
+        "video": list(info.video_size)})
+    calib["runtime"] = runtime_params.add_runtime_params(plan, signals,
+                                                         opts.runtime or runtime_params.RuntimeOptions())
+    lins = {li["name"]: li for li in info.linears()}
+    validate(plan, linears=lins, model_name=info.name, config_sha256=info.config_sha256, where="calibrated plan")
+    save_plan(plan, work.plan_json)
+    report = write_report(work, plan, ranges, kept,
+                          {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
+                           "method": calib["method"], "percentile": opts.percentile, "format": opts.fmt},
+                          {n: st.amax for n, st in rc.stats.items()})
+    return UniformResult(plan, kept, ranges, report, WEIGHT_FORMATS[opts.fmt].simulated)
+
+
+def write_ranges_and_plan(work, info, rc, ranges: dict, opts: UniformOptions, calib: dict):
+    """``calib/ranges.*`` from the collector, then the uniform plan over them (format, exclusions, activation scales)
+    with its provenance; shared by the STDiT3 and the diffusers calibrations. Returns (plan, kept, calib record)."""
+    from safetensors.torch import save
+
+    from qc_compile.artifacts import write_bytes_atomic, write_json_atomic
+    from qc_compile.manifest import tool_versions
+    from qc_compile.plan import uniform_plan
+
     work.calib_dir.mkdir(parents=True, exist_ok=True)
     ranges_sha = write_bytes_atomic(work.calib_dir / "ranges.safetensors", save(rc.tensors()))
-    calib = {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
-             "video": list(info.video_size), "method": "percentile" if opts.percentile is not None else "max",
+    calib = {**calib, "method": "percentile" if opts.percentile is not None else "max",
              "percentile": opts.percentile, "ranges_sha256": ranges_sha}
     write_json_atomic(work.calib_dir / "ranges.json", {"schema_version": 1, "calibration": calib, "ranges": ranges})
     provenance = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -88,16 +108,7 @@ def calibrate_uniform(work, info, loaded, prompts: list[str], settings, opts: Un
                 e.act_scale = "dynamic"
     calib["act_scales"] = opts.act_scales
     calib["quantize_embed_final"] = opts.quantize_embed_final
-    calib["runtime"] = runtime_params.add_runtime_params(plan, signals,
-                                                         opts.runtime or runtime_params.RuntimeOptions())
-    lins = {li["name"]: li for li in info.linears()}
-    validate(plan, linears=lins, model_name=info.name, config_sha256=info.config_sha256, where="calibrated plan")
-    save_plan(plan, work.plan_json)
-    report = write_report(work, plan, ranges, kept,
-                          {"prompts": prompts, "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed,
-                           "method": calib["method"], "percentile": opts.percentile, "format": opts.fmt},
-                          {n: st.amax for n, st in rc.stats.items()})
-    return UniformResult(plan, kept, ranges, report, WEIGHT_FORMATS[opts.fmt].simulated)
+    return plan, kept, calib
 
 
 def write_report(work, plan, ranges: dict, kept: list[str], settings: dict, per_call: dict) -> Path:

@@ -173,9 +173,12 @@ def canonicalize(model: onnx.ModelProto, linears: dict[str, torch.nn.Linear], pr
     return out
 
 
-def _io_records(model: onnx.ModelProto, kind: str, direction: str) -> list[dict]:
+def io_records(model: onnx.ModelProto, kind: str, direction: str, unit_inputs: dict = UNIT_INPUTS,
+               unit_outputs: dict = UNIT_OUTPUTS) -> list[dict]:
+    """model.json's records of a graph's inputs or outputs: canonical name, ONNX name, shape, dtype (the unit
+    vocabulary ``unit_inputs`` / ``unit_outputs`` of the model family; STDiT3's by default)."""
     vis = model.graph.input if direction == "inputs" else model.graph.output
-    canon = UNIT_INPUTS[kind] if direction == "inputs" else UNIT_OUTPUTS[kind]
+    canon = unit_inputs[kind] if direction == "inputs" else unit_outputs[kind]
     by_onnx = {(n if direction == "inputs" else onnx_output_name(n)): n for n in canon}
     out = []
     for vi in vis:
@@ -186,12 +189,13 @@ def _io_records(model: onnx.ModelProto, kind: str, direction: str) -> list[dict]
     return out
 
 
-def verify_unit(path: Path, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], kind: str) -> float:
+def verify_unit(path: Path, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], kind: str,
+                unit_inputs: dict = UNIT_INPUTS, unit_outputs: dict = UNIT_OUTPUTS) -> float:
     """max over outputs of max|onnx - torch| / max|torch|; onnxruntime on fresh inputs."""
     sess = ort_session(path)
     names = {i.name for i in sess.get_inputs()}
-    feed = {n: t.numpy() for n, t in zip(UNIT_INPUTS[kind], inputs) if n in names}
-    got = sess.run([onnx_output_name(n) for n in UNIT_OUTPUTS[kind]], feed)
+    feed = {n: t.numpy() for n, t in zip(unit_inputs[kind], inputs) if n in names}
+    got = sess.run([onnx_output_name(n) for n in unit_outputs[kind]], feed)
     with torch.no_grad():
         ref = module(*inputs)
     ref = ref if isinstance(ref, tuple) else (ref,)
@@ -255,7 +259,7 @@ def export_model(loaded, work: WorkDir, *, frames: int, height: int, width: int,
         result.units.append({
             "name": name, "kind": kind,
             "onnx": file_records(files, work.root),
-            "inputs": _io_records(proto, kind, "inputs"), "outputs": _io_records(proto, kind, "outputs"),
+            "inputs": io_records(proto, kind, "inputs"), "outputs": io_records(proto, kind, "outputs"),
             "linears": [{"name": li.name, "role": li.role, "in_features": li.in_features,
                          "out_features": li.out_features} for li in by_unit.get(name, [])],
             "verify_rel_err": err, "seconds": round(time.perf_counter() - t0, 3),

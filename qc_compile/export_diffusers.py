@@ -28,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -254,7 +253,8 @@ def export_diffusers_model(loaded, work, *, frames: int | None, height: int | No
     from tqdm.auto import tqdm
 
     from qc_compile.artifacts import write_json_atomic
-    from qc_compile.export import EXPORT_BATCH, VERIFY_RTOL, ExportResult, canonicalize, onnx_output_name
+    from qc_compile.export import (EXPORT_BATCH, VERIFY_RTOL, ExportResult, canonicalize, io_records,
+                                   onnx_output_name, verify_unit)
     from qc_compile.linears import config_sha256, linears_by_unit
     from qc_compile.manifest import tool_versions
     from qc_compile.onnx_utils import file_records, save_onnx, set_metadata
@@ -297,14 +297,15 @@ def export_diffusers_model(loaded, work, *, frames: int | None, height: int | No
         files = save_onnx(proto, path)
         err = None
         if verify:  # at batch sizes other than the traced one: a constant of the traced batch would show here
-            err = max(verify_unit(path, module, example_inputs(cfg, g, L, kind, batch=b, seed=2 + b), kind)
-                      for b in (1, EXPORT_BATCH + 1))
+            err = max(verify_unit(path, module, example_inputs(cfg, g, L, kind, batch=b, seed=2 + b), kind,
+                                  UNIT_INPUTS, UNIT_OUTPUTS) for b in (1, EXPORT_BATCH + 1))
             if not err <= VERIFY_RTOL:
                 raise RuntimeError(f"unit {name}: onnxruntime output differs from torch by {err:.3g} (relative, "
                                    f"tolerance {VERIFY_RTOL}); the exported graph is wrong. This is a bug.")
         result.units.append({
             "name": name, "kind": kind, "onnx": file_records(files, work.root),
-            "inputs": io_records(proto, kind, "inputs"), "outputs": io_records(proto, kind, "outputs"),
+            "inputs": io_records(proto, kind, "inputs", UNIT_INPUTS, UNIT_OUTPUTS),
+            "outputs": io_records(proto, kind, "outputs", UNIT_INPUTS, UNIT_OUTPUTS),
             "linears": [{"name": li.name, "role": li.role, "in_features": li.in_features,
                          "out_features": li.out_features} for li in by_unit.get(name, [])],
             "verify_rel_err": err, "seconds": round(time.perf_counter() - t0, 3),
@@ -342,41 +343,6 @@ def fix_output_shapes(proto: onnx.ModelProto, shapes: list[tuple[int, ...]], nam
                 d.dim_param = "batch"
             else:
                 d.dim_value = int(n)
-
-
-def io_records(model: onnx.ModelProto, kind: str, direction: str) -> list[dict]:
-    from qc_compile.export import onnx_output_name
-
-    vis = model.graph.input if direction == "inputs" else model.graph.output
-    canon = UNIT_INPUTS[kind] if direction == "inputs" else UNIT_OUTPUTS[kind]
-    by_onnx = {(n if direction == "inputs" else onnx_output_name(n)): n for n in canon}
-    out = []
-    for vi in vis:
-        tt = vi.type.tensor_type
-        shape = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
-        out.append({"name": by_onnx[vi.name], "onnx_name": vi.name, "shape": shape,
-                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name})
-    return out
-
-
-def verify_unit(path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...], kind: str) -> float:
-    """max over outputs of max|onnx - torch| / max|torch| (onnxruntime, fp32, fresh inputs)."""
-    from qc_compile.export import onnx_output_name
-    from qc_compile.onnx_utils import ort_session
-
-    sess = ort_session(path)
-    names = {i.name for i in sess.get_inputs()}
-    feed = {n: t.numpy() for n, t in zip(UNIT_INPUTS[kind], inputs) if n in names}
-    got = sess.run([onnx_output_name(n) for n in UNIT_OUTPUTS[kind]], feed)
-    with torch.no_grad():
-        ref = module(*inputs)
-    err = 0.0
-    for g_, r in zip(got, ref):
-        r = r.float().numpy()
-        if g_.shape != r.shape:
-            return float("inf")
-        err = max(err, float(np.abs(g_ - r).max() / max(np.abs(r).max(), 1e-12)))
-    return err
 
 
 def weights_record(loaded, checkpoint: Path | None) -> dict:
