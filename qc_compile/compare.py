@@ -3,7 +3,7 @@
 Per unit, on inputs captured from a real FP sampling run (a few steps: first, middle, last), polygraphy's
 ``Comparator`` runs:
 
-* ``torch-fp``  — :class:`TorchUnitRunner`, our polygraphy ``BaseRunner`` around ``model.unit_module``;
+* ``torch-fp``  — :func:`make_torch_runner`, our polygraphy ``BaseRunner`` around ``model.unit_module``;
 * ``onnxrt-fp`` — ``OnnxrtRunner(SessionFromOnnx(WORK/onnx/fp/<unit>.onnx))``;
 * ``onnxrt-q``  — ``OnnxrtRunner(SessionFromOnnx(<q graph>))`` on the build's Q/DQ graph (its onnxruntime twin,
   written by the build, when it holds TensorRT-only NVFP4 ops);
@@ -62,16 +62,15 @@ def _quiet_polygraphy():
     G_LOGGER.module_severity = G_LOGGER.ERROR
 
 
-def make_torch_runner(module: torch.nn.Module, io: dict, name: str):
+def _unit_runner(io: dict, name: str, run):
+    """A polygraphy ``BaseRunner`` for one unit: its input metadata from ``io`` (the unit's model.json entry, by ONNX
+    tensor name); ``run(feed_dict)`` returns the outputs by ONNX name, timed as the runner's ``inference_time``."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
     class TorchUnitRunner(BaseRunner):
-        """polygraphy runner for one unit of the torch model (feeds/returns the ONNX tensor names)."""
-
         def __init__(self):
             super().__init__(name=name, prefix="torch-runner")
-            self.module, self.io = module, io
 
         def activate_impl(self):
             pass
@@ -81,33 +80,40 @@ def make_torch_runner(module: torch.nn.Module, io: dict, name: str):
 
         def get_input_metadata_impl(self):
             meta = TensorMetadata()
-            for r in self.io["inputs"]:
+            for r in io["inputs"]:
                 meta.add(r["onnx_name"], np.dtype(r["dtype"]), [-1 if isinstance(d, str) else d for d in r["shape"]])
             return meta
 
         def infer_impl(self, feed_dict):
             start = time.perf_counter()
-            by_name = {r["name"]: torch.from_numpy(np.asarray(feed_dict[r["onnx_name"]]))
-                       for r in self.io["inputs"] if r["onnx_name"] in feed_dict}
-            kind = self.module.kind
-            args = []
-            for n in UNIT_INPUTS[kind]:  # inputs the graph dropped (embed's unused mask) still go to torch
-                args.append(by_name[n] if n in by_name else self._filler(n, by_name))
-            with torch.no_grad():
-                out = self.module(*args)
-            out = out if isinstance(out, tuple) else (out,)
+            out = run(feed_dict)
             self.inference_time = time.perf_counter() - start
-            return OrderedDict((r["onnx_name"], np.ascontiguousarray(o.float().numpy()))
-                               for r, o in zip(self.io["outputs"], out))
-
-        @staticmethod
-        def _filler(n, by_name):
-            if n == "mask":
-                b = next(iter(by_name.values())).shape[0]
-                return torch.ones(b, 1, dtype=torch.bool)
-            raise KeyError(n)
+            return out
 
     return TorchUnitRunner()
+
+
+def make_torch_runner(module: torch.nn.Module, io: dict, name: str):
+    """polygraphy runner for one unit of the torch model (feeds/returns the ONNX tensor names)."""
+
+    def filler(n, by_name):
+        if n == "mask":
+            b = next(iter(by_name.values())).shape[0]
+            return torch.ones(b, 1, dtype=torch.bool)
+        raise KeyError(n)
+
+    def run(feed_dict):
+        by_name = {r["name"]: torch.from_numpy(np.asarray(feed_dict[r["onnx_name"]]))
+                   for r in io["inputs"] if r["onnx_name"] in feed_dict}
+        # inputs the graph dropped (embed's unused mask) still go to torch
+        args = [by_name[n] if n in by_name else filler(n, by_name) for n in UNIT_INPUTS[module.kind]]
+        with torch.no_grad():
+            out = module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return OrderedDict((r["onnx_name"], np.ascontiguousarray(o.float().numpy()))
+                           for r, o in zip(io["outputs"], out))
+
+    return _unit_runner(io, name, run)
 
 
 def capture_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int, pick: list[int]) -> dict:
@@ -144,35 +150,15 @@ def capture_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int,
 def make_adapter_runner(adapter, unit: str, g, io: dict, name: str):
     """polygraphy runner for one unit of a diffusers adapter (:mod:`qc_compile.models.diffusers_adapter`): feeds the
     unit's inputs by their model.json names, returns its outputs by ONNX name."""
-    from polygraphy.backend.base import BaseRunner
-    from polygraphy.common import TensorMetadata
 
-    class AdapterUnitRunner(BaseRunner):
-        def __init__(self):
-            super().__init__(name=name, prefix="torch-runner")
+    def run(feed_dict):
+        inputs = {r["name"]: torch.from_numpy(np.asarray(feed_dict[r["onnx_name"]])) for r in io["inputs"]}
+        with torch.no_grad():
+            out = adapter.run_unit(unit, inputs, g)
+        return OrderedDict((r["onnx_name"], np.ascontiguousarray(out[r["name"]].float().numpy()))
+                           for r in io["outputs"])
 
-        def activate_impl(self):
-            pass
-
-        def deactivate_impl(self):
-            pass
-
-        def get_input_metadata_impl(self):
-            meta = TensorMetadata()
-            for r in io["inputs"]:
-                meta.add(r["onnx_name"], np.dtype(r["dtype"]), [-1 if isinstance(d, str) else d for d in r["shape"]])
-            return meta
-
-        def infer_impl(self, feed_dict):
-            start = time.perf_counter()
-            inputs = {r["name"]: torch.from_numpy(np.asarray(feed_dict[r["onnx_name"]])) for r in io["inputs"]}
-            with torch.no_grad():
-                out = adapter.run_unit(unit, inputs, g)
-            self.inference_time = time.perf_counter() - start
-            return OrderedDict((r["onnx_name"], np.ascontiguousarray(out[r["name"]].float().numpy()))
-                               for r in io["outputs"])
-
-    return AdapterUnitRunner()
+    return _unit_runner(io, name, run)
 
 
 def capture_diffusers_unit_inputs(loaded, info, prompts: list[str], steps: int, seed: int, pick: list[int]):

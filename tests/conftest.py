@@ -18,3 +18,13 @@ def _restore_grad_mode():
     mode = torch.is_grad_enabled()
     yield
     torch.set_grad_enabled(mode)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny tensors,
+    thread start-up costs more than it saves (6x faster on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

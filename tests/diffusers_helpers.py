@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+# qc-ref-wan's transformer config, shrunk (the rest from qc_ref_wan.TRANSFORMER_CONFIG)
+QC_REF_WAN_TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "freq_dim": 32}
 
 
 def perturb(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.nn.Module:
@@ -23,6 +28,28 @@ def tiny_wan(seed: int = 0, **kw):
                qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     cfg.update(kw)
     return perturb(WanTransformer3DModel(**cfg), seed)
+
+
+def tiny_wan_folder(root: Path, seed: int = 3, **kw) -> Path:
+    """A diffusers transformer folder (what `save_pretrained` writes, under ROOT/transformer), tiny and random: a
+    ``wan2.1:ROOT`` model. Returns ROOT."""
+    tiny_wan(seed, **kw).save_pretrained(str(root / "transformer"), safe_serialization=True)
+    return root
+
+
+def tiny_qc_ref_wan_folder(root: Path, defaults, *, seed: int = 0, provenance: dict | None = None, **cfg) -> Path:
+    """A qc-ref-wan folder at ROOT/qc_ref_wan (returned): a tiny transformer (``QC_REF_WAN_TINY`` updated by ``cfg``)
+    with every weight moved off its init by 0.05 N(0, 1) after ``torch.manual_seed(seed)``, qc-ref-wan's caption
+    encoder, sampling ``defaults`` (a ``qc_ref_wan.SamplingDefaults``), ``provenance`` ({"test": True} if None)."""
+    from qc_compile.models import qc_ref_wan as qrw
+
+    torch.manual_seed(seed)
+    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **QC_REF_WAN_TINY, **cfg})
+    with torch.no_grad():
+        for p in tr.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return qrw.save_qc_ref_wan(root / "qc_ref_wan", tr, qrw.build_text_encoder(), defaults=defaults,
+                               provenance={"test": True} if provenance is None else provenance)
 
 
 def tiny_cogvideox(seed: int = 0, **kw):

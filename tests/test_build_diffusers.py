@@ -17,49 +17,29 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers_helpers import rel_err  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
+from diffusers_helpers import QC_REF_WAN_TINY, rel_err, tiny_qc_ref_wan_folder  # noqa: E402
 
 import qc_compile  # noqa: E402
 from qc_compile.artifacts import sha256_file  # noqa: E402
-from qc_compile.cli import main  # noqa: E402
 from qc_compile.errors import UserError  # noqa: E402
 from qc_compile.models import qc_ref_wan as qrw  # noqa: E402
 from qc_compile.workdir import WorkDir, load_model_for, read_model_info  # noqa: E402
 
-TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "freq_dim": 32}
 SMALL = qrw.SamplingDefaults(frames=4, height=16, width=16, steps=3, cfg=3.0, shift=4.0)
 PROMPTS = ["a red circle moving left on a black background"]
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def fp_work(tmp_path_factory) -> Path:
     """A tiny random qc-ref-wan folder, exported (FP graphs only, no plan)."""
-    torch.manual_seed(0)
-    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY})
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    folder = qrw.save_qc_ref_wan(tmp_path_factory.mktemp("qrw") / "qc_ref_wan", tr, qrw.build_text_encoder(),
-                                 defaults=SMALL, provenance={"test": True})
+    folder = tiny_qc_ref_wan_folder(tmp_path_factory.mktemp("qrw"), SMALL)
     work = tmp_path_factory.mktemp("wfp") / "work"
-    assert _run(["export", "qc-ref-wan", "--checkpoint", str(folder), "-o", str(work), "--quiet"]) == 0
+    assert run_cli(["export", "qc-ref-wan", "--checkpoint", str(folder), "-o", str(work), "--quiet"]) == 0
     return work
 
 
@@ -81,7 +61,7 @@ def q_work(fp_work: Path, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wq") / "work"
     shutil.copytree(fp_work, work)
     _fp8_plan(work)
-    assert _run(["build", str(work), "--target", "trt", "--onnx-only"]) == 0
+    assert run_cli(["build", str(work), "--target", "trt", "--onnx-only"]) == 0
     return work
 
 
@@ -136,14 +116,14 @@ def test_trt_onnx_only_qdq_on_every_block_linear_only(q_work: Path) -> None:
         assert set(got) == set(names), (u["name"], sorted(got), names)
         want = 1 if u["name"].startswith("block_") else 0
         assert all(v == want for v in got.values()), (u["name"], got)
-    assert sum(1 for u in info.units if u["name"].startswith("block_")) == TINY["num_layers"]
+    assert sum(1 for u in info.units if u["name"].startswith("block_")) == QC_REF_WAN_TINY["num_layers"]
 
 
 @pytest.mark.skipif(not HAS_RTX, reason="tensorrt_rtx does not import here, so no engine can be built")
 def test_build_rtx_sm89_engines_and_manifest(q_work: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     shutil.copytree(q_work, work)
-    assert _run(["build", str(work), "--target", "rtx:sm89", "--max-batch", "2"]) == 0
+    assert run_cli(["build", str(work), "--target", "rtx:sm89", "--max-batch", "2"]) == 0
     info = read_model_info(WorkDir(work))
     man = json.loads((work / "manifest.json").read_text())["targets"]["rtx:sm89"]
     assert man["engines"] and man["tool"]["name"] == "tensorrt_rtx"
@@ -172,7 +152,7 @@ def test_build_torch_package(q_work: Path, tmp_path: Path) -> None:
 
     work = tmp_path / "work"
     shutil.copytree(q_work, work)
-    assert _run(["build", str(work), "--target", "torch"]) == 0
+    assert run_cli(["build", str(work), "--target", "torch"]) == 0
     man = json.loads((work / "manifest.json").read_text())["targets"]["torch"]
     for f in man["units"]["package"]["files"]:
         assert sha256_file(work / f["path"]) == f["sha256"]
@@ -252,7 +232,7 @@ def test_compare_diffusers_work_dir(q_work: Path, tmp_path: Path) -> None:
     end to end; embed/final (not quantized) exact. 2 steps with CFG: the first and the last step's first call."""
     work = tmp_path / "work"
     shutil.copytree(q_work, work)
-    assert _run(["compare", str(work), "--target", "trt", "--steps", "2"]) == 0
+    assert run_cli(["compare", str(work), "--target", "trt", "--steps", "2"]) == 0
     rep = json.loads((work / "report" / "compare.json").read_text())
     assert rep["passed"] and rep["model"] == "qc-ref-wan"
     for u, r in rep["units"].items():
@@ -270,7 +250,7 @@ def test_plugin_graphs_take_block_units_by_kind(q_work: Path, tmp_path: Path) ->
     embed/final do not; every FP8 block linear becomes RotateQuantFP8 + FP8Linear."""
     work = tmp_path / "work"
     shutil.copytree(q_work, work)
-    assert _run(["build", str(work), "--target", "trt", "--onnx-only", "--plugins"]) == 0
+    assert run_cli(["build", str(work), "--target", "trt", "--onnx-only", "--plugins"]) == 0
     for u in read_model_info(WorkDir(work)).units:
         m = onnx.load(str(work / "onnx" / "q" / f"{u['name']}.plugins.onnx"))
         ops = [n.op_type for n in m.graph.node if n.domain == "qc"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qc_compile.cli import main
+from cli_helpers import run_cli
 from qc_compile.data.shapes import Caption, render
 from qc_compile.video_io import write_mp4, write_png_strip
 
@@ -29,18 +29,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
-
-
 def test_reference_and_caption(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
     out_json = files["dir"] / "out" / "r.json"
-    code = _run(["eval", str(files["mp4"]), "--reference", str(files["png"]), "--caption", CAP.text(),
-                 "--json", str(out_json)])
+    code = run_cli(["eval", str(files["mp4"]), "--reference", str(files["png"]), "--caption", CAP.text(),
+                    "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert out.startswith("psnr ") and " dB  ssim 0." in out
@@ -51,32 +43,32 @@ def test_reference_and_caption(files: dict[str, Path], capsys: pytest.CaptureFix
 
 
 def test_wrong_caption_reports_fail(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    code = _run(["eval", str(files["png"]), "--caption", "a red circle moving left on a black background"])
+    code = run_cli(["eval", str(files["png"]), "--caption", "a red circle moving left on a black background"])
     out = capsys.readouterr().out
     assert code == 0 and "direction FAIL (right, want left)" in out and "psnr" not in out
 
 
 def test_reference_only(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    assert _run(["eval", str(files["noisy"]), "--reference", str(files["png"])]) == 0
+    assert run_cli(["eval", str(files["noisy"]), "--reference", str(files["png"])]) == 0
     out = capsys.readouterr().out
     assert "psnr 3" in out and "caption" not in out  # sigma 0.05 -> 32 dB, a bit more where clamped
 
 
 def test_needs_reference_or_caption(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    assert _run(["eval", str(files["png"])]) == 2
+    assert run_cli(["eval", str(files["png"])]) == 2
     assert "--reference" in capsys.readouterr().err
 
 
 def test_mismatched_shapes_name_both_files(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    assert _run(["eval", str(files["png"]), "--reference", str(files["short"])]) == 2
+    assert run_cli(["eval", str(files["png"]), "--reference", str(files["short"])]) == 2
     err = capsys.readouterr().err
     assert "v.png" in err and "short.png" in err and "(3, 16, 32, 32)" in err and "(3, 8, 32, 32)" in err
     assert "Traceback" not in err
 
 
 def test_bad_caption_and_missing_file(files: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    assert _run(["eval", str(files["png"]), "--caption", "a red blob moving left on a black background"]) == 2
+    assert run_cli(["eval", str(files["png"]), "--caption", "a red blob moving left on a black background"]) == 2
     err = capsys.readouterr().err
     assert "'blob'" in err and "triangle" in err
-    assert _run(["eval", str(files["dir"] / "missing.mp4"), "--caption", CAP.text()]) == 2
+    assert run_cli(["eval", str(files["dir"] / "missing.mp4"), "--caption", CAP.text()]) == 2
     assert "missing.mp4" in capsys.readouterr().err

@@ -15,56 +15,34 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers_helpers import randn, rel_err, tiny_wan  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
+from diffusers_helpers import randn, rel_err, tiny_qc_ref_wan_folder, tiny_wan, tiny_wan_folder  # noqa: E402
 
-from qc_compile.cli import main  # noqa: E402
 from qc_compile.errors import ArtifactError  # noqa: E402
 from qc_compile.models import qc_ref_wan as qrw  # noqa: E402
 
-TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "freq_dim": 32}
 SMALL = qrw.SamplingDefaults(frames=4, height=16, width=16, steps=3, cfg=3.0, shift=4.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory) -> Path:
     """A diffusers transformer folder (what `save_pretrained` writes), tiny and random."""
-    d = tmp_path_factory.mktemp("tw") / "Wan-tiny"
-    tiny_wan(3).save_pretrained(str(d / "transformer"), safe_serialization=True)
-    return d
+    return tiny_wan_folder(tmp_path_factory.mktemp("tw") / "Wan-tiny")
 
 
 @pytest.fixture(scope="module")
 def qrw_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY})
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return qrw.save_qc_ref_wan(tmp_path_factory.mktemp("qrw") / "qc_ref_wan", tr, qrw.build_text_encoder(),
-                               defaults=SMALL, provenance={"test": True})
+    return tiny_qc_ref_wan_folder(tmp_path_factory.mktemp("qrw"), SMALL)
 
 
 @pytest.fixture(scope="module")
 def wan_work(wan_folder: Path, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("ww") / "work"
-    assert _run(["export", f"wan2.1:{wan_folder}", "-o", str(work), "--frames", "5", "--height", "16",
-                 "--width", "32", "--text-length", "7", "--quiet"]) == 0
+    assert run_cli(["export", f"wan2.1:{wan_folder}", "-o", str(work), "--frames", "5", "--height", "16",
+                    "--width", "32", "--text-length", "7", "--quiet"]) == 0
     return work
 
 
@@ -147,7 +125,7 @@ def test_qc_ref_wan_folder_export_and_load_for(qrw_folder: Path, tmp_path: Path)
     from qc_compile.workdir import WorkDir, load_model_for, read_model_info
 
     work = tmp_path / "w"
-    assert _run(["export", "qc-ref-wan", "--checkpoint", str(qrw_folder), "-o", str(work), "--quiet"]) == 0
+    assert run_cli(["export", "qc-ref-wan", "--checkpoint", str(qrw_folder), "-o", str(work), "--quiet"]) == 0
     info = read_model_info(WorkDir(work))
     assert info.is_diffusers and info.family == "wan" and info.text_length == 12
     assert info.video_size == (4, 16, 16) and info.geometry().N == 2 * 8 * 8
@@ -173,19 +151,19 @@ def test_export_refuses_bad_input_and_writes_nothing(wan_folder: Path, tmp_path:
         (["--frames", "6"], "1 + 4"),
     ]
     for extra, needle in cases:
-        assert _run(["export", f"wan2.1:{wan_folder}", "-o", str(work), "--quiet", *extra]) == 2
+        assert run_cli(["export", f"wan2.1:{wan_folder}", "-o", str(work), "--quiet", *extra]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
         assert not work.exists()
-    assert _run(["export", f"wan2.1:{tmp_path / 'nowhere'}", "-o", str(work)]) == 2
+    assert run_cli(["export", f"wan2.1:{tmp_path / 'nowhere'}", "-o", str(work)]) == 2
     assert "not a folder" in capsys.readouterr().err and not work.exists()
-    assert _run(["export", "qc-ref", "-o", str(work), "--text-length", "5"]) == 2
+    assert run_cli(["export", "qc-ref", "-o", str(work), "--text-length", "5"]) == 2
     assert "--text-length" in capsys.readouterr().err
     # an image-conditioned Wan transformer is refused with the reason
     i2v = tmp_path / "i2v"
     tiny_wan(1, image_dim=8, added_kv_proj_dim=24).save_pretrained(str(i2v), safe_serialization=True)
-    assert _run(["export", f"wan2.1:{i2v}", "-o", str(work), "--frames", "5", "--height", "16", "--width", "16",
-                 "--quiet"]) == 2
+    assert run_cli(["export", f"wan2.1:{i2v}", "-o", str(work), "--frames", "5", "--height", "16", "--width", "16",
+                    "--quiet"]) == 2
     assert "image-conditioned" in capsys.readouterr().err and not work.exists()
 
 
@@ -195,9 +173,9 @@ def test_export_force_keeps_other_files_and_refuses_mixing(wan_work: Path, wan_f
     shutil.copytree(wan_work, work)
     (work / "notes.txt").write_text("mine")
     before = (work / "model.json").read_bytes()
-    assert _run(["export", "qc-ref", "-o", str(work), "--quiet"]) == 2  # another model, no --force
+    assert run_cli(["export", "qc-ref", "-o", str(work), "--quiet"]) == 2  # another model, no --force
     assert "--force" in capsys.readouterr().err and (work / "model.json").read_bytes() == before
-    assert _run(["export", f"wan2.1:{wan_folder}", "-o", str(work), "--frames", "5", "--height", "16",
-                 "--width", "16", "--text-length", "3", "--force", "--quiet"]) == 0
+    assert run_cli(["export", f"wan2.1:{wan_folder}", "-o", str(work), "--frames", "5", "--height", "16",
+                    "--width", "16", "--text-length", "3", "--force", "--quiet"]) == 0
     assert json.loads((work / "model.json").read_text())["geometry"]["text_length"] == 3
     assert (work / "notes.txt").read_text() == "mine"

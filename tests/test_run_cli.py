@@ -8,33 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from qc_compile.cli import main
+from cli_helpers import run_cli
 
 PROMPT = "a red circle moving left on a black background"
 SIZE = ["--frames", "4", "--height", "16", "--width", "16"]
 SMALL = ["--random-weights", "--steps", "4", *SIZE, "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_run_writes_video_trace_metrics_and_picture(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    rc = _run(["run", "--prompt", PROMPT, "--policy", "quantcache", "--set", "hlc.delta1=0.5", "--set",
-               "hlc.delta2=1", "--set", "hlc.tail=0", "--set", "hlc.warmup=2", "--reference", "-o", str(out), *SMALL])
+    rc = run_cli(["run", "--prompt", PROMPT, "--policy", "quantcache", "--set", "hlc.delta1=0.5", "--set",
+                  "hlc.delta2=1", "--set", "hlc.tail=0", "--set", "hlc.warmup=2", "--reference", "-o", str(out),
+                  *SMALL])
     assert rc == 0, capsys.readouterr().err
     for name in ("video.mp4", "video.png", "trace.json", "metrics.json", "decisions.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -57,7 +45,7 @@ def test_batch_prompt_file_and_default_run_dir(tmp_path: Path, monkeypatch) -> N
     pf = tmp_path / "prompts.txt"
     pf.write_text(f"# two captions\n{PROMPT}\na blue square moving up on a gray background\n")
     monkeypatch.chdir(tmp_path)
-    assert _run(["run", "--prompts", str(pf), "--policy", "fora", *SMALL]) == 0
+    assert run_cli(["run", "--prompts", str(pf), "--policy", "fora", *SMALL]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.endswith("-fora-s0")
     assert {p.name for p in run_dir.iterdir()} >= {"video_0.mp4", "video_1.png", "trace.json", "metrics.json",
@@ -90,7 +78,7 @@ def test_pipeline_api_is_reproducible() -> None:
 def test_bad_input_exits_2_with_a_message(args, msg, capsys, tmp_path) -> None:
     if "--device" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    rc = _run(["run", "--prompt", PROMPT, "-o", str(tmp_path / "r"), *SMALL, *args])
+    rc = run_cli(["run", "--prompt", PROMPT, "-o", str(tmp_path / "r"), *SMALL, *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error:")
     import re
@@ -99,16 +87,16 @@ def test_bad_input_exits_2_with_a_message(args, msg, capsys, tmp_path) -> None:
 
 
 def test_bad_work_dir_and_prompt_errors(tmp_path: Path, capsys) -> None:
-    assert _run(["run", str(tmp_path / "nowhere"), "--prompt", PROMPT]) == 2
+    assert run_cli(["run", str(tmp_path / "nowhere"), "--prompt", PROMPT]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert _run(["run", "--random-weights"]) == 2
+    assert run_cli(["run", "--random-weights"]) == 2
     assert "give a prompt" in capsys.readouterr().err
 
 
 def test_sweep_table_and_plot(tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    rc = _run(["sweep", "--policies", "none,fora,teacache", "--grid", "teacache.rel_l1_thresh=0.5", "--prompts", "2",
-               "--caption-seed", "7", "--steps", "4", "--random-weights", *SIZE, "--jobs", "2", "-o", str(out)])
+    rc = run_cli(["sweep", "--policies", "none,fora,teacache", "--grid", "teacache.rel_l1_thresh=0.5", "--prompts", "2",
+                  "--caption-seed", "7", "--steps", "4", "--random-weights", *SIZE, "--jobs", "2", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "sweep.json").read_text())
     labels = [r["config"] for r in res["rows"]]
@@ -119,7 +107,7 @@ def test_sweep_table_and_plot(tmp_path: Path, capsys) -> None:
     md = (out / "sweep.md").read_text()
     assert "| fora |" in md and (out / "pareto.png").stat().st_size > 0
     assert (out / "runs" / "fora" / "decisions.png").is_file()
-    assert _run(["sweep", "--policies", "fora", "--grid", "hlc.delta1=0.1", "-o", str(out), "--random-weights"]) == 2
+    assert run_cli(["sweep", "--policies", "fora", "--grid", "hlc.delta1=0.1", "-o", str(out), "--random-weights"]) == 2
     assert "no policy in --policies" in capsys.readouterr().err
 
 
@@ -138,7 +126,7 @@ def test_diffusers_models_on_the_stdit3_cli_are_a_clear_refusal(tmp_path: Path, 
     pointing at enable() and tools/peers_wan.py, no traceback, nothing written."""
     out = tmp_path / ("a.mp4" if args[0] == "generate" else "out")
     args = [str(tmp_path / "work") if a == "WORK" else a for a in args]
-    assert _run([*args, "-o", str(out)]) == 2
+    assert run_cli([*args, "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "diffusers video transformer" in err and "qc_compile.enable" in err and "Traceback" not in err
     assert not out.exists()

@@ -12,42 +12,24 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from qc_compile.cli import main  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
+from diffusers_helpers import tiny_qc_ref_wan_folder  # noqa: E402
 from qc_compile.models import load_model  # noqa: E402
 from qc_compile.models import qc_ref_wan as qrw  # noqa: E402
 
 PROMPT = "a red circle moving right on a black background"
-TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 3, "freq_dim": 32}
 SMALL = qrw.SamplingDefaults(frames=4, height=16, width=16, steps=3, cfg=3.0, shift=4.0)  # SSIM: >= 11 px
 HLC = ["--set", "hlc.delta1=0.5", "--set", "hlc.delta2=1", "--set", "hlc.tail=0", "--set", "hlc.warmup=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A qc-ref-wan folder with a tiny random transformer (weights moved off the init, so outputs depend on them)."""
-    torch.manual_seed(0)
-    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY})
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return qrw.save_qc_ref_wan(tmp_path_factory.mktemp("wan") / "qc_ref_wan", tr, qrw.build_text_encoder(),
-                               defaults=SMALL, provenance={"train_steps": 7, "test": True})
-
-
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
+    return tiny_qc_ref_wan_folder(tmp_path_factory.mktemp("wan"), SMALL, num_layers=3,
+                                  provenance={"train_steps": 7, "test": True})
 
 
 def test_policy_none_is_the_plain_sampler_bit_for_bit(folder: Path, tmp_path: Path, capsys) -> None:
@@ -61,16 +43,16 @@ def test_policy_none_is_the_plain_sampler_bit_for_bit(folder: Path, tmp_path: Pa
     assert res.compute_fraction == 1.0 and len(res.steps) == SMALL.steps and res.settings["seeds"] == [5, 6]
     assert getattr(loaded.transformer, "_qc_session", None) is None  # disabled again
     out = tmp_path / "none"
-    assert _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--policy", "none",
-                 "--reference", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert run_cli(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--policy", "none",
+                    "--reference", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
     m = json.loads((out / "metrics.json").read_text())
     assert m["compute_fraction"] == 1.0 and m["reference"]["psnr_db"] == 100.0 and m["reference"]["ssim"] == 1.0
 
 
 def test_run_quantcache_with_reference_writes_the_run(folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    rc = _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--policy",
-               "quantcache", *HLC, "--steps", "4", "--seed", "3", "--reference", "--quiet", "-o", str(out)])
+    rc = run_cli(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--policy",
+                  "quantcache", *HLC, "--steps", "4", "--seed", "3", "--reference", "--quiet", "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for name in ("video.mp4", "video.png", "trace.json", "metrics.json", "decisions.png"):
@@ -114,8 +96,8 @@ def no_load(monkeypatch):
 def test_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, no_load,
                                                         extra, flag) -> None:
     out = tmp_path / "out"
-    assert _run(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, *extra,
-                 "-o", str(out)]) == 2
+    assert run_cli(["run", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, *extra,
+                    "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert not out.exists()
@@ -123,13 +105,13 @@ def test_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: 
 
 def test_generate_qc_ref_wan_is_the_plain_sampler(folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "a.mp4"
-    assert _run(["generate", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--steps",
-                 "2", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
+    assert run_cli(["generate", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--steps",
+                    "2", "--quiet", "-o", str(out)]) == 0, capsys.readouterr().err
     assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
     assert "1 video(s), 2 steps, cfg 3.0, seed 0, 4x16x16" in capsys.readouterr().out
     bad = tmp_path / "b.mp4"
-    assert _run(["generate", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--height",
-                 "32", "--vae", str(tmp_path), "-o", str(bad)]) == 2
+    assert run_cli(["generate", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--prompt", PROMPT, "--height",
+                    "32", "--vae", str(tmp_path), "-o", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "--vae" in err and "--height 32" in err and not bad.exists()
 
@@ -141,8 +123,8 @@ def test_sweep_qc_ref_wan_writes_the_table_and_plot(folder: Path, tmp_path: Path
     out = tmp_path / "sweep"
     pf = tmp_path / "prompts.txt"
     pf.write_text(f"{PROMPT}\n{PROMPT2}\n")
-    rc = _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
-               *HLC, "--prompt-file", str(pf), "--seeds", "3", "--steps", "4", "-o", str(out)])
+    rc = run_cli(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
+                  *HLC, "--prompt-file", str(pf), "--seeds", "3", "--steps", "4", "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for name in ("sweep.json", "sweep.md", "pareto.png"):
@@ -170,8 +152,8 @@ def test_sweep_qc_ref_wan_writes_the_table_and_plot(folder: Path, tmp_path: Path
 def test_sweep_batch_is_one_call_per_seed(folder: Path, tmp_path: Path, capsys) -> None:
     """--batch keeps its meaning: all prompts of a seed in one sampler call (the policy decides for the batch)."""
     out = tmp_path / "sweep"
-    rc = _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none", "--prompts", "2",
-               "--caption-seed", "1", "--seeds", "0", "--steps", "2", "--batch", "-o", str(out)])
+    rc = run_cli(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none", "--prompts", "2",
+                  "--caption-seed", "1", "--seeds", "0", "--steps", "2", "--batch", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "sweep.json").read_text())
     assert res["batch"] and res["caption_seed"] == 1 and res["rows"][0]["psnr_db"] == 100.0
@@ -189,8 +171,8 @@ def test_sweep_batch_is_one_call_per_seed(folder: Path, tmp_path: Path, capsys) 
 def test_sweep_inapplicable_flags_are_refused_before_any_load(folder: Path, tmp_path: Path, capsys, no_load,
                                                               extra, flag) -> None:
     out = tmp_path / "out"
-    assert _run(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
-                 "--prompts", "1", *extra, "-o", str(out)]) == 2
+    assert run_cli(["sweep", "--model", "qc-ref-wan", "--checkpoint", str(folder), "--policies", "none,quantcache",
+                    "--prompts", "1", *extra, "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert not out.exists()

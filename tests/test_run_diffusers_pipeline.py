@@ -19,7 +19,7 @@ pytest.importorskip("tokenizers")
 
 from diffusers_helpers import tiny_wan  # noqa: E402
 
-from qc_compile.cli import main  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
 
 PROMPT = "a red circle moving right on a black background"
 PROMPT2 = "a blue square moving up on a gray background"
@@ -29,12 +29,7 @@ SIZE = ["--frames", "5", "--height", "32", "--width", "32"]
 HLC = ["--set", "hlc.delta1=0.5", "--set", "hlc.delta2=1", "--set", "hlc.tail=0", "--set", "hlc.warmup=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tokenizer():
@@ -89,14 +84,6 @@ def plain(folder: Path, prompts: list[str], seed: int, steps: int, cfg: float = 
     return (frames.float().permute(0, 2, 1, 3, 4) * 2 - 1).clamp(-1, 1)
 
 
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
-
-
 def test_policy_none_is_the_plain_pipeline_bit_for_bit(folder: Path, tmp_path: Path, capsys) -> None:
     from qc_compile.diffusers_run import load, sample_under_policy
     from qc_compile.video_io import read_video, to_uint8_frames
@@ -115,8 +102,8 @@ def test_policy_none_is_the_plain_pipeline_bit_for_bit(folder: Path, tmp_path: P
     assert not torch.equal(plain(folder, [PROMPT], seed=5, steps=3)[0], ref[0])  # the seed matters
 
     out = tmp_path / "none"
-    rc = _run(["run", "--model", spec, "--prompt", PROMPT, "--policy", "none", *SIZE, "--steps", "3", "--seed", "4",
-               "--reference", "--quiet", "-o", str(out)])
+    rc = run_cli(["run", "--model", spec, "--prompt", PROMPT, "--policy", "none", *SIZE, "--steps", "3", "--seed", "4",
+                  "--reference", "--quiet", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     written = read_video(out / "video.png")  # the lossless strip: the CLI's video, frame for frame
     alone = plain(folder, [PROMPT], seed=4, steps=3)[0]  # the plain pipeline on this prompt alone
@@ -134,8 +121,8 @@ def test_policy_none_is_the_plain_pipeline_bit_for_bit(folder: Path, tmp_path: P
 
 def test_run_quantcache_computes_less_and_is_measured(folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    rc = _run(["run", "--model", f"wan2.1:{folder}", "--prompt", PROMPT, "--policy", "quantcache", *HLC, *SIZE,
-               "--steps", "6", "--cfg", "4", "--reference", "--quiet", "-o", str(out)])
+    rc = run_cli(["run", "--model", f"wan2.1:{folder}", "--prompt", PROMPT, "--policy", "quantcache", *HLC, *SIZE,
+                  "--steps", "6", "--cfg", "4", "--reference", "--quiet", "-o", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for name in ("video.mp4", "video.png", "trace.json", "metrics.json", "decisions.png"):
@@ -151,8 +138,8 @@ def test_run_quantcache_computes_less_and_is_measured(folder: Path, tmp_path: Pa
 
 def test_generate_writes_mp4_and_png(folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "a.mp4"
-    rc = _run(["generate", "--model", f"wan2.1:{folder}", "--prompt", PROMPT, *SIZE, "--steps", "2",
-               "--negative-prompt", "gray", "--quiet", "-o", str(out)])
+    rc = run_cli(["generate", "--model", f"wan2.1:{folder}", "--prompt", PROMPT, *SIZE, "--steps", "2",
+                  "--negative-prompt", "gray", "--quiet", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
     assert "1 video(s), 2 steps, cfg 5.0, seed 0, 5x32x32" in capsys.readouterr().out
@@ -160,8 +147,8 @@ def test_generate_writes_mp4_and_png(folder: Path, tmp_path: Path, capsys) -> No
 
 def test_sweep_pipeline_folder(folder: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    rc = _run(["sweep", "--model", f"wan2.1:{folder}", "--policies", "none,quantcache", *HLC, *SIZE, "--prompts",
-               "1", "--seeds", "0", "--steps", "6", "-o", str(out)])
+    rc = run_cli(["sweep", "--model", f"wan2.1:{folder}", "--policies", "none,quantcache", *HLC, *SIZE, "--prompts",
+                  "1", "--seeds", "0", "--steps", "6", "-o", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "sweep.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
@@ -170,7 +157,7 @@ def test_sweep_pipeline_folder(folder: Path, tmp_path: Path, capsys) -> None:
 
 
 def _refused(args: list[str], capsys, *needles: str) -> str:
-    assert _run(args) == 2
+    assert run_cli(args) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().count("\n") == 0, err  # one paragraph
     for n in needles:

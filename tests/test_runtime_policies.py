@@ -19,13 +19,7 @@ from qc_compile.runtime.policy import SUB_BLOCKS, Action, Gate, UnitDecision
 PROMPT = "a red circle moving left on a black background"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves (6x faster on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

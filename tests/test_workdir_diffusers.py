@@ -14,44 +14,25 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from qc_compile.cli import main  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
+from diffusers_helpers import tiny_qc_ref_wan_folder, tiny_wan_folder  # noqa: E402
 from qc_compile.models import qc_ref_wan as qrw  # noqa: E402
 
-TINY = {"num_attention_heads": 2, "attention_head_dim": 12, "ffn_dim": 32, "num_layers": 2, "freq_dim": 32}
 SMALL = qrw.SamplingDefaults(frames=4, height=16, width=16, steps=3, cfg=3.0, shift=4.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code)
-    return 0
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tr = qrw.build_transformer({**qrw.TRANSFORMER_CONFIG, **TINY})
-    with torch.no_grad():
-        for p in tr.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return qrw.save_qc_ref_wan(tmp_path_factory.mktemp("qrw") / "qc_ref_wan", tr, qrw.build_text_encoder(),
-                               defaults=SMALL, provenance={"test": True})
+    return tiny_qc_ref_wan_folder(tmp_path_factory.mktemp("qrw"), SMALL)
 
 
 @pytest.fixture(scope="module")
 def exported(folder: Path, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("work") / "w"
-    assert _run(["export", "qc-ref-wan", "--checkpoint", str(folder), "-o", str(work), "--quiet"]) == 0
+    assert run_cli(["export", "qc-ref-wan", "--checkpoint", str(folder), "-o", str(work), "--quiet"]) == 0
     return work
 
 
@@ -63,7 +44,7 @@ def _copy(work: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def fp8_work(exported: Path, tmp_path_factory) -> Path:
     work = _copy(exported, tmp_path_factory.mktemp("fp8") / "w")
-    assert _run(["calibrate", str(work), "--uniform", "fp8", "--quiet"]) == 0
+    assert run_cli(["calibrate", str(work), "--uniform", "fp8", "--quiet"]) == 0
     return work
 
 
@@ -94,8 +75,8 @@ def test_calibrate_uniform_fp8_plans_exactly_the_block_linears(fp8_work: Path, c
 def test_calibrate_quantize_embed_final_and_cli_output(exported: Path, tmp_path: Path, capsys) -> None:
     work = _copy(exported, tmp_path / "w")
     capsys.readouterr()
-    assert _run(["calibrate", str(work), "--uniform", "fp8", "--quantize-embed-final", "--num-prompts", "2",
-                 "--quiet"]) == 0
+    assert run_cli(["calibrate", str(work), "--uniform", "fp8", "--quantize-embed-final", "--num-prompts", "2",
+                    "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "26 linear(s) in fp8_e4m3, 0 kept at bf16" in out
     assert "SRAP thresholds not written" in out and "HLC thresholds not written" in out
@@ -107,31 +88,28 @@ def test_calibrate_quantize_embed_final_and_cli_output(exported: Path, tmp_path:
 def test_calibrate_refusals(exported: Path, tmp_path: Path, capsys) -> None:
     work = _copy(exported, tmp_path / "w")
     capsys.readouterr()
-    assert _run(["calibrate", str(work), "--method", "aigq"]) == 2
+    assert run_cli(["calibrate", str(work), "--method", "aigq"]) == 2
     err = capsys.readouterr().err
     assert "--method aigq: not available for qc-ref-wan" in err and "--uniform FORMAT" in err
     assert "Traceback" not in err
     bad = tmp_path / "prompts.txt"
     bad.write_text("a purple dragon flying over a castle\n")
-    assert _run(["calibrate", str(work), "--uniform", "fp8", "--prompts", str(bad)]) == 2
+    assert run_cli(["calibrate", str(work), "--uniform", "fp8", "--prompts", str(bad)]) == 2
     assert "Traceback" not in capsys.readouterr().err
     assert not (work / "plan.json").exists()
 
 
 def test_calibrate_wan_transformer_folder_is_refused(tmp_path: Path, capsys) -> None:
-    from diffusers_helpers import tiny_wan
-
-    src = tmp_path / "Wan-tiny"
-    tiny_wan(3).save_pretrained(str(src / "transformer"), safe_serialization=True)
+    src = tiny_wan_folder(tmp_path / "Wan-tiny")
     work = tmp_path / "w"
-    assert _run(["export", f"wan2.1:{src}", "-o", str(work), "--frames", "5", "--height", "16", "--width", "32",
-                 "--text-length", "7", "--quiet"]) == 0
+    assert run_cli(["export", f"wan2.1:{src}", "-o", str(work), "--frames", "5", "--height", "16", "--width", "32",
+                    "--text-length", "7", "--quiet"]) == 0
     capsys.readouterr()
-    assert _run(["calibrate", str(work), "--uniform", "fp8"]) == 2
+    assert run_cli(["calibrate", str(work), "--uniform", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "a diffusers transformer folder exported on its own" in err and "Traceback" not in err
     assert not (work / "plan.json").exists()
-    assert _run(["run", str(work), "-p", "a red circle", "--quiet"]) == 2
+    assert run_cli(["run", str(work), "-p", "a red circle", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "a diffusers transformer folder exported on its own" in err and "Traceback" not in err
 
@@ -158,7 +136,7 @@ def test_run_without_plan_or_with_bf16_plan_is_the_plain_sampler(exported: Path,
     loaded = _loaded(work)
     plain = loaded.sample(PROMPTS, seed=3)
     assert torch.equal(sample_under_policy(loaded, PROMPTS, policy="none", seed=3, work=work).videos, plain)
-    assert _run(["calibrate", str(work), "--uniform", "bf16", "--num-prompts", "2", "--quiet"]) == 0
+    assert run_cli(["calibrate", str(work), "--uniform", "bf16", "--num-prompts", "2", "--quiet"]) == 0
     res = sample_under_policy(loaded, PROMPTS, policy="none", seed=3, work=work)
     assert torch.equal(res.videos, plain)
     assert res.settings["plan"] and not res.settings["quantized"] and res.extra["plan"]["variants"] == ["default"]
@@ -196,8 +174,8 @@ def test_run_fp8_plan_runs_fastlinear_within_fp8_error(fp8_work: Path, tmp_path:
 
 def test_run_cli_records_the_plan(fp8_work: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    assert _run(["run", str(fp8_work), "-p", PROMPTS[0], "--policy", "none", "--reference", "--quiet", "-o",
-                 str(out)]) == 0
+    assert run_cli(["run", str(fp8_work), "-p", PROMPTS[0], "--policy", "none", "--reference", "--quiet", "-o",
+                    str(out)]) == 0
     line = capsys.readouterr().out
     assert "vs FP: PSNR" in line
     trace = json.loads((out / "trace.json").read_text())
@@ -210,16 +188,16 @@ def test_run_cli_records_the_plan(fp8_work: Path, tmp_path: Path, capsys) -> Non
     assert 35.0 < metrics["reference"]["psnr_db"] < 100.0
     assert (out / "video.mp4").is_file()
     # a policy that reads the plan's schedule is checked with the plan (not refused for lacking one)
-    assert _run(["run", str(fp8_work), "-p", PROMPTS[0], "--policy", "schedule", "--quiet", "-o",
-                 str(tmp_path / "sched")]) == 0
+    assert run_cli(["run", str(fp8_work), "-p", PROMPTS[0], "--policy", "schedule", "--quiet", "-o",
+                    str(tmp_path / "sched")]) == 0
     steps = json.loads((tmp_path / "sched" / "trace.json").read_text())["steps"]
     assert {d["variant"] for d in steps[0]["decisions"].values()} == {"high"}
 
 
 def test_sweep_work_writes_rows(fp8_work: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep"
-    assert _run(["sweep", str(fp8_work), "--policies", "none,hlc", "--prompts", "1", "--seeds", "0", "-o",
-                 str(out)]) == 0
+    assert run_cli(["sweep", str(fp8_work), "--policies", "none,hlc", "--prompts", "1", "--seeds", "0", "-o",
+                    str(out)]) == 0
     d = json.loads((out / "sweep.json").read_text())
     assert len(d["rows"]) == 2 and d["work_dir"] == str(fp8_work) and d["plan"]["quantized"]
     none = next(r for r in d["rows"] if r["policy"] == "none")
@@ -229,7 +207,7 @@ def test_sweep_work_writes_rows(fp8_work: Path, tmp_path: Path, capsys) -> None:
 def test_tampered_weights_plan_and_flags_are_refused(fp8_work: Path, tmp_path: Path, capsys) -> None:
     def refused(work: Path, *extra: str) -> str:
         capsys.readouterr()
-        assert _run(["run", str(work), "-p", PROMPTS[0], "--quiet", "-o", str(tmp_path / "r"), *extra]) == 2
+        assert run_cli(["run", str(work), "-p", PROMPTS[0], "--quiet", "-o", str(tmp_path / "r"), *extra]) == 2
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.count("\n") == 1
         assert not (tmp_path / "r").exists()
@@ -272,15 +250,15 @@ def test_wan_pipeline_work_dir_calibrates_and_runs(tmp_path: Path, capsys) -> No
     src = tmp_path / "Wan-tiny-Diffusers"
     tiny_pipeline().save_pretrained(str(src), safe_serialization=True)
     work = tmp_path / "w"
-    assert _run(["export", f"wan2.1:{src}", "-o", str(work), "--frames", "5", "--height", "32", "--width", "32",
-                 "--text-length", "16", "--quiet"]) == 0
+    assert run_cli(["export", f"wan2.1:{src}", "-o", str(work), "--frames", "5", "--height", "32", "--width", "32",
+                    "--text-length", "16", "--quiet"]) == 0
     info = read_model_info(WorkDir(work))
     loaded, plan = load_work(work, info, "cpu")
     assert plan is None and loaded.max_sequence_length == 16
     prompts = PROMPTS[:1]
     plain = loaded.sample(prompts, seed=1, steps=3)
     assert torch.equal(sample_under_policy(loaded, prompts, policy="none", seed=1, steps=3, work=work).videos, plain)
-    assert _run(["calibrate", str(work), "--uniform", "fp8", "--steps", "3", "--num-prompts", "2", "--quiet"]) == 0
+    assert run_cli(["calibrate", str(work), "--uniform", "fp8", "--steps", "3", "--num-prompts", "2", "--quiet"]) == 0
     data = json.loads((work / "plan.json").read_text())
     units = {li["name"]: u["name"] for u in json.loads((work / "model.json").read_text())["units"]
              for li in u["linears"]}

@@ -154,14 +154,7 @@ def calibrate(work_dir: Path, fmt: str | None, method: str | None, budget: str, 
     torch.set_grad_enabled(False)
     res = calibrate_uniform(work, info, loaded, prompts, settings, dataclasses.replace(opts, runtime=runtime),
                             progress=not quiet)
-    n_lin, kept = len(res.plan.linears), res.kept
-    sim = " (simulated format: not runnable on TensorRT targets)" if res.simulated else ""
-    click.echo(f"calibrated {len(res.ranges)} linears over {len(prompts)} prompt(s) x {settings.steps} steps "
-               f"({'percentile' if percentile is not None else 'max'}); wrote {work.plan_json} with "
-               f"{n_lin - len(kept)} linear(s) in {opts.fmt}{sim}, {len(kept)} kept at bf16; report {res.report}; "
-               f"{time.perf_counter() - start:.1f} s")
-    if kept:
-        click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
+    _echo_uniform_result(res, work, len(prompts), f"{settings.steps} steps", opts.fmt, percentile, start)
     rt = (res.plan.provenance or {}).get("calibration", {}).get("runtime", {})
     for line in (srap_summary(rt.get("srap")), hlc_summary(rt.get("hlc"))):
         if line:
@@ -195,13 +188,20 @@ def _calibrate_diffusers(info, work_dir: Path, *, fmt, method, act_high_fraction
     torch.set_grad_enabled(False)
     res = DU.calibrate_uniform(work, info, loaded, prompts, settings, dataclasses.replace(opts, runtime=runtime),
                                progress=not quiet)
-    n_lin, kept = len(res.plan.linears), res.kept
-    sim = " (simulated format: not runnable on TensorRT targets)" if res.simulated else ""
-    click.echo(f"calibrated {len(res.ranges)} linears over {len(prompts)} prompt(s) x {settings['steps']} steps of "
-               f"{info.name}'s own sampler ({'percentile' if percentile is not None else 'max'}); wrote "
-               f"{work.plan_json} with {n_lin - len(kept)} linear(s) in {opts.fmt}{sim}, {len(kept)} kept at bf16; "
-               f"report {res.report}; {time.perf_counter() - start:.1f} s")
-    if kept:
-        click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
+    _echo_uniform_result(res, work, len(prompts), f"{settings['steps']} steps of {info.name}'s own sampler", opts.fmt,
+                         percentile, start)
     for line in DU.summary_lines(res.plan):
         click.echo(line)
+
+
+def _echo_uniform_result(res, work, n_prompts: int, steps: str, fmt: str, percentile, start: float) -> None:
+    """What both `calibrate --uniform` paths print: linears calibrated over ``n_prompts`` x ``steps`` (e.g. "4 steps"),
+    the plan written, the linears kept at bf16."""
+    n_lin, kept = len(res.plan.linears), res.kept
+    sim = " (simulated format: not runnable on TensorRT targets)" if res.simulated else ""
+    click.echo(f"calibrated {len(res.ranges)} linears over {n_prompts} prompt(s) x {steps} "
+               f"({'percentile' if percentile is not None else 'max'}); wrote {work.plan_json} with "
+               f"{n_lin - len(kept)} linear(s) in {fmt}{sim}, {len(kept)} kept at bf16; report {res.report}; "
+               f"{time.perf_counter() - start:.1f} s")
+    if kept:
+        click.echo("kept at bf16: " + ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))

@@ -115,38 +115,29 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     from qc_compile.commands import run_diffusers
 
     info = run_diffusers.work_info(work)
-    if info is not None:  # a diffusers work dir: every config under its plan, its model's own sampler
-        if checkpoint is not None:
-            raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
-        run_diffusers.check_work_flags(work, info, model, {
+    # a diffusers work dir (every config under its plan) or qc-ref-wan / a WanPipeline folder: the model's own
+    # sampler under qc_compile.enable, one process
+    if info is not None or run_diffusers.takes_model(model, work):
+        size = dict(frames=frames, height=height, width=width)
+        inapplicable = {
             f"--jobs {jobs}": jobs > 1, f"--gpus {gpus}": gpus > 1,
             f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
             "--text-encoder": text_encoder is not None, "--vae": vae is not None,
             "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
-            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
+            f"--flow {flow}": flow is not None, "size": size}
+        if info is not None:
+            if checkpoint is not None:
+                raise UserError("--checkpoint applies without WORK only; a work dir names its own weights.")
+            run_diffusers.check_work_flags(work, info, model, inapplicable)
+            source = dict(model=None, checkpoint=None, work=work, info=info)
+        else:
+            run_diffusers.check_flags(model, checkpoint, inapplicable)
+            source = dict(model=model, checkpoint=checkpoint, size=size)
         check_output_dir(output, "--output", overwrite)
         commit = _git_commit()
         with fresh_dir(output) as tmp:
-            result = run_diffusers.sweep_command(model=None, checkpoint=None, device=device, configs=configs,
-                                                 prompts=prompts, seeds=seed_list, steps=steps, batch=batch,
-                                                 out_dir=tmp, log=click.echo, work=work, info=info)
-            _write_outputs(tmp, result, caption_seed=None if prompt_file else caption_seed, commit=commit)
-        click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")
-        return
-    if run_diffusers.takes_model(model, work):  # qc-ref-wan: its own sampler under qc_compile.enable, one process
-        run_diffusers.check_flags(model, checkpoint, {
-            f"--jobs {jobs}": jobs > 1, f"--gpus {gpus}": gpus > 1,
-            f"--parallel {parallel_mode}": parallel_mode != "auto", "--random-weights": random_weights,
-            "--text-encoder": text_encoder is not None, "--vae": vae is not None,
-            "--caption-cache": caption_cache is not None, f"--aes {aes}": aes != run_diffusers.AES_DEFAULT,
-            f"--flow {flow}": flow is not None, "size": dict(frames=frames, height=height, width=width)})
-        check_output_dir(output, "--output", overwrite)
-        commit = _git_commit()
-        with fresh_dir(output) as tmp:
-            result = run_diffusers.sweep_command(model=model, checkpoint=checkpoint, device=device, configs=configs,
-                                                 prompts=prompts, seeds=seed_list, steps=steps, batch=batch,
-                                                 out_dir=tmp, log=click.echo,
-                                                 size=dict(frames=frames, height=height, width=width))
+            result = run_diffusers.sweep_command(device=device, configs=configs, prompts=prompts, seeds=seed_list,
+                                                 steps=steps, batch=batch, out_dir=tmp, log=click.echo, **source)
             _write_outputs(tmp, result, caption_seed=None if prompt_file else caption_seed, commit=commit)
         click.echo(f"wrote {output}/sweep.json, sweep.md, pareto.png")
         return
