@@ -202,6 +202,11 @@ def test_sweep_work_writes_rows(fp8_work: Path, tmp_path: Path, capsys) -> None:
     assert len(d["rows"]) == 2 and d["work_dir"] == str(fp8_work) and d["plan"]["quantized"]
     none = next(r for r in d["rows"] if r["policy"] == "none")
     assert 35.0 < none["psnr_db"] < 100.0
+    # a policy that reads the plan (its per-step schedule) is checked with the work dir's plan, not refused
+    out2 = tmp_path / "sweep_schedule"
+    assert run_cli(["sweep", str(fp8_work), "--policies", "schedule", "--prompts", "1", "--seeds", "0", "-o",
+                    str(out2)]) == 0, capsys.readouterr().err
+    assert json.loads((out2 / "sweep.json").read_text())["rows"][0]["policy"] == "schedule"
 
 
 def test_tampered_weights_plan_and_flags_are_refused(fp8_work: Path, tmp_path: Path, capsys) -> None:

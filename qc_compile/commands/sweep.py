@@ -102,8 +102,15 @@ def sweep(work, policies, n_prompts, prompt_file, caption_seed, seeds, grid, set
     configs = expand_configs(specs, parse_grid(grid), parse_sets(sets))
     from qc_compile.runtime.policies import get_policy
 
+    plan = None  # the work dir's plan: policies that read it (schedule, aigq) are checked with it
+    if work is not None:
+        from qc_compile.plan import load_plan
+        from qc_compile.workdir import WorkDir
+
+        if WorkDir(work).plan_json.is_file():
+            plan = load_plan(WorkDir(work).plan_json)
     for c in configs:  # every config's parameters are checked before any generation
-        get_policy(c.policy, c.overrides, None)
+        get_policy(c.policy, c.overrides, plan)
     if prompt_file is not None:
         prompts = read_prompt_file(prompt_file, "--prompt-file")
     else:
