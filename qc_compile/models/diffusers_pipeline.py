@@ -211,6 +211,10 @@ def load_wan_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype | No
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     from diffusers import WanPipeline
 
+    from diffusers.utils import logging as dlogging
+
+    bars = dlogging.is_progress_bar_enabled()
+    dlogging.disable_progress_bar()  # "Loading pipeline components" bars for a local folder: noise on stderr
     try:
         with warnings.catch_warnings():  # diffusers 0.42 renames torch_dtype to dtype (a FutureWarning); both work
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -219,6 +223,9 @@ def load_wan_pipeline(spec: str, *, device: str = "cpu", dtype: torch.dtype | No
     except (OSError, ValueError, EnvironmentError, RuntimeError, ImportError, KeyError, TypeError) as e:
         msg = " ".join(str(e).split())
         raise UserError(f"--model {spec}: diffusers could not load the WanPipeline in {folder}: {msg}") from None
+    finally:
+        if bars:
+            dlogging.enable_progress_bar()
     pipe = pipe.to(device)
     for comp in (pipe.transformer, pipe.text_encoder, pipe.vae):
         comp.eval()
