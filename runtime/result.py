@@ -73,8 +73,9 @@ class RunResult:
             "compute_fraction": self.compute_fraction, "flop_fraction": self.flop_fraction,
             "seconds": round(self.seconds, 3), "seconds_per_video": round(self.seconds / max(1, len(self.prompts)), 3),
             "checker": self.checker(),
-            "note": "seconds are wall-clock of the torch run on this machine (CPU unless the device says otherwise); "
-                    "compute_fraction counts block-unit evaluations, flop_fraction block FLOPs.",
+            "note": f"seconds are wall-clock of the {self.executor} run on this machine (device: "
+                    f"{self.settings.get('device', 'cpu')}); compute_fraction counts block-unit evaluations, "
+                    "flop_fraction block FLOPs.",
         }
         if self.fp_videos is not None:
             from qc_compile.metrics.fidelity import compare_videos
