@@ -347,8 +347,15 @@ def enable(pipe: Any, work: str | Path | None = None, policy: Any = "quantcache"
         sessions.append(QCSession(tr, pol, scheduler=getattr(pipe, "scheduler", None), num_steps=num_steps,
                                   quantize=quantize, plan=None if graph_units is not None else plan,
                                   graphs=graph_units))
-    for s in sessions:
-        s.install()
+    installed: list[QCSession] = []
+    try:  # all or nothing: a second transformer that fails to install leaves the first as it was
+        for s in sessions:
+            s.install()
+            installed.append(s)
+    except BaseException:
+        for s in reversed(installed):
+            s.uninstall()
+        raise
     return sessions[0] if len(sessions) == 1 else sessions
 
 

@@ -59,6 +59,7 @@ class WorkDirGraphs:
         self._check_transformer(where, transformer, check_weights)
         self.geometry = info.geometry()
         self.text_length = info.text_length
+        self.model_name = info.name
         self.unit_names = tuple(info.unit_names)
         if tuple(adapter.unit_names()) != self.unit_names:
             raise UserError(f"{where}: the work dir has units {self.unit_names[0]} .. {self.unit_names[-1]} "
@@ -130,7 +131,8 @@ class WorkDirGraphs:
                 raise UserError(f"{where}: {self.work.root} {why} (manifest.json is missing), so there are no Q/DQ "
                                 f"graphs or engines to run (the FP graphs would run the plan unquantized). Run "
                                 f"`qc-compile build {self.work.root} --target T` first (e.g. --target rtx:sm89 or "
-                                "--target trt --onnx-only), or pass graphs='fp' for the exported FP graphs.")
+                                "--target trt --onnx-only); from Python, enable(..., graphs='fp') runs the exported "
+                                "FP graphs instead (the command line's --executor onnxruntime runs a build's graphs).")
             return "fp", None
         return "q", target
 
@@ -148,7 +150,8 @@ class WorkDirGraphs:
             raise UserError(f"{where}: this call's text features have {L} tokens, but the graphs of "
                             f"{self.work.root} were exported at text length {self.text_length} (fixed in them). "
                             f"Pad the prompt embeddings to {self.text_length} tokens (WanPipeline: "
-                            f"max_sequence_length={self.text_length}), or export with --text-length {L}.")
+                            f"max_sequence_length={self.text_length})"
+                            + ("." if self.model_name == "qc-ref-wan" else f", or export with --text-length {L}."))
         taken = {r["name"] for r in self.info.unit("embed")["inputs"]}
         extra = sorted(k for k, v in inputs.items() if v is not None and k not in taken)
         if extra:

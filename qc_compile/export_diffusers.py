@@ -225,12 +225,25 @@ def geometry_for(loaded, frames: int | None, height: int | None, width: int | No
     adapter = loaded.model
     if getattr(loaded, "name", "") == "qc-ref-wan":
         d = loaded.defaults
-        video = (frames or d.frames, height or d.height, width or d.width)
+        bad = [f"--{k} {v}" for k, v, own in (("frames", frames, d.frames), ("height", height, d.height),
+                                              ("width", width, d.width)) if v is not None and v != own]
+        if bad:
+            raise UserError(f"{', '.join(bad)}: qc-ref-wan samples at its folder's own size {d.frames}x{d.height}x"
+                            f"{d.width} (its sampler, calibration and runs use that size); drop "
+                            + ("it." if len(bad) == 1 else "them."))
+        video = (d.frames, d.height, d.width)
         from qc_compile.models.diffusers_adapter import DiffusersGeometry
 
         return video, DiffusersGeometry(*video, tuple(loaded.config.patch_size))
     video = (frames or WAN_VIDEO_DEFAULTS[0], height or WAN_VIDEO_DEFAULTS[1], width or WAN_VIDEO_DEFAULTS[2])
     return video, adapter.geometry_for_video(*video)
+
+
+def model_spec(name: str) -> str:
+    """The name model.json records: ``qc-ref-wan``, or ``FAMILY:PATH`` with PATH absolute (a work dir is used from
+    other directories; a relative folder would then name another one)."""
+    family, sep, path = name.partition(":")
+    return f"{family}:{Path(path).resolve()}" if sep else name
 
 
 def text_length_of(loaded, text_length: int | None) -> int:
@@ -267,7 +280,7 @@ def export_diffusers_model(loaded, work, *, frames: int | None, height: int | No
     adapter = loaded.model
     video, g = geometry_for(loaded, frames, height, width)
     L = text_length_of(loaded, text_length)
-    cfg = DiffusersConfig.of(loaded.name, transformer)
+    cfg = DiffusersConfig.of(model_spec(loaded.name), transformer)
     cfg_hash = config_sha256(cfg)
     by_unit = linears_by_unit(transformer_linears(transformer))
     modules = dict(transformer.named_modules())

@@ -179,7 +179,8 @@ def _check_model_json_shape(data: dict, path: Path) -> None:
     if model.get("family") is not None:
         if not isinstance(data.get("weights", {}).get("files"), dict):
             raise bad("weights.files", "an object mapping weight files to their sha256")
-        if not isinstance(data.get("geometry", {}).get("text_length"), int):
+        tl = data.get("geometry", {}).get("text_length")
+        if not isinstance(tl, int) or isinstance(tl, bool) or tl < 1:
             raise bad("geometry.text_length", "a positive integer")
     w = data.get("weights")
     if not isinstance(w, dict) or w.get("source") not in ("checkpoint", "shipped", "random") or \

@@ -111,6 +111,7 @@ def test_export_patches_are_exact_and_undone() -> None:
     ctx = a.embed({"x": x, "timestep": torch.tensor([100.0, 900.0]), "y": randn(2, 5, 16, seed=2)},
                   a.geometry_of(x))
     procs = [m.processor for m in tr.modules() if hasattr(m, "processor")]
+    rms_forward = torch.nn.RMSNorm.forward
     with torch.no_grad():
         ref = a.run_block("block_1", ctx, None)
         with export_patches(tr):
@@ -118,7 +119,7 @@ def test_export_patches_are_exact_and_undone() -> None:
             assert type(tr.blocks[0].attn1.processor).__name__ == "ExportWanAttnProcessor"
     assert rel_err(got, ref) < 1e-6
     assert [m.processor for m in tr.modules() if hasattr(m, "processor")] == procs
-    assert torch.nn.RMSNorm.forward.__qualname__ == "RMSNorm.forward"
+    assert torch.nn.RMSNorm.forward is rms_forward
 
 
 def test_qc_ref_wan_folder_export_and_load_for(qrw_folder: Path, tmp_path: Path) -> None:
@@ -179,3 +180,62 @@ def test_export_force_keeps_other_files_and_refuses_mixing(wan_work: Path, wan_f
                     "--width", "16", "--text-length", "3", "--force", "--quiet"]) == 0
     assert json.loads((work / "model.json").read_text())["geometry"]["text_length"] == 3
     assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_relative_folder_is_recorded_absolute_and_qc_ref_wan_size_is_its_own(wan_folder: Path, qrw_folder: Path,
+                                                                              tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    """A work dir is used from other directories: a relative ``wan2.1:PATH`` is recorded resolved (else the model
+    would later load from whatever folder of that name the current directory holds); qc-ref-wan exports at its
+    folder's own size only (its sampler, calibration and runs use that size)."""
+    from qc_compile.workdir import WorkDir, read_model_info
+
+    monkeypatch.chdir(wan_folder.parent)
+    work = tmp_path / "rel"
+    assert run_cli(["export", f"wan2.1:{wan_folder.name}", "-o", str(work), "--frames", "5", "--height", "16",
+                    "--width", "16", "--text-length", "3", "--quiet"]) == 0
+    info = read_model_info(WorkDir(work))
+    assert info.name == f"wan2.1:{wan_folder.resolve()}" and info.data["weights"]["path"] == str(wan_folder.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["export", "qc-ref-wan", "--checkpoint", str(qrw_folder), "-o", str(tmp_path / "w8"),
+                    "--frames", "8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--frames 8" in err and "own size 4x16x16" in err and not (tmp_path / "w8").exists()
+
+
+def test_model_json_text_length_must_be_positive(wan_work: Path, tmp_path: Path) -> None:
+    from qc_compile.workdir import WorkDir, read_model_info
+
+    work = tmp_path / "tl"
+    shutil.copytree(wan_work, work)
+    data = json.loads((work / "model.json").read_text())
+    for bad in (0, True, "7"):
+        data["geometry"]["text_length"] = bad
+        (work / "model.json").write_text(json.dumps(data))
+        with pytest.raises(ArtifactError, match="geometry.text_length"):
+            read_model_info(WorkDir(work))
+
+
+def test_enable_installs_all_transformers_or_none(monkeypatch) -> None:
+    """A two-transformer pipeline (Wan 2.2 A14B) whose second transformer fails to install is left as it was."""
+    import types
+
+    import qc_compile
+    from qc_compile.diffusers_enable import QCSession
+
+    pipe = types.SimpleNamespace(transformer=tiny_wan(1), transformer_2=tiny_wan(2), scheduler=None)
+    own = [pipe.transformer.forward, pipe.transformer_2.forward]
+    real_install, calls = QCSession.install, []
+
+    def install(self):
+        calls.append(self)
+        if len(calls) == 2:
+            raise RuntimeError("second transformer refused")
+        real_install(self)
+
+    monkeypatch.setattr(QCSession, "install", install)
+    with pytest.raises(RuntimeError, match="second transformer refused"):
+        qc_compile.enable(pipe, policy="none")
+    assert len(calls) == 2
+    for tr, fwd in zip((pipe.transformer, pipe.transformer_2), own):
+        assert getattr(tr, "_qc_session", None) is None and tr.forward == fwd

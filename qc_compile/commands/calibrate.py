@@ -192,6 +192,10 @@ def _calibrate_diffusers(info, work_dir: Path, *, fmt, method, act_high_fraction
                          percentile, start)
     for line in DU.summary_lines(res.plan):
         click.echo(line)
+    if opts.fmt in ("int8", "nvfp4", "int6_sim"):  # a valid plan, but not one the torch executor runs
+        click.echo(f"note: {opts.fmt} activations run only through `qc-compile build {work_dir} --target T` and "
+                   "`run --executor onnxruntime|tensorrt`; `run` on the torch executor (qc-compile's FastLinear) takes "
+                   "fp8, int4_b128, int4_b64 or bf16 plans.")
 
 
 def _echo_uniform_result(res, work, n_prompts: int, steps: str, fmt: str, percentile, start: float) -> None:
