@@ -214,13 +214,17 @@ class ExportResult:
     seconds: float = 0.0
 
 
+def check_opset(opset: int) -> None:
+    if opset < 17 or opset > 21:
+        raise UserError(f"--opset must be between 17 and 21, got {opset} (the Q/DQ pass raises it as formats need).")
+
+
 def export_model(loaded, work: WorkDir, *, frames: int, height: int, width: int, opset: int = DEFAULT_OPSET,
                  weights: dict, progress: bool = True, verify: bool = True, log=print) -> ExportResult:
     """Export every unit of ``loaded`` into ``work`` and write ``model.json`` last."""
     from tqdm.auto import tqdm
 
-    if opset < 17 or opset > 21:
-        raise UserError(f"--opset must be between 17 and 21, got {opset} (the Q/DQ pass raises it as formats need).")
+    check_opset(opset)
     model, cfg = loaded.model.float().eval(), loaded.config
     g = Geometry.for_model(cfg, frames, height, width)
     linears = model_linears(model)
@@ -266,23 +270,26 @@ def export_model(loaded, work: WorkDir, *, frames: int, height: int, width: int,
         })
         del proto
     result.seconds = time.perf_counter() - start
-    data = {
-        "schema_version": MODEL_JSON_SCHEMA,
-        "model": {"name": cfg.name, "config": cfg.to_dict(), "config_sha256": cfg_hash},
-        "weights": weights,
-        "geometry": {"video": {"frames": frames, "height": height, "width": width},
-                     "model": {"frames": g.frames, "height": g.height, "width": g.width,
-                               "patch_size": list(g.patch_size), "height_px": g.height_px, "width_px": g.width_px},
-                     "grid": list(g.grid), "tokens": g.N},
+    write_model_json(work, {"name": cfg.name, "config": cfg.to_dict(), "config_sha256": cfg_hash}, weights,
+                     {"video": {"frames": frames, "height": height, "width": width},
+                      "model": {"frames": g.frames, "height": g.height, "width": g.width,
+                                "patch_size": list(g.patch_size), "height_px": g.height_px, "width_px": g.width_px},
+                      "grid": list(g.grid), "tokens": g.N}, opset, result)
+    return result
+
+
+def write_model_json(work: WorkDir, model: dict, weights: dict, geometry: dict, opset: int,
+                     result: ExportResult) -> None:
+    """``model.json``, written last and atomically (every family: the model record and geometry are its own)."""
+    write_json_atomic(work.model_json, {
+        "schema_version": MODEL_JSON_SCHEMA, "model": model, "weights": weights, "geometry": geometry,
         "batch": {"export": EXPORT_BATCH, "dynamic": True},
         "opset": opset, "dtype": "float32",
         "units": result.units,
         "tool_versions": tool_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "export_seconds": round(result.seconds, 2),
-    }
-    write_json_atomic(work.model_json, data)
-    return result
+    })
 
 
 def weights_record(loaded, checkpoint: Path | None, random_weights: bool, seed: int) -> dict:

@@ -101,17 +101,11 @@ def unit_of(name: str) -> tuple[str, str]:
 
 def transformer_linears(transformer: nn.Module):
     """Every nn.Linear of the transformer as :class:`qc_compile.linears.LinearInfo` (diffusers module paths)."""
-    from qc_compile.linears import LinearInfo
+    from qc_compile.linears import model_linears
 
-    out = []
-    for name, mod in transformer.named_modules():
-        if isinstance(mod, nn.Linear):
-            unit, role = unit_of(name)
-            out.append(LinearInfo(name, unit, role, mod.in_features, mod.out_features))
-    return out
+    return model_linears(transformer, unit_of=unit_of)
 
 
-# ----------------------------------------------------------------------------------------------- export
 @contextlib.contextmanager
 def rms_norm_patch():
     """``nn.RMSNorm`` in elementary fp32-preserving ops (same arithmetic) while exporting: aten::rms_norm has no
@@ -261,20 +255,14 @@ def export_diffusers_model(loaded, work, *, frames: int | None, height: int | No
                            text_length: int | None = None, opset: int = 19, weights: dict, progress: bool = True,
                            verify: bool = True):
     """Export every unit of a loaded Wan model into ``work`` and write ``model.json`` last (as :func:`export_model`)."""
-    import datetime as _dt
-
     from tqdm.auto import tqdm
 
-    from qc_compile.artifacts import write_json_atomic
-    from qc_compile.export import (EXPORT_BATCH, VERIFY_RTOL, ExportResult, canonicalize, io_records,
-                                   onnx_output_name, verify_unit)
+    from qc_compile.export import (EXPORT_BATCH, VERIFY_RTOL, ExportResult, canonicalize, check_opset,
+                                   io_records, onnx_output_name, verify_unit, write_model_json)
     from qc_compile.linears import config_sha256, linears_by_unit
-    from qc_compile.manifest import tool_versions
     from qc_compile.onnx_utils import file_records, save_onnx, set_metadata
-    from qc_compile.workdir import MODEL_JSON_SCHEMA
 
-    if opset < 17 or opset > 21:
-        raise UserError(f"--opset must be between 17 and 21, got {opset} (the Q/DQ pass raises it as formats need).")
+    check_opset(opset)
     transformer = loaded.transformer.float().eval()
     check_exportable(transformer, loaded.name)
     adapter = loaded.model
@@ -325,22 +313,11 @@ def export_diffusers_model(loaded, work, *, frames: int | None, height: int | No
         })
         del proto
     result.seconds = time.perf_counter() - start
-    data = {
-        "schema_version": MODEL_JSON_SCHEMA,
-        "model": {"name": cfg.name, "family": FAMILY, "config": cfg.to_dict(), "config_sha256": cfg_hash},
-        "weights": weights,
-        "geometry": {"video": dict(zip(("frames", "height", "width"), video)),
-                     "model": {"frames": g.frames, "height": g.height, "width": g.width,
-                               "patch_size": list(g.patch_size)},
-                     "grid": list(g.grid), "tokens": g.N, "text_length": L},
-        "batch": {"export": EXPORT_BATCH, "dynamic": True},
-        "opset": opset, "dtype": "float32",
-        "units": result.units,
-        "tool_versions": tool_versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "export_seconds": round(result.seconds, 2),
-    }
-    write_json_atomic(work.model_json, data)
+    write_model_json(work, {"name": cfg.name, "family": FAMILY, "config": cfg.to_dict(), "config_sha256": cfg_hash},
+                     weights, {"video": dict(zip(("frames", "height", "width"), video)),
+                               "model": {"frames": g.frames, "height": g.height, "width": g.width,
+                                         "patch_size": list(g.patch_size)},
+                               "grid": list(g.grid), "tokens": g.N, "text_length": L}, opset, result)
     return result
 
 

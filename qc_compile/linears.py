@@ -56,8 +56,9 @@ def unit_of(name: str) -> tuple[str, str]:
     return "embed", name
 
 
-def model_linears(model: nn.Module) -> list[LinearInfo]:
-    """All nn.Linear layers of the model in module order."""
+def model_linears(model: nn.Module, unit_of=unit_of) -> list[LinearInfo]:
+    """All nn.Linear layers of the model in module order; ``unit_of`` maps a module path to (unit, role) (STDiT3's by
+    default; the diffusers export passes its family's)."""
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):

@@ -298,8 +298,16 @@ def fp8_block_plan(model: STDiT3, ranges: Mapping[str, Mapping] | None = None, *
     from qc_compile.linears import config_sha256, model_linears
     from qc_compile.plan import LinearPlan, Plan, act_scale_for
 
+    infos = model_linears(model)
+    unmatched = [p for p in keep_bf16 if not any(fnmatch.fnmatchcase(li.role, p) for li in infos
+                                                  if unit_kind(li.unit) == "block")]
+    if unmatched:
+        from qc_compile.errors import UserError
+
+        roles = sorted({li.role for li in infos if unit_kind(li.unit) == "block"})
+        raise UserError(f"keep bf16 {unmatched}: no block linear role matches; the roles are {', '.join(roles)}.")
     linears = {}
-    for li in model_linears(model):
+    for li in infos:
         e = LinearPlan(unit=li.unit)
         if (unit_kind(li.unit) == "block" or include_embed_final) and \
                 not any(fnmatch.fnmatchcase(li.role, p) for p in keep_bf16):

@@ -411,3 +411,19 @@ def test_fp8_plan_high_variant_runs_precision_requests_unquantized(qcref):
     assert torch.equal(high, fp)
     assert rel(default, fp) > 1e-4  # FP8 changed something
     assert torch.equal(without.run_unit("spatial_1", "high", inp)["x"], default)
+
+
+def test_fp8_block_plan_keep_bf16_roles(qcref):
+    """`bench_e2e --fp8-keep ROLE`: the named block roles stay bf16, every other block linear is FP8; a pattern that
+    matches no role is refused (a typo would otherwise be recorded as a kept role that never was)."""
+    from qc_compile.errors import UserError
+
+    plan = fp8_block_plan(qcref.model, keep_bf16=("cross_attn.kv_linear", "mlp.fc*"))
+    kept = {n for n, e in plan.linears.items() if e.weight == "bf16" and "blocks." in n}
+    fp8 = {n for n, e in plan.linears.items() if e.weight == "fp8_e4m3"}
+    assert kept and all(n.endswith(("cross_attn.kv_linear", "mlp.fc1", "mlp.fc2")) for n in kept)
+    assert fp8 and not any(n.endswith(("cross_attn.kv_linear", "mlp.fc1", "mlp.fc2")) for n in fp8)
+    assert len(kept) == 3 * 2 * qcref.config.depth  # kv, fc1, fc2 in every spatial and temporal block
+    assert plan.provenance["keep_bf16"] == ["cross_attn.kv_linear", "mlp.fc*"]
+    with pytest.raises(UserError, match="no block linear role matches"):
+        fp8_block_plan(qcref.model, keep_bf16=("cross_attn.kv",))
